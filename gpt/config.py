@@ -1,0 +1,354 @@
+"""Typed configuration: the dataclasses every part of ``gpt/`` receives, and their validation.
+
+The entry points (``train.py``, ``sample.py``) let Hydra compose ``conf/`` and then call
+``TrainRunConfig.from_dict`` / ``SampleConfig.from_dict`` on the resolved dictionary; nothing in
+``gpt/`` sees a Hydra object. Unknown keys, wrong types and impossible values raise ``ConfigError``
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from gpt.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A user path as given; a relative path that does not exist from the working directory is
+    also looked up from the repository root, so the shipped ``data/...`` works from anywhere."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or any(ch in str(p) for ch in "*?["):
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+@dataclass
+class ModelConfig:
+    """Model shape; None means "take it from init_from's checkpoint" (or the GPTConfig default)."""
+
+    block_size: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    mlp_ratio: float | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    norm: str | None = None
+    pos_emb: str | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare_char"
+    """Preset name, for display and for the prepared-data cache folder."""
+    format: Literal["text", "dialogs"] = "text"
+    """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts."""
+    path: str = "data/tinyshakespeare/input.txt"
+    """A file, a directory (its .txt/.jsonl files, recursively) or a glob."""
+    tokenizer: Literal["char", "bpe", "gpt2", "hf"] = "char"
+    """'char' (built from the corpus), 'bpe' (trained on the corpus), 'gpt2' (shipped ranks),
+    'hf' (vocab.json + merges.txt in tokenizer_path)."""
+    tokenizer_path: str | None = None
+    vocab_size: int = 4096
+    """Target vocabulary size of a trained BPE tokenizer (special tokens included)."""
+    bpe_train_bytes: int = 100_000_000
+    """Train the BPE tokenizer on at most this many bytes of the corpus."""
+    jsonl_field: str = "text"
+    val_fraction: float = 0.1
+    """The last fraction of the corpus (by bytes, cut at a line boundary) is held out for eval."""
+    cache_dir: str = "data/cache"
+    """Prepared shards are cached here, keyed by the inputs and the tokenizer."""
+    num_workers: int = 0
+    """Tokenization processes; 0 = one per CPU core."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file."""
+    separator: str | None = None
+    """Dialogs only: a line that separates plain-text dialogs (default: a blank line)."""
+    skip_invalid: bool = False
+    """Dialogs only: skip malformed dialogs (and report how many) instead of stopping."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """The schedule ends at lr * min_lr_ratio."""
+    weight_decay: float = 0.1
+    """Applied to matrices only (not to biases, norms or embeddings' ... see gpt.optim)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 5000
+    batch_size: int = 64
+    """Global batch: sequences per optimizer step, summed over all processes."""
+    micro_batch_size: int | None = None
+    """Sequences per device per forward; None = the whole per-process batch (no accumulation)."""
+    eval_interval: int = 250
+    eval_steps: int = 20
+    """Batches of micro_batch_size averaged for each of train_loss and val_loss."""
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    compile: bool = False
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """'auto': bf16 autocast on GPUs that have it (else fp16 + GradScaler), fp32 on CPU."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    keep_best: bool = False
+    """Also keep best.pt, the checkpoint with the lowest val_loss so far."""
+    peak_flops: float | None = None
+    """Device peak FLOP/s for MFU; None = measure a matmul at start-up."""
+    progress: bool = True
+    """Show a progress bar (when the console is a terminal)."""
+    timeout_s: int = 1800
+    """Collective timeout for multi-process runs."""
+
+
+@dataclass
+class FinetuneConfig:
+    method: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "gpt"
+    name: str | None = None
+    entity: str | None = None
+
+
+@dataclass
+class TrainRunConfig:
+    out_dir: str = "out/shakespeare_char"
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    resume: bool = False
+    """Continue the run in out_dir from its latest checkpoint."""
+    init_from: str | None = None
+    """Start from another run's weights: a run directory, or hf:DIR for Hugging Face GPT-2."""
+    overwrite: bool = False
+    """Allow starting a fresh run in an out_dir that already holds a checkpoint."""
+    experiment: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainRunConfig:
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+T = TypeVar("T")
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Check (and lightly coerce: int -> float) one value against its annotation."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}={value!r} must be one of {list(get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_check_value(f"{key}[{i}]", get_args(tp)[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a group of keys, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], d: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys and wrong types."""
+    if d is None:
+        d = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
+            f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(names)}"
+        )
+    kwargs = {k: _check_value(f"{prefix}{k}", hints[k], v) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling: the controls of gpt.generate (usable from Python) and sample.py's run config.
+
+
+@dataclass
+class GenerationConfig:
+    """How to continue a prompt (``gpt.generate``). Logits pass, in this order: repetition,
+    frequency and presence penalties -> temperature -> top_k -> top_p -> min_p -> sample."""
+
+    max_new_tokens: int = 500
+    """Tokens to generate per sample (fewer when a stop string or stop token ends it)."""
+    temperature: float = 0.8
+    """Divide the logits by this; 0 = greedy (always the most likely token)."""
+    top_k: int = 200
+    """Sample among the k most likely tokens only; 0 = no limit."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability mass reaches top_p; 1 = off."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0 = off."""
+    repetition_penalty: float = 1.0
+    """Divide positive (multiply negative) logits of tokens already in the context; 1 = off."""
+    frequency_penalty: float = 0.0
+    """Subtract this times a token's count in the context from its logit; 0 = off."""
+    presence_penalty: float = 0.0
+    """Subtract this from the logit of every token present in the context; 0 = off."""
+    stop: list[str] | str = field(default_factory=list)
+    """Strings that end a sample when generated (they may span several tokens); not emitted."""
+    num_samples: int = 1
+    """Samples drawn together as one batch (with beam search: the best hypotheses returned)."""
+    seed: int | None = None
+    """Seed of the sampling generator: same seed, same output; None = a fresh random seed."""
+    num_beams: int = 1
+    """Beam search width for the most likely continuation instead of a sample; 1 = sampling."""
+    length_penalty: float = 1.0
+    """Beam search ranks finished hypotheses by sum(log p) / length**length_penalty."""
+    context_shift: int | None = None
+    """When the context is full, drop this many oldest tokens and re-fill the KV cache (1 = an exact
+    sliding window, re-filled every token); None = a quarter of block_size."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range setting."""
+        finite = lambda x: x == x and abs(x) != float("inf")  # not NaN, not infinite
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", finite(self.temperature) and self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = no limit)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
+            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be > 0 (1 = off, > 1 discourages repeats)"),
+            ("frequency_penalty", finite(self.frequency_penalty), "must be a finite number (0 = off)"),
+            ("presence_penalty", finite(self.presence_penalty), "must be a finite number (0 = off)"),
+            ("num_samples", self.num_samples >= 1, "must be >= 1"),
+            ("num_beams", self.num_beams >= 1, "must be >= 1 (1 = sampling, no beam search)"),
+            ("length_penalty", finite(self.length_penalty), "must be a finite number"),
+            ("seed", self.seed is None or self.seed >= 0, "must be >= 0 or null"),
+            ("context_shift", self.context_shift is None or self.context_shift >= 1, "must be >= 1 or null"),
+        ]  # fmt: skip
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is out of range: {why}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"stop={self.stop!r}: stop strings must be non-empty strings")
+        if self.num_beams > 1 and self.num_samples > self.num_beams:
+            raise ConfigError(
+                f"num_samples={self.num_samples} exceeds num_beams={self.num_beams}: beam search returns "
+                "at most num_beams hypotheses; raise num_beams or lower num_samples"
+            )
+
+
+@dataclass
+class SampleConfig(GenerationConfig):
+    """sample.py's configuration (conf/sample.yaml): the generation controls plus where the model
+    comes from and how to run it."""
+
+    seed: int | None = 1337
+    """Same seed, same samples (the library default is None: a fresh seed each call)."""
+    ckpt: str = "out/shakespeare_char"
+    """Run directory (its ckpt.pt) or checkpoint file to sample from."""
+    prompt: str = ""
+    """Text to continue; empty = start from <|endoftext|>. Escapes \\n and \\t are understood."""
+    prompt_file: str | None = None
+    """Read the prompt from this UTF-8 file instead."""
+    mode: Literal["generate", "interactive"] = "generate"
+    """generate: print the samples and exit; interactive: a prompt loop with live settings."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, fp32 elsewhere."""
+    echo_prompt: bool = True
+    """mode=generate: print the prompt before each sample's continuation."""
+    history_file: str | None = "~/.gpt_history"
+    """mode=interactive: readline history file; null = no history kept across sessions."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleConfig:
+        return from_dict(cls, d)
+
+    def generation(self) -> GenerationConfig:
+        """The generation controls alone, with \\n, \\t and \\\\ in stop strings unescaped (a shell
+        cannot easily pass a newline)."""
+        names = [f.name for f in dataclasses.fields(GenerationConfig)]
+        values = {name: getattr(self, name) for name in names}
+        values["stop"] = [unescape(s) for s in self.stop]
+        return GenerationConfig(**values)
+
+
+def unescape(text: str) -> str:
+    r"""Turn the two-character sequences \n, \t and \\ into a newline, a tab and a backslash."""
+    import re
+
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)

@@ -1,0 +1,287 @@
+"""The GPT model: a causal decoder-only stack of pre-norm residual blocks.
+
+Reads top-down: norms, rotary embedding, attention, MLP, block, config, model. Parameter names follow
+GPT-2 (``wte``, ``wpe``, ``h.{i}.attn.c_attn``, ``ln_f``, ...) so Hugging Face weights import as a key
+copy. One ``forward(idx, targets=None, kv_cache=None)`` serves pretraining, fine-tuning (targets of -1
+are ignored), and inference with a KV cache (see ``gpt.generate``).
+
+    from gpt.model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=128))
+    logits = model(idx)              # (B, T, vocab_size)
+    loss = model(idx, targets)       # scalar, mean over targets != -1
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt.errors import ConfigError
+
+
+@dataclass
+class GPTConfig:
+    """Shape and options of the network. ``vocab_size`` is set from the tokenizer (padded to 64)."""
+
+    block_size: int = 256
+    """Longest sequence the model attends over (the context length)."""
+    vocab_size: int = 50304
+    """Rows of the embedding table; the tokenizer's size rounded up to a multiple of 64."""
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of n_embd."""
+    dropout: float = 0.0
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (GPT-2 has them; modern models drop them)."""
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm'."""
+    pos_emb: str = "learned"
+    """'learned' (GPT-2's absolute table) or 'rope' (rotary, applied to queries and keys)."""
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head (GPT-2 does)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            valid = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"choose n_head from {valid} or change n_embd"
+            )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.norm={self.norm!r} must be 'layernorm' or 'rmsnorm'")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ConfigError(f"model.pos_emb={self.pos_emb!r} must be 'learned' or 'rope'")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.pos_emb='rope' needs an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a KV cache (implemented by ``gpt.generate.KVCache``)."""
+
+    pos: int  # number of positions already cached; new tokens sit at pos, pos+1, ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all cached keys and values so far."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_size // 2) for rotary position embedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of x (B, nh, T, hs) by the angles for its positions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B, nh
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # one matmul for q, k, v; GPT-2's layout, so imported weights need no reshuffling
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_proj = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCacheLike | None,
+    ) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            # training, or a prefill of an empty cache: plain causal attention (flash kernels on GPU)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:
+            # one-token decode: the new query may see every cached key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # several new tokens after a non-empty cache: query i sees keys up to past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh-approximate GELU, as GPT-2 was trained with
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope=None, kv_cache: KVCacheLike | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=make_norm(config),
+            )
+        )
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+            # not persistent: derived from the config, so checkpoints stay plain weights
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)
+        so the residual stream's variance does not grow with depth."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_proj", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position table (and the tied token table
+        counts once, as the output head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls with the weights
+        plus 12 * n_layer * n_embd * T for attention scores and values (PaLM appendix B)."""
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCacheLike | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over targets != -1.
+        Without: logits (B, T, vocab_size). With kv_cache: positions continue at kv_cache.pos,
+        keys/values are appended to the cache, and the caller advances kv_cache.pos by T."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
+            )
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is None:
+            return logits
+        # the loss in fp32 whatever the autocast dtype: log-softmax over 50k entries is sensitive
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+        )

@@ -1,0 +1,134 @@
+"""What a training run reports: a console line per log step, a progress bar, ``metrics.jsonl``
+(one JSON object per eval) and wandb (offline by default: no account needed; ``wandb.mode=online``
+after ``wandb login`` to sync, ``wandb.mode=disabled`` for none). Only rank 0 reports anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpt import distributed as D
+from gpt.config import TrainRunConfig
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Monitor:
+    def __init__(
+        self,
+        cfg: TrainRunConfig,
+        info: D.DistInfo,
+        out_dir: Path,
+        resume_step: int | None,
+        config: dict[str, Any],
+    ):
+        self.active = info.is_main
+        self.cfg = cfg
+        self.bar: Any = _NoBar()
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if not self.active:
+            return
+        self._reset_metrics(resume_step)
+        if cfg.wandb.mode != "disabled":
+            self.wandb_run = _start_wandb(cfg, out_dir, config)
+
+    def _reset_metrics(self, resume_step: int | None) -> None:
+        """A fresh run starts an empty file; a resumed run drops records past its checkpoint
+        (evals that ran after the last save are replayed, identically)."""
+        keep: list[str] = []
+        if resume_step is not None and self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    keep.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def info(self, message: str) -> None:
+        if self.active:
+            self._write(message)
+
+    def _write(self, message: str) -> None:
+        if isinstance(self.bar, _NoBar):
+            print(message, flush=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+
+    def progress(self, total: int, initial: int):
+        """A progress bar on stderr when it is a terminal (log files stay clean)."""
+        if self.active and self.cfg.train.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+        return self.bar
+
+    def step_line(
+        self, step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float, mfu: float, dt: float
+    ) -> None:
+        if not self.active:
+            return
+        self._write(
+            f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+            f"mfu {100 * mfu:.1f}% | {1000 * dt:.1f} ms/step"
+        )
+        if self.wandb_run is not None:
+            self.wandb_run.log({"train/loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}, step=step)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        val = record.get("val_loss")
+        self._write(
+            f"eval step {record['step']}: train_loss {record['train_loss']:.4f}"
+            + (f" | val_loss {val:.4f}" if val is not None else "")
+            + f" | {record['elapsed_s']:.0f}s"
+        )
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {"eval/train_loss": record["train_loss"], "eval/val_loss": val, "tokens": record["tokens"]},
+                step=record["step"],
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(cfg: TrainRunConfig, out_dir: Path, config: dict[str, Any]):
+    try:
+        import wandb
+    except ImportError:
+        print("notice: wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return wandb.init(
+            project=cfg.wandb.project,
+            name=cfg.wandb.name or out_dir.name,
+            entity=cfg.wandb.entity,
+            mode=cfg.wandb.mode,
+            dir=str(out_dir),
+            config=config,
+            resume="allow" if cfg.resume else None,
+        )
+    except Exception as e:  # no API key for online mode, no network, ...
+        print(f"notice: wandb could not start ({str(e).splitlines()[0][:160]}); "
+              "logging to metrics.jsonl only (wandb.mode=offline needs no account)", file=sys.stderr)
+        return None

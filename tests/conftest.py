@@ -1,0 +1,48 @@
+"""Shared fixtures: a small corpus and a factory for tiny, fast training configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gpt.config import REPO_ROOT, TrainRunConfig
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 60 kB of Tiny Shakespeare (cut at a line end)."""
+    text = SHAKESPEARE.read_text()[:60_000]
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare_small.txt"
+    path.write_text(text[: text.rfind("\n") + 1])
+    return path
+
+
+@pytest.fixture
+def make_cfg(tmp_path, corpus):
+    """make_cfg(**overrides) -> TrainRunConfig for a tiny char-level run in tmp_path."""
+
+    def make(out: str = "run", **sections) -> TrainRunConfig:
+        d = {
+            "out_dir": str(tmp_path / out),
+            "seed": 7,
+            "device": "cpu",
+            "model": dict(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False,
+                          norm="rmsnorm", pos_emb="rope"),
+            "data": dict(name="small", path=str(corpus), tokenizer="char", cache_dir=str(tmp_path / "cache"),
+                         num_workers=1),
+            "optim": dict(lr=3e-3, warmup_steps=5),
+            "train": dict(max_steps=30, batch_size=8, eval_interval=10, eval_steps=2, log_interval=10,
+                          ckpt_interval=0, progress=False, peak_flops=1e12),
+            "wandb": dict(mode="disabled"),
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                d[key] = {**d.get(key, {}), **value}
+            else:
+                d[key] = value
+        return TrainRunConfig.from_dict(d)
+
+    return make
