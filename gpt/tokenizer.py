@@ -1,0 +1,566 @@
+"""Tokenizers: text <-> token ids, for every model in the framework.
+
+Four kinds share one interface (``Tokenizer``):
+
+* ``"char"``  -- one id per character seen in the corpus (``char_tokenizer(texts)``);
+* ``"bpe"``   -- byte-level BPE trained on the corpus with rustbpe (``train_bpe(texts, vocab_size)``);
+* ``"gpt2"``  -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
+* ``"hf"``    -- a Hugging Face byte-level BPE pair vocab.json + merges.txt (``hf_bpe_tokenizer(dir)``).
+
+All BPE kinds encode with tiktoken and round-trip any Unicode text. Every tokenizer has the special
+tokens in ``SPECIAL_TOKENS``; ``encode`` never produces them (their spelling in user text is encoded as
+ordinary text), so callers insert them by id::
+
+    tok = build_tokenizer("bpe", lambda: open("corpus.txt"), vocab_size=4096)
+    ids = tok.encode("Hello") + [tok.eot_id]
+    tok.save("out/run")                       # out/run/tokenizer.json (+ tokenizer.tiktoken)
+    same = load_tokenizer("out/run")          # or tokenizer_from_state(tok.to_state())
+
+``to_state()`` is a plain JSON-able dict that fully describes a tokenizer; checkpoints store it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiktoken
+
+from gpt.config import REPO_ROOT, resolve_path
+from gpt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EOT = "<|endoftext|>"
+EOT_TURN = "<|end_of_turn|>"
+SPECIAL_TOKENS = (EOT, EOT_TURN)
+KINDS = ("char", "bpe", "gpt2", "hf")
+STATE_FORMAT = 1
+
+# GPT-2's split pattern as tiktoken ships it (equivalent to the original, but faster). Hard-coded so
+# that nothing here ever needs tiktoken.get_encoding, which downloads.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+# rustbpe holds `buffer_size` pieces in memory at once; capping the piece length bounds that buffer
+# (~64M characters) however the corpus is laid out (one giant string or millions of small documents).
+_TRAIN_PIECE_CHARS = 1 << 16
+_TRAIN_BUFFER_PIECES = 1024
+
+
+class Tokenizer:
+    """The common interface. Ids are ints in ``[0, vocab_size)``; special tokens included."""
+
+    kind: str
+
+    def __init__(self, special_tokens: dict[str, int]):
+        missing = [s for s in SPECIAL_TOKENS if s not in special_tokens]
+        if missing:
+            raise DataError(f"tokenizer lacks the special tokens {missing}")
+        self._special = dict(special_tokens)
+        self._fingerprint: str | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eot_id(self) -> int:
+        return self._special[EOT]
+
+    def special_id(self, name: str) -> int:
+        if name not in self._special:
+            raise KeyError(f"unknown special token {name!r}; this tokenizer has {sorted(self._special)}")
+        return self._special[name]
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ordinary text: a special token's spelling in ``text`` is text, never its id."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of ``ids`` (may end inside a UTF-8 character); specials give their spelling."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def to_state(self) -> dict[str, Any]:
+        """A plain JSON-able dict that fully describes the tokenizer (see tokenizer_from_state)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/tokenizer.json``; returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "tokenizer.json"
+        _write_atomic(path, json.dumps(self.to_state(), ensure_ascii=False))
+        return path
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(_canonical_json(self.to_state()).encode()).hexdigest()
+        return self._fingerprint
+
+    def __reduce__(self):
+        # Pickle through the plain state (data-pipeline worker processes receive tokenizers this way);
+        # tiktoken's Rust core is rebuilt on the other side.
+        return (tokenizer_from_state, (self.to_state(),))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} kind={self.kind} vocab_size={self.vocab_size}>"
+
+    def _id_list(self, ids: Iterable[int]) -> list[int]:
+        """ids (a list, a numpy array or a tensor) as a list of ints, checked against the vocabulary:
+        an id the model's padded embedding could produce but no token has must not pass silently."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
+            raise ValueError(
+                f"token id {bad} is out of range for this tokenizer (vocab_size {self.vocab_size})"
+            )
+        return ids
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character; ids follow code-point order, the special tokens come after them."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str], special_tokens: dict[str, int] | None = None):
+        if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):
+            raise DataError("character vocabulary must be a sorted list of distinct single characters")
+        n = len(chars)
+        super().__init__(special_tokens or {s: n + i for i, s in enumerate(SPECIAL_TOKENS)})
+        self._chars = list(chars)
+        # Sorted code points let encode map a whole string with one vectorised searchsorted.
+        self._codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
+        self._itos = self._chars + [""] * (max(self._special.values()) + 1 - n)
+        for name, i in self._special.items():
+            if i < n:
+                raise DataError(f"special token {name!r} has id {i}, which belongs to a character")
+            self._itos[i] = name
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._itos)
+
+    def encode(self, text: str) -> list[int]:
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        idx = np.searchsorted(self._codepoints, cps)
+        if len(self._codepoints):
+            known = self._codepoints[np.minimum(idx, len(self._codepoints) - 1)] == cps
+        else:
+            known = np.zeros(len(cps), dtype=bool)
+        if not known.all():
+            pos = int(np.argmin(known))
+            ch = text[pos]
+            raise DataError(
+                f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the character vocabulary "
+                "built from the training corpus; remove it from the text or use a BPE tokenizer "
+                "(data.tokenizer=bpe)"
+            )
+        return idx.tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self._itos
+        return "".join([itos[i] for i in self._id_list(ids)])
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "kind": "char",
+            "chars": list(self._chars),
+            "special_tokens": dict(self._special),
+        }
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Byte-level BPE ("bpe", "gpt2", "hf") encoded by tiktoken.
+
+    tiktoken uses a token's rank both as its merge priority and as its id. When the public ids differ
+    from the ranks (a Hugging Face vocabulary whose ids are not in merge order), ``id_map[rank]`` gives
+    the public id of each mergeable token and encode/decode translate through it.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        mergeable_ranks: dict[bytes, int],
+        pattern: str,
+        special_tokens: dict[str, int],
+        id_map: list[int] | None = None,
+    ):
+        super().__init__(special_tokens)
+        self.kind, self._ranks, self._pattern = kind, mergeable_ranks, pattern
+        self._id_map = None if id_map is None else [int(i) for i in id_map]
+        # tiktoken itself would panic (not raise) on these, so check them here.
+        missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
+        if missing:
+            raise DataError(f"BPE ranks lack the single-byte token for byte {missing[0]:#04x}")
+        if len(set(mergeable_ranks.values())) != len(mergeable_ranks):
+            raise DataError("BPE ranks contain duplicate ranks")
+        internal_special = dict(special_tokens)
+        public_ids = [*mergeable_ranks.values(), *special_tokens.values()]
+        if self._id_map is not None:
+            if sorted(mergeable_ranks.values()) != list(range(len(self._id_map))):
+                raise DataError("BPE id_map must have one entry per rank, ranks being 0..n-1")
+            # Internally the specials follow the ranks; _to_public/_to_internal translate ids.
+            names = sorted(special_tokens, key=special_tokens.get)
+            internal_special = {name: len(self._id_map) + k for k, name in enumerate(names)}
+            public_ids = self._id_map + [special_tokens[name] for name in names]
+        if len(set(public_ids)) != len(public_ids) or min(public_ids) < 0:
+            raise DataError("BPE token ids must be distinct non-negative integers")
+        self._vocab_size = max(public_ids) + 1
+        if self._id_map is not None:
+            self._to_public = np.array(public_ids, dtype=np.int64)
+            self._to_internal = np.full(self._vocab_size, -1, dtype=np.int64)
+            self._to_internal[self._to_public] = np.arange(len(public_ids))
+        self._enc = tiktoken.Encoding(
+            f"gpt-{kind}", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=internal_special
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        # encode_ordinary: the spelling of a special token in user text stays ordinary text.
+        ids = self._enc.encode_ordinary(text)
+        return ids if self._id_map is None else self._to_public[ids].tolist()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        batch = self._enc.encode_ordinary_batch(list(texts))
+        return batch if self._id_map is None else [self._to_public[ids].tolist() for ids in batch]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = self._id_list(ids)
+        if self._id_map is not None:
+            internal = self._to_internal[np.asarray(ids, dtype=np.int64)]
+            if (internal < 0).any():
+                raise ValueError(f"token id {ids[int(np.argmin(internal))]} belongs to no token")
+            ids = internal.tolist()
+        try:
+            return self._enc.decode_bytes(ids)
+        except KeyError as e:  # a gap in a non-contiguous vocabulary
+            raise ValueError(f"token id belongs to no token: {e}") from None
+
+    def to_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "kind": self.kind,
+            "pattern": self._pattern,
+            "mergeable_ranks": {base64.b64encode(b).decode("ascii"): r for b, r in self._ranks.items()},
+            "special_tokens": dict(self._special),
+        }
+        if self._id_map is not None:
+            state["id_map"] = list(self._id_map)
+        return state
+
+    def save(self, directory: str | Path) -> Path:
+        """Also write ``tokenizer.tiktoken``, the ranks in tiktoken's file format (ranks are the merge
+        priorities, which equal the ids unless the state has an ``id_map``)."""
+        path = super().save(directory)
+        ranked = sorted(self._ranks.items(), key=lambda kv: kv[1])
+        lines = "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n" for b, r in ranked)
+        _write_atomic(path.parent / "tokenizer.tiktoken", lines)
+        return path
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    """Rebuild a tokenizer from ``Tokenizer.to_state()``; DataError if the state is malformed."""
+    try:
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"unsupported tokenizer state format {state.get('format')!r}")
+        kind = state["kind"]
+        specials = {str(k): int(v) for k, v in state["special_tokens"].items()}
+        if kind == "char":
+            return CharTokenizer(list(state["chars"]), specials)
+        if kind in ("bpe", "gpt2", "hf"):
+            ranks = {base64.b64decode(k, validate=True): int(v) for k, v in state["mergeable_ranks"].items()}
+            id_map = state.get("id_map")
+            return TiktokenTokenizer(kind, ranks, str(state["pattern"]), specials, id_map)
+        raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"malformed tokenizer state: {type(e).__name__}: {e}") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by ``Tokenizer.save``: its directory or the tokenizer.json itself."""
+    p = resolve_path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"tokenizer file {p} not found; pass a directory holding tokenizer.json or the file")
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise DataError("expected a JSON object")
+        return tokenizer_from_state(state)
+    except (DataError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer file {p} is corrupt: {e}") from None
+
+
+def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
+    """A character-level tokenizer whose vocabulary is every character seen in ``texts``."""
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    if not seen:
+        raise DataError("cannot build a character vocabulary: the corpus is empty")
+    return CharTokenizer(sorted(seen))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with rustbpe on ``texts`` (streamed; at most ``max_bytes``
+    UTF-8 bytes of them when given). ``vocab_size`` includes the special tokens."""
+    import rustbpe  # only needed for training; keeps importing this module cheap
+
+    n_special = len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
+        raise ConfigError(
+            f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE tokenizer: it must be an "
+            f"integer >= {256 + n_special} (256 byte tokens + {n_special} special tokens)"
+        )
+    seen = [0]  # bytes fed to rustbpe, counted by the generator
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(
+        _training_pieces(texts, max_bytes, seen),
+        vocab_size - n_special,
+        buffer_size=_TRAIN_BUFFER_PIECES,
+    )
+    if seen[0] == 0:
+        raise DataError("cannot train a BPE tokenizer: the corpus is empty")
+    ranks = {bytes(b): int(r) for b, r in trainer.get_mergeable_ranks()}
+    if len(ranks) + n_special < vocab_size:
+        log.warning(
+            "BPE training found only %d merges in the corpus: vocab_size is %d, not the requested %d",
+            len(ranks) - 256,
+            len(ranks) + n_special,
+            vocab_size,
+        )
+    specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    return TiktokenTokenizer("bpe", ranks, trainer.get_pattern(), specials)
+
+
+def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """GPT-2's encoding from a tiktoken rank file (default: the repository's data/gpt2/gpt2.tiktoken).
+    <|endoftext|> and <|end_of_turn|> get the two ids after the ranks (50256 and 50257 for GPT-2)."""
+    p = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken" if path is None else resolve_path(path)
+    ranks = _read_rank_file(p)
+    n = max(ranks.values()) + 1
+    try:
+        return TiktokenTokenizer("gpt2", ranks, GPT2_PATTERN, {EOT: n, EOT_TURN: n + 1})
+    except DataError as e:
+        raise DataError(f"BPE rank file {p} is malformed: {e}") from None
+
+
+def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
+    """A tokenizer from a Hugging Face byte-level BPE pair (``vocab.json`` + ``merges.txt``, GPT-2
+    family) in ``directory``; ids equal the Hugging Face ids."""
+    d = resolve_path(directory)
+    if d.is_file():  # tolerate a path to vocab.json or merges.txt itself
+        d = d.parent
+    vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in vocab.items()
+    ):
+        raise DataError(f"{vocab_path} is malformed: expected a JSON object mapping tokens to ids >= 0")
+    if len(set(vocab.values())) != len(vocab):
+        raise DataError(f"{vocab_path} is malformed: several tokens share one id")
+    byte_decoder = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+    def to_bytes(token: str) -> bytes:
+        return bytes(byte_decoder[ch] for ch in token)
+
+    # Mergeable tokens: the 256 single bytes, then every merge result in merges.txt order.
+    order: list[bytes] = []
+    id_of: dict[bytes, int] = {}
+    for b in range(256):
+        ch = _bytes_to_unicode()[b]
+        if ch not in vocab:
+            raise DataError(f"{vocab_path} lacks the byte-level token {ch!r} for byte {b:#04x}")
+        id_of[bytes([b])] = vocab[ch]
+    for lineno, (left, right) in _read_merges(merges_path):
+        merged = left + right
+        if merged not in vocab:
+            raise DataError(f"{merges_path}:{lineno}: merge result {merged!r} is not in {vocab_path.name}")
+        try:
+            token = to_bytes(merged)
+        except KeyError:
+            raise DataError(f"{merges_path}:{lineno}: {merged!r} is not a byte-level BPE token") from None
+        if token not in id_of:  # a token made by two different merges keeps its first priority
+            id_of[token] = vocab[merged]
+            order.append(token)
+    merge_ids = [id_of[t] for t in order]
+    if all(a < b for a, b in zip(merge_ids, merge_ids[1:], strict=False)):
+        # GPT-2 style: ids grow with merge order, so the ids themselves are valid tiktoken ranks.
+        ranks, id_map = dict(id_of), None
+    else:
+        singles = [bytes([b]) for b in range(256)]
+        ranks = {t: r for r, t in enumerate(singles + order)}
+        id_map = [id_of[t] for t in singles + order]
+    # Every other vocabulary entry (e.g. <|endoftext|>) is an added token that encode never produces;
+    # tiktoken decodes it by its name, so name it by the text it stands for where that is valid UTF-8.
+    mergeable_ids = set(id_of.values())
+    specials: dict[str, int] = {}
+    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if i not in mergeable_ids:
+            try:
+                name = to_bytes(tok).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                name = tok
+            specials[name if name not in specials else tok] = i
+    next_id = max(vocab.values()) + 1
+    for name in SPECIAL_TOKENS:
+        if name not in specials:
+            specials[name] = next_id
+            next_id += 1
+    return TiktokenTokenizer("hf", ranks, GPT2_PATTERN, specials, id_map)
+
+
+def build_tokenizer(
+    kind: str,
+    texts_factory: Callable[[], Iterable[str]],
+    vocab_size: int = 4096,
+    path: str | None = None,
+    max_train_bytes: int | None = None,
+) -> Tokenizer:
+    """The data pipeline's dispatch on ``data.tokenizer``. ``texts_factory()`` yields the corpus and is
+    called only for "char" and "bpe"; ``path`` is a rank file ("gpt2") or a directory ("hf")."""
+    if kind == "char":
+        return char_tokenizer(texts_factory())
+    if kind == "bpe":
+        return train_bpe(texts_factory(), vocab_size, max_bytes=max_train_bytes)
+    if kind == "gpt2":
+        return gpt2_tokenizer(path)
+    if kind == "hf":
+        if not path:
+            raise ConfigError(
+                "data.tokenizer=hf needs data.tokenizer_path: a directory with vocab.json and merges.txt"
+            )
+        return hf_bpe_tokenizer(path)
+    raise ConfigError(f"data.tokenizer={kind!r} is not a tokenizer kind; use one of {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _training_pieces(
+    texts: Iterable[str], max_bytes: int | None, seen: list[int], piece_chars: int = _TRAIN_PIECE_CHARS
+) -> Iterator[str]:
+    """Stream texts to rustbpe in pieces of at most ``piece_chars`` characters, stopping after
+    ``max_bytes`` UTF-8 bytes; ``seen[0]`` counts the bytes fed. Long texts are cut just after a newline
+    followed by a non-space character: the GPT-4 split pattern never joins a chunk across such a point,
+    so the cuts do not change what is learned."""
+    for text in texts:
+        start, n = 0, len(text)
+        while start < n:
+            end = min(start + piece_chars, n)
+            if end < n:
+                lo = start + piece_chars // 2
+                cut = text.rfind("\n", lo, end - 1)
+                while cut != -1 and text[cut + 1].isspace():
+                    cut = text.rfind("\n", lo, cut)
+                end = end if cut == -1 else cut + 1  # no good cut point: an (almost harmless) hard cut
+            piece, start = text[start:end], end
+            data = piece.encode("utf-8", "replace")  # "replace": lone surrogates, which rustbpe rejects
+            if max_bytes is not None and seen[0] + len(data) >= max_bytes:
+                data = data[: max_bytes - seen[0]]
+                piece, start = data.decode("utf-8", "ignore"), n
+            elif not piece.isascii():
+                piece = data.decode("utf-8")
+            if piece:
+                seen[0] += len(data)
+                yield piece
+            if max_bytes is not None and seen[0] >= max_bytes:
+                return
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, as used in vocab.json/merges.txt."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _read_rank_file(path: Path) -> dict[bytes, int]:
+    if not path.is_file():
+        raise DataError(f"BPE rank file {path} not found")
+    ranks: dict[bytes, int] = {}
+    with open(path, encoding="ascii", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise DataError(
+                    f"{path}:{lineno}: expected 'base64_token rank', got {line.strip()!r}"
+                ) from None
+    if not ranks:
+        raise DataError(f"BPE rank file {path} is empty")
+    return ranks
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def _read_merges(path: Path) -> Iterator[tuple[int, tuple[str, str]]]:
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text: {e}") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        if not line or (lineno == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"{path}:{lineno}: expected two tokens separated by a space, got {line!r}")
+        yield lineno, (parts[0], parts[1])
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write-then-rename so a concurrent reader (or a crash) never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
