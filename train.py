@@ -1,14 +1,14 @@
 """Train a GPT: pretraining, fine-tuning and instruction tuning, one loop (see README.md).
 
-    python train.py                                     # char-level Tiny Shakespeare on this machine
-    python train.py model=gpt2 data=shakespeare train.compile=true
-    python train.py data=text data.path=my_corpus/ out_dir=out/mine
-    torchrun --nproc_per_node=4 train.py model=gpt2 ...
+python train.py                                     # char-level Tiny Shakespeare on this machine
+python train.py model=gpt2 data=shakespeare train.compile=true
+python train.py data=text data.path=my_corpus/ out_dir=out/mine
+torchrun --nproc_per_node=4 train.py model=gpt2 ...
 """
 
-import hydra
+from pathlib import Path
 
-from gpt.cli import run
+from gpt.cli import hydra_main
 
 
 def job(cfg: dict) -> None:
@@ -20,10 +20,5 @@ def job(cfg: dict) -> None:
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, out_dir {cfg['out_dir']}")
 
 
-@hydra.main(config_path="conf", config_name="train", version_base=None)
-def main(cfg) -> None:
-    run(job, cfg)
-
-
 if __name__ == "__main__":
-    main()
+    hydra_main(job, Path(__file__).parent / "conf", "train")

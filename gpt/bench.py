@@ -56,9 +56,9 @@ def bench_training(
     preset: dict, device: torch.device, dtype: torch.dtype, batch: int, steps: int, compile: bool
 ) -> dict:
     """Median step time of forward + backward + AdamW on random tokens for one model shape."""
+    from gpt.config import OptimConfig
     from gpt.model import GPT, GPTConfig
     from gpt.optim import configure_optimizer
-    from gpt.config import OptimConfig
     from gpt.trainer import autocast_for
 
     torch.manual_seed(0)
@@ -134,12 +134,16 @@ def main() -> None:
     device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}")
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}"
+    )
     for model_name in args.models.split(","):
         batch = args.batch or (64 if model_name == "shakespeare_char" else 4)
-        r = {"model": model_name, **bench_training(load_preset(model_name), device, dtype, batch, args.steps,
-                                                   args.compile)}
+        r = {
+            "model": model_name,
+            **bench_training(load_preset(model_name), device, dtype, batch, args.steps, args.compile),
+        }
         print(json.dumps(r))
         if args.json:
             with open(args.json, "a") as f:

@@ -264,9 +264,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
-            )
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
@@ -282,6 +280,4 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         # the loss in fp32 whatever the autocast dtype: log-softmax over 50k entries is sensitive
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-        )
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -85,7 +85,9 @@ class Monitor:
             f"mfu {100 * mfu:.1f}% | {1000 * dt:.1f} ms/step"
         )
         if self.wandb_run is not None:
-            self.wandb_run.log({"train/loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}, step=step)
+            self.wandb_run.log(
+                {"train/loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}, step=step
+            )
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.active:
@@ -129,6 +131,9 @@ def _start_wandb(cfg: TrainRunConfig, out_dir: Path, config: dict[str, Any]):
             resume="allow" if cfg.resume else None,
         )
     except Exception as e:  # no API key for online mode, no network, ...
-        print(f"notice: wandb could not start ({str(e).splitlines()[0][:160]}); "
-              "logging to metrics.jsonl only (wandb.mode=offline needs no account)", file=sys.stderr)
+        print(
+            f"notice: wandb could not start ({str(e).splitlines()[0][:160]}); "
+            "logging to metrics.jsonl only (wandb.mode=offline needs no account)",
+            file=sys.stderr,
+        )
         return None

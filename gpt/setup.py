@@ -68,12 +68,17 @@ class RunSetup:
 
 
 def _check_shape(given: dict[str, Any], saved: GPTConfig, source: str, allow_shorter: bool) -> None:
-    diffs = [f"model.{k}={given[k]} (checkpoint: {getattr(saved, k)})"
-             for k in SHAPE_FIELDS if k in given and given[k] != getattr(saved, k)]
+    diffs = [
+        f"model.{k}={given[k]} (checkpoint: {getattr(saved, k)})"
+        for k in SHAPE_FIELDS
+        if k in given and given[k] != getattr(saved, k)
+    ]
     bs = given.get("block_size")
     if bs is not None and (bs > saved.block_size or (bs != saved.block_size and not allow_shorter)):
-        diffs.append(f"model.block_size={bs} (checkpoint: {saved.block_size}"
-                     f"{', it may only shrink' if allow_shorter else ''})")
+        diffs.append(
+            f"model.block_size={bs} (checkpoint: {saved.block_size}"
+            f"{', it may only shrink' if allow_shorter else ''})"
+        )
     if diffs:
         raise CheckpointError(
             f"the model config does not match the checkpoint {source}: {'; '.join(diffs)}. "
@@ -122,7 +127,9 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     out_dir = Path(cfg.out_dir)
     ckpt_file = out_dir / CKPT_NAME
     if cfg.resume and not ckpt_file.exists():
-        raise CheckpointError(f"resume=true but {ckpt_file} does not exist; start the run without resume=true")
+        raise CheckpointError(
+            f"resume=true but {ckpt_file} does not exist; start the run without resume=true"
+        )
     if not cfg.resume and ckpt_file.exists() and not cfg.overwrite:
         raise ConfigError(
             f"out_dir={out_dir} already holds a checkpoint; continue it with resume=true, choose another "
@@ -146,9 +153,13 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         if given.get("block_size") and given["block_size"] < model_config.block_size:
             model_config.block_size = given["block_size"]
             if "transformer.wpe.weight" in weights:
-                weights = {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][: given["block_size"]]}
+                weights = {
+                    **weights,
+                    "transformer.wpe.weight": weights["transformer.wpe.weight"][: given["block_size"]],
+                }
     else:
         model_config = None
+        GPTConfig(**given)  # fail fast on an impossible shape, before preparing any data
     if "dropout" in given and model_config is not None:
         model_config.dropout = given["dropout"]
 
@@ -183,15 +194,23 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         _write_run_files(out_dir, config_dict, tokenizer)
     logger = Monitor(cfg, info, out_dir, resume_step=step if cfg.resume else None, config=config_dict)
     logger.info(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOP/token, "
+        f"model: {model.num_params() / 1e6:.2f}M parameters, "
+        f"{model.flops_per_token() / 1e6:.1f} MFLOP/token, "
         f"block_size={model_config.block_size}, vocab={model_config.vocab_size} "
         f"(tokenizer {tokenizer.kind}, {tokenizer.vocab_size}); device={info.device}, world={info.world_size}"
     )
     if resume_state is not None:
         logger.info(f"resuming {ckpt_file} at step {step}")
     return RunSetup(
-        model=model, tokenizer=tokenizer, block_size=model_config.block_size, train_data=train_data,
-        train_eval=train_eval, val_data=val_data, logger=logger, config_dict=config_dict, step=step,
+        model=model,
+        tokenizer=tokenizer,
+        block_size=model_config.block_size,
+        train_data=train_data,
+        train_eval=train_eval,
+        val_data=val_data,
+        logger=logger,
+        config_dict=config_dict,
+        step=step,
         best_val_loss=resume_state.get("best_val_loss") if resume_state else None,
         optimizer_state=resume_state.get("optimizer") if resume_state else None,
     )

@@ -15,7 +15,6 @@ checkpoint is written every ``ckpt_interval`` steps, at the end, and on Ctrl-C /
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -232,14 +231,25 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
             loss_val = D.all_reduce_mean(loss.detach().float()).item()
             dt = (time.time() - t_last) / steps_since
             t_last, steps_since = time.time(), 0
-            logger.step_line(step, cfg.train.max_steps, loss_val, lr, tokens_per_step / dt,
-                             flops_per_step / dt / (peak * info.world_size), dt)
+            logger.step_line(
+                step,
+                cfg.train.max_steps,
+                loss_val,
+                lr,
+                tokens_per_step / dt,
+                flops_per_step / dt / (peak * info.world_size),
+                dt,
+            )
         interrupted = stop.reason is not None or (should_stop is not None and should_stop(step))
-        if cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps):
+        if cfg.train.eval_interval > 0 and (
+            step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps
+        ):
             record = evaluate()
             t_last, steps_since = time.time(), 0  # eval time is not training throughput
-        if step == cfg.train.max_steps or interrupted or (
-            cfg.train.ckpt_interval > 0 and step % cfg.train.ckpt_interval == 0
+        if (
+            step == cfg.train.max_steps
+            or interrupted
+            or (cfg.train.ckpt_interval > 0 and step % cfg.train.ckpt_interval == 0)
         ):
             save(out_dir / CKPT_NAME)
             t_last, steps_since = time.time(), 0

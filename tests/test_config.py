@@ -69,8 +69,12 @@ def test_unknown_key_is_named():
 
 @pytest.mark.parametrize(
     "path, value, key",
-    [(("train", "max_steps"), "ten", "train.max_steps"), (("optim", "schedule"), "step", "optim.schedule"),
-     (("train", "compile"), "yes", "train.compile"), (("device",), "tpu", "device")],
+    [
+        (("train", "max_steps"), "ten", "train.max_steps"),
+        (("optim", "schedule"), "step", "optim.schedule"),
+        (("train", "compile"), "yes", "train.compile"),
+        (("device",), "tpu", "device"),
+    ],
 )
 def test_wrong_types_and_values_are_named(path, value, key):
     d = compose_train([])

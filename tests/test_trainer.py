@@ -24,7 +24,7 @@ def test_tiny_run_lowers_the_loss_and_fills_the_run_directory(make_cfg):
     assert summary["step"] == 30
     out = cfg.out_dir
     for name in ("ckpt.pt", "config.yaml", "tokenizer.json", "metrics.jsonl"):
-        assert (torch.os.path.exists(f"{out}/{name}")), name
+        assert torch.os.path.exists(f"{out}/{name}"), name
     state = load_checkpoint(out)
     assert state["step"] == 30 and state["optimizer"] is not None and "torch" in state["rng"]
 
@@ -86,13 +86,15 @@ def test_resume_without_checkpoint_is_an_error(make_cfg):
 def test_init_from_reuses_weights_and_tokenizer_and_checks_shape(make_cfg, tmp_path):
     base = make_cfg("base", train=dict(max_steps=20, eval_interval=0))
     train(base)
-    tuned = make_cfg("tuned", init_from=base.out_dir, model={"block_size": 16},
-                     train=dict(max_steps=2, eval_interval=1))
+    tuned = make_cfg(
+        "tuned", init_from=base.out_dir, model={"block_size": 16}, train=dict(max_steps=2, eval_interval=1)
+    )
     train(tuned)
     first = read_metrics(tuned.out_dir)[0]
     assert first["val_loss"] < 3.7  # starts from trained weights, not from ln(61) ~ 4.1
     assert json.loads(open(f"{tuned.out_dir}/tokenizer.json").read()) == json.loads(
-        open(f"{base.out_dir}/tokenizer.json").read())
+        open(f"{base.out_dir}/tokenizer.json").read()
+    )
     with pytest.raises(CheckpointError, match="n_layer"):
         train(make_cfg("bad", init_from=base.out_dir, model={"n_layer": 3}))
     with pytest.raises(CheckpointError, match="block_size"):
