@@ -80,3 +80,46 @@ def test_unknown_key_and_unknown_preset_via_hydra():
         assert result.returncode != 0
         assert needle in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, corpus):
+    """A real signal to the real script: the step finishes, ckpt.pt is written, exit is non-zero,
+    and resume=true carries on to max_steps."""
+    import signal
+    import time
+
+    from gpt.checkpoint import load_checkpoint
+
+    args = [
+        sys.executable,
+        "-u",
+        str(REPO_ROOT / "train.py"),
+        "model=tiny",
+        f"data.path={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"out_dir={tmp_path / 'run'}",
+        "train.max_steps=100000",
+        "train.batch_size=4",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "train.ckpt_interval=0",
+        "train.peak_flops=1e12",
+        "wandb.mode=disabled",
+        "device=cpu",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 90
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "resume=true" in err
+    step = load_checkpoint(tmp_path / "run")["step"]
+    assert step >= 1
+    resume_args = [a for a in args if not a.startswith("train.max_steps=")]
+    resume_args += [f"train.max_steps={step + 3}", "resume=true"]
+    resumed = subprocess.run(resume_args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "run")["step"] == step + 3
