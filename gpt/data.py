@@ -1,0 +1,570 @@
+"""Data: read user text, tokenize it once into cached token shards, and serve random training windows.
+
+    python -m gpt.data data/tinyshakespeare/input.txt --tokenizer char   # prepare ahead of time
+
+    from gpt.data import prepare, TokenWindows
+    data = prepare(cfg.data, block_size=256)             # cached under data/cache/<name>-<key>/
+    train = TokenWindows(data.train_shards, 256, seed=1337)
+    x, y = train.get(step, batch_size=64, start=0, count=16)   # (16, 256) int64 each, y = x shifted
+
+Input is a file, a directory (its .txt and .jsonl files, recursively) or a glob: a .txt file is one
+document, a .jsonl line is one document (``obj[jsonl_field]``). Every document is followed by the
+tokenizer's end-of-text id. The last ``val_fraction`` of the input bytes (cut at a line start) is the
+val split. A shard is a 1024-byte header of 256 little-endian int32 and then the tokens:
+header[0] = MAGIC ("GTKN"), [1] = VERSION, [2] = bytes per token (2: uint16, 4: uint32),
+[3] = vocab_size, [4:6] = the token count as one little-endian int64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt.config import DataConfig, resolve_path
+from gpt.errors import DataError, UserError
+from gpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported lazily: tokenizer worker processes start faster without it
+    import torch
+
+MAGIC = 0x4E4B5447  # the bytes b"GTKN" read as a little-endian int32
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+CHUNK_BYTES = 1 << 20  # text is read and tokenized in pieces of about this many bytes
+MAX_PIECE_FACTOR = 16  # a line longer than 16 chunks is cut at a character boundary instead
+PARALLEL_MIN_BYTES = 4 << 20  # smaller inputs are tokenized in-process (no worker start-up cost)
+_REDO = "delete the cache folder and re-run the data preparation (python -m gpt.data PATH)"
+
+
+# ---------------------------------------------------------------------------------------- shards
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def _header(n_tokens: int, dtype: np.dtype, vocab_size: int) -> bytes:
+    h = np.zeros(HEADER_INTS, dtype="<i4")
+    h[0], h[1], h[2], h[3] = MAGIC, VERSION, dtype.itemsize, vocab_size
+    h[4:6] = np.array([n_tokens], dtype="<i8").view("<i4")  # the count as one int64 at byte 16
+    return h.tobytes()
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Write ``tokens`` (1-D) as a shard, atomically: a crash never leaves a partial file at ``path``."""
+    path, dtype = Path(path), token_dtype(vocab_size)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(_header(len(tokens), dtype, vocab_size))
+        f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of a shard as a read-only memory map, after checking its header and size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        h = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read token shard {path}: {e.strerror}; {_REDO}") from None
+    bad = None
+    if size < HEADER_BYTES:
+        bad = f"truncated header ({size} bytes)"
+    elif int(h[0]) != MAGIC:
+        bad = "bad magic number, not a token shard"
+    elif int(h[1]) != VERSION:
+        bad = f"format version {int(h[1])}, this code reads version {VERSION}"
+    elif int(h[2]) not in (2, 4):
+        bad = f"bad token size {int(h[2])} (expected 2 or 4)"
+    if bad is None:
+        n, itemsize = int(h[4:6].view("<i8")[0]), int(h[2])
+        if n < 0 or size != HEADER_BYTES + n * itemsize:
+            bad = f"{size} bytes but the header promises {n} tokens ({HEADER_BYTES + n * itemsize} bytes)"
+    if bad is not None:
+        raise DataError(f"corrupt token shard {path}: {bad}; {_REDO}")
+    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
+    if n == 0:  # an empty file region cannot be memory-mapped
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+class _ShardWriter:
+    """Streams token arrays into ``<prefix>_000000.bin, ...`` of at most ``shard_tokens`` tokens each;
+    memory use is one incoming array, whatever the corpus size."""
+
+    def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int) -> None:
+        self.directory, self.prefix, self.limit = directory, prefix, max(1, shard_tokens)
+        self.vocab_size, self.dtype = vocab_size, token_dtype(vocab_size)
+        self.names: list[str] = []
+        self.total, self._n, self._f = 0, 0, None
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._f is None:
+                self.names.append(f"{self.prefix}_{len(self.names):06d}.bin")
+                self._f = open(self.directory / self.names[-1], "wb")
+                self._f.write(bytes(HEADER_BYTES))  # placeholder, rewritten with the count on close
+            take = tokens[: self.limit - self._n]
+            self._f.write(take.tobytes())
+            self._n += len(take)
+            self.total += len(take)
+            tokens = tokens[len(take) :]
+            if self._n == self.limit:
+                self.close()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.seek(0)
+            self._f.write(_header(self._n, self.dtype, self.vocab_size))
+            self._f.close()
+            self._f, self._n = None, 0
+
+
+# ------------------------------------------------------------------------------------ user text
+class Piece(NamedTuple):
+    text: str
+    nbytes: int  # the input-file bytes it came from (the val split and the progress bar count these)
+    doc_end: bool  # the last piece of its document (an eot follows it)
+    splittable: bool  # .txt text, which the train/val split may cut at a line start; JSONL: False
+
+
+def input_files(path: str | Path) -> list[Path]:
+    """The files behind a user path: a file, a directory (*.txt, *.jsonl, recursively) or a glob."""
+    p = resolve_path(path)
+    if any(ch in str(p) for ch in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+        if not matches:
+            raise DataError(f"no files match {path}; check the pattern (data.path)")
+        return [f for m in matches for f in (input_files(m) if m.is_dir() else [m])]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".txt", ".jsonl") and f.is_file())
+        if not files:
+            raise DataError(f"no .txt or .jsonl files under {p}; point data.path at your text files")
+        return files
+    if not p.is_file():
+        raise DataError(f"{path} not found; data.path must be a file, a directory or a glob")
+    return [p]
+
+
+def _check_binary(path: Path) -> None:
+    with open(path, "rb") as f:
+        if b"\0" in f.read(8192):
+            raise DataError(f"{path} looks binary (NUL bytes in its first 8 kB); give UTF-8 text files")
+
+
+def _bad_utf8(path: Path, line: int, at: int) -> DataError:
+    return DataError(
+        f"{path}:{line}: invalid UTF-8 at byte offset {at}; convert the file to UTF-8 "
+        f"(e.g. iconv -f latin1 -t utf-8 FILE)"
+    )
+
+
+# Where a piece may end, best first. Ending right after a "\n" with non-space on both sides keeps every
+# BPE pre-tokenization pattern's tokens identical to tokenizing the whole text (a run of blank lines
+# before the cut would tokenize differently at the end of a string with the GPT-2 pattern).
+_CUTS = [re.compile(r"(?<=\S)\n(?=\S)"), re.compile(r"\n(?=\S)"), re.compile(r"\n(?=.)", re.S)]
+
+
+def _cut_point(text: str, chunk: int, force: bool) -> int:
+    """Where the next piece ends: the best kind of line break, the last one in the first ``chunk``
+    characters if there is one there; 0 = none yet (read more text), unless ``force``."""
+    for pattern in _CUTS:  # look near ``chunk`` first: scanning a whole megabyte each time is slow
+        for lo, hi in ((max(0, chunk - 4096), chunk + 1), (0, chunk + 1), (0, len(text))):
+            m = None
+            for m in pattern.finditer(text, lo, hi):  # noqa: B007 -- we want the last match
+                pass
+            if m is not None:
+                return m.end()
+    return len(text) if force else 0  # no line break at all: wait for more text, up to a bound
+
+
+def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
+    """A .txt file as pieces of about ``chunk`` bytes (never the whole file in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # holds a character split across two reads
+    text, offset, line, eof = "", 0, 1, False
+    with open(path, "rb") as f:
+        while not eof:
+            raw = f.read(chunk)
+            eof, held = not raw, len(decoder.getstate()[0])
+            try:
+                new = decoder.decode(raw, final=eof)
+            except UnicodeDecodeError as e:  # e.object is the held bytes + raw
+                raise _bad_utf8(
+                    path, line + e.object.count(b"\n", 0, e.start), offset - held + e.start
+                ) from None
+            offset, line, text = offset + len(raw), line + new.count("\n"), text + new
+            while text and (eof or len(text) >= chunk):
+                cut = len(text) if eof else _cut_point(text, chunk, len(text) >= MAX_PIECE_FACTOR * chunk)
+                if cut == 0:
+                    break
+                piece, text = text[:cut], text[cut:]
+                yield Piece(piece, len(piece.encode("utf-8")), eof and not text, True)
+
+
+def _jsonl_pieces(path: Path, jsonl_field: str) -> Iterator[Piece]:
+    """One document per JSON line; blank lines are skipped (their bytes counted with the next one)."""
+    with open(path, "rb") as f:
+        pending, offset = 0, 0
+        for ln, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _bad_utf8(path, ln, offset + e.start) from None
+            offset, pending = offset + len(raw), pending + len(raw)
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{ln}: not valid JSON ({e.msg}); fix or remove that line") from None
+            doc = doc.get(jsonl_field) if isinstance(doc, dict) else None
+            if not isinstance(doc, str):
+                raise DataError(
+                    f'{path}:{ln}: no text field "{jsonl_field}" (a JSON string); set data.jsonl_field '
+                    f"to the key that holds each document's text"
+                )
+            if doc:
+                yield Piece(doc, pending, True, False)
+                pending = 0
+
+
+def iter_pieces(
+    path: str | Path, jsonl_field: str = "text", chunk_bytes: int | None = None
+) -> Iterator[Piece]:
+    """Stream the input as ``Piece``s: a JSONL document is one piece; a .txt file larger than
+    ``chunk_bytes`` (default ``CHUNK_BYTES``) comes as several, each ending at a line break followed
+    by non-space text, so tokenizing the pieces one by one gives the tokens of the whole file."""
+    files, found = input_files(path), False
+    for file in files:
+        if file.stat().st_size == 0:
+            continue  # one empty file among many is harmless; all of them empty is an error below
+        _check_binary(file)
+        if file.suffix.lower() == ".jsonl":
+            pieces = _jsonl_pieces(file, jsonl_field)
+        else:
+            pieces = _txt_pieces(file, chunk_bytes or CHUNK_BYTES)
+        for piece in pieces:
+            found = True
+            yield piece
+    if not found:
+        what = f"{files[0]} is empty" if len(files) == 1 else f"the {len(files)} files of {path} hold no text"
+        raise DataError(f"{what}; data.path must point at some text")
+
+
+def iter_documents(
+    path: str | Path, jsonl_field: str = "text", chunk_bytes: int | None = None
+) -> Iterator[str]:
+    """Stream the documents of ``path`` (see ``input_files``); a large .txt document comes in pieces
+    (see ``iter_pieces``) that join back to exactly the file's text."""
+    for piece in iter_pieces(path, jsonl_field, chunk_bytes):
+        yield piece.text
+
+
+# ----------------------------------------------------------------------------------- preparation
+@dataclass
+class PreparedData:
+    directory: Path
+    tokenizer: Tokenizer
+    train_shards: list[Path] = field(default_factory=list)
+    val_shards: list[Path] = field(default_factory=list)  # empty when val_fraction == 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_shards)
+
+
+def load_prepared(directory: str | Path, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """A prepared cache folder (its meta.json, shards and tokenizer.json; ``tokenizer`` overrides)."""
+    d = Path(directory)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d} is not a complete prepared-data folder ({e}); {_REDO}") from None
+    shards = {s: [d / n for n in meta[f"{s}_shards"]] for s in ("train", "val")}
+    missing = [p for ps in shards.values() for p in ps if not p.is_file()]
+    if missing:
+        raise DataError(f"token shard {missing[0]} is missing; {_REDO}")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(d / "tokenizer.json")
+    return PreparedData(d, tok, shards["train"], shards["val"], meta["train_tokens"], meta["val_tokens"])
+
+
+def _tasks(cfg: DataConfig, src: Path, total: int) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:
+    """Group the pieces into ``(split, [(text, ends_document), ...], source_bytes)`` tasks of about a
+    chunk each. Val starts at the first line start at or after byte ``(1 - val_fraction) * total``."""
+    boundary = int(total * (1 - cfg.val_fraction)) if cfg.val_fraction > 0 else None
+    pos, split, items, nbytes = 0, "train", [], 0
+    for piece in iter_pieces(src, cfg.jsonl_field):
+        parts = [(piece.text, piece.doc_end)]
+        if split == "train" and boundary is not None and pos + piece.nbytes > boundary:
+            k = max(boundary - pos, 0)  # the boundary's byte offset in this piece
+            raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
+            cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
+            if k == 0 or 0 < cut < len(raw):  # else: the next piece starts val (at a line start)
+                if cut:  # the document goes on in val: no eot after its train part
+                    items.append((raw[:cut].decode("utf-8"), False))
+                    parts = [(raw[cut:].decode("utf-8"), piece.doc_end)]
+                if items:
+                    yield split, items, nbytes
+                    items, nbytes = [], 0
+                split = "val"
+        pos += piece.nbytes
+        items += parts
+        nbytes += piece.nbytes
+        if nbytes >= CHUNK_BYTES:
+            yield split, items, nbytes
+            items, nbytes = [], 0
+    if items:
+        yield split, items, nbytes
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """Token ids of the pieces, with eot after each piece that ends a document: shape (n_tokens,)."""
+    tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
+    eot = np.array([tok.eot_id], dtype=np.int64)
+    out = []
+    for (_, end), ids in zip(items, tok.encode_batch([t for t, _ in items]), strict=True):
+        out.append(np.asarray(ids, dtype=np.int64))
+        if end:
+            out.append(eot)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _write(writers: dict[str, _ShardWriter], bar: tqdm, split: str, result: Any, nbytes: int) -> None:
+    writers[split].add(result if isinstance(result, np.ndarray) else result.get())
+    bar.update(nbytes)
+
+
+def _tokenize(
+    cfg: DataConfig, src: Path, total: int, tok: Tokenizer, out: Path, show_progress: bool
+) -> tuple[_ShardWriter, _ShardWriter]:
+    """Tokenize the input into train_*.bin and val_*.bin in `out`, in worker processes for big inputs."""
+    writers = {s: _ShardWriter(out, s, cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")}
+    workers = min(cfg.num_workers or os.cpu_count() or 1, -(-total // CHUNK_BYTES))  # <= one per task
+    if total < PARALLEL_MIN_BYTES:
+        workers = 1
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
+    pool = None
+    try:
+        if workers > 1:
+            # fork: workers start at once, share the tokenizer and do not re-run the main script (as
+            # PyTorch's DataLoader, they only compute, never touch CUDA); elsewhere spawn, which
+            # pickles the tokenizer through its state
+            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            pool = ctx.Pool(workers, _init_worker, (tok,))
+        pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
+        for split, items, nbytes in _tasks(cfg, src, total):
+            if pool is None:
+                pending.append((split, _encode(items, tok), nbytes))
+            else:
+                pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
+            while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
+                _write(writers, bar, *pending.popleft())
+        while pending:
+            _write(writers, bar, *pending.popleft())
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+        for w in writers.values():
+            w.close()
+    return writers["train"], writers["val"]
+
+
+def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
+    """Hash of everything the shards depend on (the input files by name, size and mtime)."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    spec = [VERSION, stats, cfg.jsonl_field, cfg.val_fraction, tokenizer_id]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+def prepare(
+    cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None, show_progress: bool = True
+) -> PreparedData:
+    """Tokenize ``cfg.path`` into cached shards (or reuse them) and check they hold full windows.
+
+    ``tokenizer`` (fine-tuning reuses the model's) is used as is; without one it is built from
+    ``cfg`` (char and bpe from the corpus itself)."""
+    src, cache = resolve_path(cfg.path), resolve_path(cfg.cache_dir)
+    files = input_files(src)
+    built_from_corpus = cfg.tokenizer in ("char", "bpe")
+    if tokenizer is None and not built_from_corpus:
+        tokenizer = build_tokenizer(cfg.tokenizer, lambda: (), cfg.vocab_size, cfg.tokenizer_path)
+    # a char/bpe tokenizer is not known before it is built from the corpus: key by its recipe instead
+    recipe = [cfg.tokenizer] + ([cfg.vocab_size, cfg.bpe_train_bytes] if cfg.tokenizer == "bpe" else [])
+    keys = [cache_key(cfg, files, tokenizer.fingerprint() if tokenizer else recipe)]
+    if tokenizer is not None and built_from_corpus:  # resuming: the folder that built this tokenizer
+        keys.append(cache_key(cfg, files, recipe))
+    fingerprint = tokenizer.fingerprint() if tokenizer else None
+    found = _find_cached(cache, cfg.name, keys, fingerprint)
+    if found is not None:
+        data = load_prepared(found, tokenizer)
+    else:
+        data = _build(cfg, src, files, tokenizer, cache / f"{cfg.name}-{keys[0]}", show_progress)
+    need = block_size + 1
+    if data.train_tokens < need or (cfg.val_fraction > 0 and data.val_tokens < need):
+        raise DataError(
+            f"{cfg.path}: {data.train_tokens} train and {data.val_tokens} val tokens, but one window "
+            f"needs block_size + 1 = {need}; use a smaller model.block_size, a smaller "
+            f"data.val_fraction, or more text"
+        )
+    return data
+
+
+def _find_cached(cache: Path, name: str, keys: list[str], fingerprint: str | None) -> Path | None:
+    """A complete folder for one of ``keys`` (any name: it may have been prepared ahead of time),
+    holding the tokenizer with ``fingerprint`` when one is given."""
+    for key in keys:
+        for d in [cache / f"{name}-{key}", *sorted(cache.glob(f"*-{key}"))]:
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue  # not complete
+            if fingerprint is None or meta.get("tokenizer_fingerprint") == fingerprint:
+                return d
+    return None
+
+
+def _build(
+    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer | None, target: Path, show_progress: bool
+) -> PreparedData:
+    """Prepare into a temp folder, then rename it into place: a half-built folder never looks complete."""
+    if tok is None:
+        texts = lambda: iter_documents(src, cfg.jsonl_field)  # build_tokenizer stops at bpe_train_bytes
+        tok = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        total = sum(f.stat().st_size for f in files)
+        train, val = _tokenize(cfg, src, total, tok, tmp, show_progress)
+        tok.save(tmp)
+        meta = {
+            "format_version": VERSION,
+            "name": cfg.name,
+            "source": str(src),
+            "files": [str(f) for f in files],
+            "tokenizer": tok.kind,
+            "tokenizer_fingerprint": tok.fingerprint(),
+            "vocab_size": tok.vocab_size,
+            "train_tokens": train.total,
+            "val_tokens": val.total,
+            "train_shards": train.names,
+            "val_shards": val.names,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks it complete
+        if target.exists() and not (target / "meta.json").is_file():
+            shutil.rmtree(target)  # the leftover of an interrupted run
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+            # another process finished the same folder first: theirs is identical, use it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(target, tok)
+
+
+# --------------------------------------------------------------------------------------- batches
+class TokenWindows:
+    """Random (block_size + 1)-token windows from shards, a pure function of (seed, step, position).
+
+    Window ids number every valid start of every shard (a window never crosses a shard end); step
+    ``s`` draws its global batch of ids from an RNG seeded by ``(seed, s)`` alone, so any split of
+    the batch over processes and micro-steps sees the same windows, and a resumed run replays them."""
+
+    def __init__(self, shards: list[Path], block_size: int, seed: int) -> None:
+        self.block_size, self.seed = block_size, seed
+        self.shards = [read_shard(p) for p in shards]
+        # shard i holds len - block_size starts: window i's x = t[o:o+T], y = t[o+1:o+T+1]
+        self._counts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.int64)
+        self._ends = np.cumsum(self._counts)  # window ids [ends[i] - counts[i], ends[i]) are shard i's
+        self.n_windows = int(self._ends[-1]) if len(self._ends) else 0
+        if self.n_windows == 0:
+            sizes = [len(s) for s in self.shards]
+            raise DataError(
+                f"no shard holds a window of block_size + 1 = {block_size + 1} tokens (shard sizes "
+                f"{sizes}); use a smaller model.block_size or more text"
+            )
+
+    def window_starts(self, step: int, batch_size: int) -> np.ndarray:
+        """The global batch's window ids for ``step``: shape (batch_size,), uniform, with replacement."""
+        rng = np.random.default_rng([self.seed % (1 << 63), step])  # SeedSequence needs ints >= 0
+        return rng.integers(0, self.n_windows, size=batch_size, dtype=np.int64)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, token offset in that shard) of each window id."""
+        shard = np.searchsorted(self._ends, ids, side="right")
+        return shard, ids - (self._ends[shard] - self._counts[shard])
+
+    def get(self, step: int, batch_size: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 CPU tensors (count, block_size) for global-batch positions [start, start+count)."""
+        import torch
+
+        if not (0 <= start and count >= 0 and start + count <= batch_size):
+            raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
+        ids = self.window_starts(step, batch_size)[start : start + count]
+        buf = np.empty((count, self.block_size + 1), dtype=np.int64)  # (count, T+1): x and y together
+        for row, (s, o) in enumerate(zip(*self.locate(ids), strict=True)):
+            buf[row] = self.shards[s][o : o + self.block_size + 1]
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+# ---------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt.data", description="Tokenize text into cached shards.")
+    p.add_argument("path", help="a file, a directory of .txt/.jsonl files, or a glob")
+    p.add_argument("--tokenizer", default="char", choices=["char", "bpe", "gpt2", "hf"])
+    p.add_argument("--tokenizer-path", default=None, help="hf: the folder of vocab.json + merges.txt")
+    p.add_argument("--vocab-size", type=int, default=DataConfig.vocab_size)
+    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--cache-dir", default=DataConfig.cache_dir)
+    p.add_argument("--name", default=None, help="cache folder prefix (default: the input's name)")
+    p.add_argument("--num-workers", type=int, default=0, help="tokenizer processes (0 = one per core)")
+    a = vars(p.parse_args(argv))
+    name = a.pop("name") or Path(a["path"]).stem or "data"
+    cfg = DataConfig(name=name, **a)
+    try:
+        data = prepare(cfg, block_size=0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"prepared {data.directory}")
+    print(f"  tokenizer {data.tokenizer.kind}, vocab_size {data.tokenizer.vocab_size}")
+    print(f"  train: {data.train_tokens:,} tokens in {len(data.train_shards)} shard(s)")
+    print(f"  val:   {data.val_tokens:,} tokens in {len(data.val_shards)} shard(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
