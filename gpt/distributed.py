@@ -1,9 +1,15 @@
 """Everything that knows about processes and ranks: init, teardown, rank-0 printing, device per
-local rank, and wrapping the model for data parallelism (DDP or FSDP2) from the outside.
+local rank, which part of a global batch a rank reads, agreement between ranks (stop flags, token
+counts), wrapping the model for data parallelism (DDP or FSDP2) from the outside, and checkpoint
+state in the one layout every world size reads.
 
-A single ``python train.py`` is world size 1 and never touches ``torch.distributed``; under
-``torchrun --nproc_per_node=N train.py ...`` the usual environment variables (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT) select the process group: NCCL on CUDA, gloo on CPU.
+A single ``python train.py`` is world size 1 and starts no process group; under
+``torchrun --nproc_per_node=N train.py ...`` (or one torchrun per node with a c10d rendezvous, as
+in scripts/slurm_train.sh) the usual environment variables (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT) select the process group: NCCL on CUDA, gloo on CPU.
+
+    info = init_distributed("auto", timeout_s=1800)   # in gpt.trainer.train; teardown() at the end
+    model = prepare_model(model, info, cfg.train, dtype)
 """
 
 from __future__ import annotations
@@ -12,12 +18,17 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpt.errors import ConfigError
+from gpt.errors import CheckpointError, ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,6 +37,8 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    control: Any = None
+    """CPU (gloo) group for small host-side agreements; None = the default group (gloo on CPU)."""
 
     @property
     def is_main(self) -> bool:
@@ -57,28 +70,38 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join the process group when launched by torchrun; otherwise a world of one."""
+    """Join the process group when launched by torchrun; otherwise a world of one. ``timeout_s``
+    bounds every collective: a rank that stops answering fails the job instead of hanging it."""
+    if timeout_s <= 0:
+        raise ConfigError(f"train.timeout_s={timeout_s} must be a positive number of seconds (default 1800)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(device=pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if dev.type == "mps":
+        raise ConfigError(
+            "multi-process training runs on CUDA (NCCL) or the CPU (gloo); use device=cuda or cpu"
+        )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
+            backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None
         )
-    if dev.type == "cpu":
-        # ranks share the machine's cores: one intra-op thread each avoids oversubscription
+    # host-side agreements (stop flags, token counts) go over gloo: no GPU synchronisation per step
+    control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # ranks share the machine's cores: a share each avoids oversubscription (an explicit
+        # OMP_NUM_THREADS, which torchrun sets to 1 for several processes per node, is kept)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control=control)
 
 
 def teardown() -> None:
+    """Leave the process group (also after an error, so that no peer waits on this rank)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -89,18 +112,28 @@ def barrier() -> None:
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks, in place (identity in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+def _reduce_ints(values: list[int], op: dist.ReduceOp, info: DistInfo) -> list[int]:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)  # on the CPU: the control group is gloo
+    dist.all_reduce(t, op=op, group=info.control)
+    return t.tolist()
+
+
+def sum_over_ranks(value: int, info: DistInfo) -> int:
+    return _reduce_ints([value], dist.ReduceOp.SUM, info)[0]
+
+
+def max_over_ranks(value: int, info: DistInfo) -> int:
+    """What every rank agrees on when each may have seen something different (a stop signal)."""
+    return _reduce_ints([value], dist.ReduceOp.MAX, info)[0]
 
 
 def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
@@ -113,26 +146,60 @@ def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 
 
+def main_first(make: Callable[[], T], info: DistInfo) -> T:
+    """Run ``make`` on rank 0 first (it fills caches), then on the first rank of every other node
+    (a hit on a shared filesystem, its own copy on a local disk), then on all the others."""
+    if info.is_main:
+        result = make()
+    barrier()
+    if info.local_rank == 0 and not info.is_main:
+        result = make()
+    barrier()
+    if info.local_rank != 0:
+        result = make()
+    return result
+
+
+def micro_batch_starts(batch_size: int, micro_batch_size: int, info: DistInfo) -> list[int]:
+    """First global-batch position of each of this rank's micro-batches. Rank r reads the
+    contiguous slice [r * B/W, (r+1) * B/W) of the global batch of B sequences, so ranks never
+    share a position and the union over ranks is the batch a single process would read."""
+    per_rank = batch_size // info.world_size
+    return list(range(info.rank * per_rank, (info.rank + 1) * per_rank, micro_batch_size))
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str, mixed_dtype: torch.dtype | None):
     """Apply data parallelism to ``model`` from the outside; returns the module to train.
     DDP replicates the weights; FSDP2 (``fully_shard``) shards them per block and at the root."""
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel={parallel!r} must be ddp or fsdp")
     if not info.enabled:
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # the model's only buffers are constant RoPE tables, the same on every rank: no broadcast
+        return DDP(model, device_ids=ids, broadcast_buffers=False)
+    if mixed_dtype == torch.float16:
+        # the GradScaler's inf check would be per shard: ranks could disagree on skipping a step
+        raise ConfigError(
+            "train.parallel=fsdp does not support train.dtype=fp16; use bf16, fp32 or parallel=ddp"
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=mixed_dtype, reduce_dtype=torch.float32) if mixed_dtype else None
-        kwargs = {"mp_policy": mp} if mp else {}
-        for block in model.transformer.h:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
-        return model
-    raise ConfigError(f"train.parallel={parallel!r} must be ddp or fsdp")
+    mp = MixedPrecisionPolicy(param_dtype=mixed_dtype, reduce_dtype=torch.float32) if mixed_dtype else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    for block in model.transformer.h:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)  # the rest: embeddings, final norm, (tied) head
+    return model
 
 
 @contextlib.contextmanager
@@ -144,7 +211,7 @@ def no_grad_sync(model: torch.nn.Module, sync: bool):
     if hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2: no reduce-scatter, unsharded grads kept
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -173,16 +240,65 @@ def prepare_model(model: torch.nn.Module, info: DistInfo, train_cfg, dtype: torc
     return wrap_model(model, info, train_cfg.parallel, dtype if dtype != torch.float32 else None)
 
 
-def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded (model, optimizer) state dicts. For FSDP2 this gathers the shards and must be called
-    on every rank; for a plain or DDP-wrapped model it is the ordinary state_dict."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - very old torch
-        FSDPModule = ()
-    if isinstance(model, FSDPModule):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+# --------------------------------------------------------------------------------- checkpoint state
+# One layout for every world size: full (unsharded) CPU tensors, the optimizer state keyed by
+# parameter name (torch.distributed.checkpoint.state_dict), so a checkpoint written by N ranks with
+# DDP or FSDP is resumed by M ranks or one process, and loaded by sample.py, without conversion.
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(model, optimizer, options=opts)
-    return model.state_dict(), optimizer.state_dict()
+
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts, complete on rank 0. Call it on every rank: FSDP2 gathers the
+    shards to rank 0; with DDP or one process the other ranks skip the copy (and get empty dicts).
+    ``model`` is the unwrapped module (not DDP, not compiled)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    if not info.is_main and not is_fsdp(model):
+        return {}, {}
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, name-keyed optimizer state (every rank holds it) into a plain or FSDP2 model's
+    optimizer; FSDP2 keeps the shard of each tensor that belongs to this rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if any(isinstance(k, int) for k in state.get("state", {})):  # written before names were used
+        if is_fsdp(model):
+            raise CheckpointError(
+                "this checkpoint's optimizer state is indexed by position (an older format) and cannot be "
+                "sharded; resume it once with train.parallel=ddp, then FSDP runs can resume its checkpoints"
+            )
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_state(info: DistInfo) -> dict[str, Any]:
+    """Random-number state to resume exactly: rank 0's as ``torch``/``cuda`` (what one process
+    restores), and every rank's under ``ranks`` (dropout differs per rank). Call it on every rank."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if not info.enabled:
+        return mine
+    every: list[Any] = [None] * info.world_size
+    dist.all_gather_object(every, mine, group=info.control)
+    return {**mine, "ranks": every}
+
+
+def restore_rng(rng: dict[str, Any], info: DistInfo, seed: int, step: int) -> None:
+    """Each rank takes back its own saved state; a rank the saving run did not have (more processes
+    now) gets a fresh stream seeded by (seed, step, rank), never a copy of another rank's."""
+    ranks = rng.get("ranks") or [rng]
+    if info.rank < len(ranks):
+        mine = ranks[info.rank]
+        if "torch" in mine:
+            torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and info.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"])
+    else:
+        torch.manual_seed(
+            int(np.random.SeedSequence([seed % (1 << 63), step, info.rank]).generate_state(1)[0])
+        )

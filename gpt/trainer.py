@@ -36,10 +36,11 @@ from gpt.setup import RunSetup, setup_run
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
     """(micro_batch_size, grad_accum_steps) for a global batch over world_size processes."""
     if batch_size <= 0 or batch_size % world_size:
-        valid = [world_size * k for k in range(1, 9)]
+        lower = batch_size // world_size * world_size
+        nearest = " or ".join(str(v) for v in (lower, lower + world_size) if v > 0)
         raise ConfigError(
             f"train.batch_size={batch_size} cannot be split evenly over {world_size} processes; "
-            f"use a multiple of {world_size}, e.g. {valid}"
+            f"use a multiple of {world_size}, e.g. {nearest}"
         )
     per_rank = batch_size // world_size
     mbs = micro_batch_size or per_rank
@@ -71,15 +72,21 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 
 class StopFlag:
     """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and exits. A second Ctrl-C
-    interrupts at once."""
+    interrupts at once (a second or more later: under torchrun every worker gets the terminal's
+    Ctrl-C and then torchrun's copy of it)."""
+
+    CODES = {"SIGTERM": 2, "SIGINT": 3}  # 1 = should_stop(); all ranks act on the largest code seen
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self._since = 0.0
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
+        if self.reason is not None and signum == signal.SIGINT and time.monotonic() - self._since > 1.0:
             raise KeyboardInterrupt
+        if self.reason is None:
+            self._since = time.monotonic()
         self.reason = signal.Signals(signum).name
         D.print0(f"\n{self.reason} received: finishing this step, saving a checkpoint, then exiting")
 
@@ -96,18 +103,21 @@ class StopFlag:
 
 @torch.no_grad()
 def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast) -> float:
-    """Mean loss over eval_steps global batches of fixed windows (the same at every eval, so the
-    curve is not noisy, and the same whatever the number of processes)."""
+    """Mean loss per target token over eval_steps global batches of fixed windows (the same at
+    every eval, so the curve is not noisy), the same whatever the number of processes and the
+    micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums."""
     was_training = model.training
     model.eval()
-    per_rank = cfg.train.batch_size // info.world_size
-    total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of losses, count)
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of token losses, tokens)
     for i in range(cfg.train.eval_steps):
-        for start in range(info.rank * per_rank, (info.rank + 1) * per_rank, mbs):
+        for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
             x, y = source.get(i, cfg.train.batch_size, start, mbs)
+            n_targets = int((y != -1).sum())
             with autocast:
-                loss = model(x.to(info.device), y.to(info.device))
-            total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=info.device)
+                loss = model(x.to(info.device), y.to(info.device))  # mean over the micro-batch's targets
+            if n_targets:  # none: the mean is nan (the forward still runs: FSDP gathers weights in it)
+                total[0] += loss.double() * n_targets
+                total[1] += n_targets
     if info.enabled:
         torch.distributed.all_reduce(total)
     model.train(was_training)
@@ -149,10 +159,10 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
 
     optimizer = configure_optimizer(raw_model, cfg.optim, info.device.type)
     if run.optimizer_state is not None:
-        optimizer.load_state_dict(run.optimizer_state)
+        D.load_optimizer_state(raw_model, optimizer, run.optimizer_state)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
     step, best_val = run.step, run.best_val_loss
-    per_rank = cfg.train.batch_size // info.world_size
+    starts = D.micro_batch_starts(cfg.train.batch_size, mbs, info)  # this rank's micro-batches
     tokens_per_step = cfg.train.batch_size * run.block_size
     flops_per_step = raw_model.flops_per_token(run.block_size) * tokens_per_step
     peak = cfg.train.peak_flops
@@ -162,15 +172,20 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
         peak = measure_peak_flops(info.device, dtype)
     logger = run.logger
 
-    def train_step(m) -> float:
-        """One optimizer step's forward/backward over all micro-batches; returns the mean loss."""
+    def train_step(m) -> torch.Tensor:
+        """One optimizer step's forward/backward over this rank's micro-batches; returns this
+        rank's part of the loss (the mean over ranks is the step's loss)."""
+        batches = [run.train_data.get(step, cfg.train.batch_size, start, mbs) for start in starts]
+        counts = [int((y != -1).sum()) for _, y in batches]  # target tokens per micro-batch
+        # the step's loss is the mean over the global batch's target tokens, however it is split:
+        # a micro-batch's mean weighs n / total, times world_size as DDP/FSDP average over ranks
+        total = max(D.sum_over_ranks(sum(counts), info), 1)
         loss_sum = torch.zeros((), device=info.device)
-        for micro in range(accum):
-            start = info.rank * per_rank + micro * mbs
-            x, y = run.train_data.get(step, cfg.train.batch_size, start, mbs)
+        for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             with D.no_grad_sync(m, sync=micro == accum - 1), autocast:
-                loss = m(x, y) / accum
+                # no targets at all: a zero loss that still runs every collective of the step
+                loss = m(x, y) * (n * info.world_size / total) if n else m(x).float().sum() * 0.0
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -200,11 +215,12 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
         return record
 
     def save(path: Path) -> None:
-        if not info.is_main and cfg.train.parallel != "fsdp":
-            return
+        """Every rank takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes,
+        and the others wait for it, so that no rank exits (and has torchrun stop rank 0) mid-write."""
         state = run.checkpoint_state(raw_model, optimizer, step, best_val)
         if info.is_main:
             save_checkpoint(path, state)
+        D.barrier()
 
     record: dict[str, Any] = {}
     if step == 0 and cfg.train.eval_interval > 0:
@@ -240,7 +256,10 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
                 flops_per_step / dt / (peak * info.world_size),
                 dt,
             )
-        interrupted = stop.reason is not None or (should_stop is not None and should_stop(step))
+        # ranks may see a signal (or should_stop) at different steps: they stop together at the first
+        local = StopFlag.CODES.get(stop.reason or "", 0) or int(bool(should_stop and should_stop(step)))
+        code = D.max_over_ranks(local, info)
+        interrupted, reason = code > 0, {2: "SIGTERM", 3: "SIGINT"}.get(code)
         if cfg.train.eval_interval > 0 and (
             step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps
         ):
@@ -256,8 +275,12 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
         if interrupted:
             logger.close()
             D.print0(f"stopped at step {step}; continue with resume=true out_dir={out_dir}", info=info)
-            if stop.reason is not None:
-                sys.exit(130 if stop.reason == "SIGINT" else 143)
+            if reason is not None:
+                sys.exit(130 if reason == "SIGINT" else 143)
             return {**record, "step": step, "interrupted": True}
+    summary = {**record, "step": step, "elapsed_s": round(time.time() - t_start, 3)}
+    if info.device.type == "cuda":
+        summary["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2)
+        logger.info(f"peak GPU memory: {summary['peak_mem_GiB']} GiB (rank 0)")
     logger.close()
-    return {**record, "step": step, "elapsed_s": round(time.time() - t_start, 3)}
+    return summary
