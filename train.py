@@ -16,7 +16,7 @@ def job(cfg: dict) -> None:
     from gpt.trainer import train
 
     summary = train(TrainRunConfig.from_dict(cfg))
-    if summary.get("val_loss") is not None:
+    if summary.get("rank", 0) == 0 and summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, out_dir {cfg['out_dir']}")
 
 

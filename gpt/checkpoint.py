@@ -9,7 +9,12 @@ one ``torch.save`` of plain types and tensors:
      "rng": {...}, "config": {...}, "best_val_loss": float | None}
 
 so it is read back with ``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects),
-and the model's shape and tokenizer always travel with its weights.
+and the model's shape and tokenizer always travel with its weights. Whatever wrote it (one process,
+DDP or FSDP ranks), the tensors are full and the optimizer state is keyed by parameter name (the
+layout of ``torch.distributed.checkpoint.state_dict``), and ``rng`` holds every rank's state under
+``ranks``: any number of processes resumes it (see gpt.distributed). A LoRA run's checkpoint holds
+only the adapters in ``model``, plus ``lora``: their settings and where the base model is (see
+gpt.lora); ``load_model`` rebuilds the base and attaches them.
 
     from gpt.checkpoint import load_model
     model, tokenizer, ckpt = load_model("out/shakespeare_char")
@@ -87,7 +92,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, or raise CheckpointError listing missing/unexpected keys and shape mismatches."""
-    own = model.state_dict()
+    check_state_dict(model.state_dict(), state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_state_dict(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError listing the keys missing from / unexpected in ``state_dict`` and the
+    shapes that differ from ``own`` (the state dict it must match)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [
@@ -104,23 +115,46 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         if shapes:
             parts.append(f"shape mismatches {shapes[:8]}")
         raise CheckpointError(f"weights in {source} do not match the model: " + "; ".join(parts))
-    model.load_state_dict(state_dict)
 
 
 def model_config_from(state: dict[str, Any]) -> GPTConfig:
     return GPTConfig.from_dict(dict(state["model_config"]))
 
 
+def load_base(init_from: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Any, str]:
+    """(model config, weights, tokenizer, source name) of a model to start from: a run directory or
+    checkpoint file (a LoRA checkpoint gives its merged weights), or ``hf:DIR`` for a Hugging Face
+    GPT-2 directory."""
+    from gpt.tokenizer import tokenizer_from_state
+
+    if init_from.startswith("hf:"):
+        from gpt.hf import import_hf
+
+        return (*import_hf(init_from[3:]), init_from)
+    state = load_checkpoint(init_from)
+    source = str(checkpoint_path(init_from))
+    if "lora" in state:
+        model, tokenizer, _ = load_model(init_from, merge=True)
+        return model.config, model.state_dict(), tokenizer, source
+    return model_config_from(state), state["model"], tokenizer_from_state(state["tokenizer"]), source
+
+
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", block_size: int | None = None
+    path: str | Path, device: str | torch.device = "cpu", block_size: int | None = None, merge: bool = False
 ) -> tuple[GPT, Any, dict[str, Any]]:
     """Rebuild model and tokenizer from a checkpoint. ``block_size`` may shrink the context (learned
-    position rows beyond it are dropped); it can never grow past what the model was trained for."""
+    position rows beyond it are dropped); it can never grow past what the model was trained for.
+    A LoRA checkpoint (adapters only) loads its base model again and attaches the adapters, or
+    folds them into the weights with ``merge=True`` (same outputs, plain modules, faster)."""
     from gpt.tokenizer import tokenizer_from_state  # local: keeps this module light to import
 
     state = load_checkpoint(path)
     config = model_config_from(state)
-    weights = state["model"]
+    weights, lora = state["model"], state.get("lora")
+    if lora is not None:
+        from gpt.lora import base_weights
+
+        weights = base_weights(lora, config, str(checkpoint_path(path)))
     if block_size is not None and block_size != config.block_size:
         if block_size > config.block_size:
             raise CheckpointError(
@@ -133,6 +167,12 @@ def load_model(
             weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
     model = GPT(config)
     load_state_dict_strict(model, weights, str(checkpoint_path(path)))
+    if lora is not None:
+        from gpt.lora import attach, merge_lora
+
+        attach(model, lora, state["model"], str(checkpoint_path(path)))
+        if merge:
+            merge_lora(model)
     model.to(device)
     tokenizer = tokenizer_from_state(state["tokenizer"])
     return model, tokenizer, state

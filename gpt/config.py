@@ -107,14 +107,16 @@ class TrainConfig:
     """Sequences per device per forward; None = the whole per-process batch (no accumulation)."""
     eval_interval: int = 250
     eval_steps: int = 20
-    """Batches of micro_batch_size averaged for each of train_loss and val_loss."""
+    """Global batches (of batch_size windows) averaged for each of train_loss and val_loss."""
     log_interval: int = 10
     ckpt_interval: int = 1000
     compile: bool = False
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """'auto': bf16 autocast on GPUs that have it (else fp16 + GradScaler), fp32 on CPU."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: 'ddp' replicates the model on every rank, 'fsdp' shards it (FSDP2)."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, one more forward."""
     keep_best: bool = False
     """Also keep best.pt, the checkpoint with the lowest val_loss so far."""
     peak_flops: float | None = None
@@ -122,16 +124,34 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar (when the console is a terminal)."""
     timeout_s: int = 1800
-    """Collective timeout for multi-process runs."""
+    """Multi-process runs: seconds a collective waits for the other ranks before the job fails."""
 
 
 @dataclass
 class FinetuneConfig:
+    """How init_from's weights are trained (see gpt.lora for LoRA)."""
+
     method: Literal["full", "lora"] = "full"
+    """'full': every weight trains; 'lora': the base is frozen, low-rank adapters train."""
     lora_rank: int = 8
+    """Rank r of each adapter (A is r x in, B is out x r)."""
     lora_alpha: float = 16.0
+    """The adapter's output is scaled by lora_alpha / lora_rank."""
     lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
     lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    """Linear layers that get adapters: c_attn, c_proj (both attn.c_proj and mlp.c_proj), c_fc,
+    or attn.c_proj / mlp.c_proj alone."""
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise ConfigError(f"finetune.lora_rank={self.lora_rank} must be >= 1 (8 or 16 are usual)")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"finetune.lora_alpha={self.lora_alpha} must be > 0 (usually 2 x lora_rank)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"finetune.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if not self.lora_targets:
+            raise ConfigError("finetune.lora_targets is empty; e.g. [c_attn, c_proj, c_fc]")
 
 
 @dataclass

@@ -256,7 +256,14 @@ def full_state_dicts(
 
     if not info.is_main and not is_fsdp(model):
         return {}, {}
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not optimizer.state:
+        # before the first step: get_state_dict would initialise AdamW's state (step=1) on this rank
+        # only, silently changing the run; there is no optimizer state to save yet anyway
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=options), {}
+    return get_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -264,6 +271,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     optimizer; FSDP2 keeps the shard of each tensor that belongs to this rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state or not state.get("state"):  # saved before the first optimizer step: nothing to load
+        return
     if any(isinstance(k, int) for k in state.get("state", {})):  # written before names were used
         if is_fsdp(model):
             raise CheckpointError(

@@ -11,16 +11,17 @@ Three ways in, one result (``RunSetup``):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpt import distributed as D
-from gpt.checkpoint import CKPT_NAME, checkpoint_path, load_checkpoint, load_state_dict_strict
+from gpt.checkpoint import CKPT_NAME, load_base, load_checkpoint, load_state_dict_strict
 from gpt.config import TrainRunConfig
 from gpt.errors import CheckpointError, ConfigError
+from gpt.lora import attach, describe, prepare_lora
 from gpt.model import GPT, GPTConfig
 from gpt.monitor import Monitor
 
@@ -46,14 +47,20 @@ class RunSetup:
     step: int = 0
     best_val_loss: float | None = None
     optimizer_state: dict | None = None
+    lora: dict[str, Any] | None = None  # a LoRA run's settings and base model (see gpt.lora)
+    dist: D.DistInfo = field(default_factory=D.DistInfo)  # this process's rank and device
 
     def checkpoint_state(self, model: GPT, optimizer, step: int, best_val: float | None) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, step, RNG, config, tokenizer.
-        The data position is the step itself: batches are a pure function of (seed, step)."""
-        model_sd, optim_sd = D.full_state_dicts(model, optimizer)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()
+        The data position is the step itself: batches are a pure function of (seed, step).
+        Call it on every rank (FSDP gathers the shards); the result is complete on rank 0."""
+        model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist)
+        extra = {}
+        if self.lora is not None:  # adapters only: the frozen base is loaded again from lora["base"]
+            from gpt.lora import adapter_weights
+
+            model_sd, extra = adapter_weights(model_sd), {"lora": self.lora}
+        rng = D.rng_state(self.dist)
         return {
             "model": model_sd,
             "model_config": model.config.to_dict(),
@@ -64,6 +71,7 @@ class RunSetup:
             "rng": rng,
             "config": self.config_dict,
             "best_val_loss": best_val,
+            **extra,
         }
 
 
@@ -86,25 +94,14 @@ def _check_shape(given: dict[str, Any], saved: GPTConfig, source: str, allow_sho
         )
 
 
-def _load_init(init_from: str) -> tuple[GPTConfig, dict, Any, str]:
-    """(model config, weights, tokenizer, source name) of the model to start from."""
-    from gpt.tokenizer import tokenizer_from_state
-
-    if init_from.startswith("hf:"):
-        from gpt.hf import import_hf  # Hugging Face GPT-2 directory
-
-        return (*import_hf(init_from[3:]), init_from)
-    state = load_checkpoint(init_from)
-    config = GPTConfig.from_dict(dict(state["model_config"]))
-    return config, state["model"], tokenizer_from_state(state["tokenizer"]), str(checkpoint_path(init_from))
-
-
 def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInfo):
-    """Prepare (rank 0 first, the others then hit its cache) and return the batch sources."""
+    """Prepare (rank 0 first, the others then hit its cache: see D.main_first) and return the batch
+    sources."""
     if cfg.data.format == "dialogs":
         from gpt.chat import dialog_sources
 
-        make = lambda: dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main)
+        make = lambda: dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
+                                      batch_size=cfg.train.batch_size)
     else:
         from gpt.data import TokenWindows, prepare
 
@@ -115,12 +112,7 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
             val = TokenWindows(prepared.val_shards, block_size, cfg.seed + 2) if prepared.val_shards else None
             return prepared.tokenizer, train, train_eval, val
 
-    if info.is_main:
-        result = make()
-    D.barrier()
-    if not info.is_main:
-        result = make()
-    return result
+    return D.main_first(make, info)
 
 
 def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
@@ -148,7 +140,7 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         _check_shape(given, model_config, str(ckpt_file), allow_shorter=False)
         tokenizer, weights = tokenizer_from_state(resume_state["tokenizer"]), resume_state["model"]
     elif cfg.init_from:
-        model_config, weights, tokenizer, source = _load_init(cfg.init_from)
+        model_config, weights, tokenizer, source = load_base(cfg.init_from)
         _check_shape(given, model_config, source, allow_shorter=True)
         if given.get("block_size") and given["block_size"] < model_config.block_size:
             model_config.block_size = given["block_size"]
@@ -162,6 +154,8 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         GPTConfig(**given)  # fail fast on an impossible shape, before preparing any data
     if "dropout" in given and model_config is not None:
         model_config.dropout = given["dropout"]
+    # LoRA: the base weights load now, the adapters once the model exists
+    lora, weights, adapter = prepare_lora(cfg, resume_state, model_config, weights, str(ckpt_file))
 
     block_size = model_config.block_size if model_config else given.get("block_size", GPTConfig.block_size)
     tokenizer, train_data, train_eval, val_data = _build_data(cfg, tokenizer, block_size, info)
@@ -177,6 +171,8 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     model = GPT(model_config)
     if weights is not None:
         load_state_dict_strict(model, weights, cfg.init_from or str(ckpt_file))
+    if lora is not None:
+        attach(model, lora, adapter, str(ckpt_file))
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
 
     config_dict = cfg.to_dict()
@@ -184,11 +180,7 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     step = 0
     if resume_state is not None:
         step = int(resume_state["step"])
-        rng = resume_state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and info.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
+        D.restore_rng(resume_state.get("rng", {}), info, cfg.seed, step)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_run_files(out_dir, config_dict, tokenizer)
@@ -199,6 +191,8 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         f"block_size={model_config.block_size}, vocab={model_config.vocab_size} "
         f"(tokenizer {tokenizer.kind}, {tokenizer.vocab_size}); device={info.device}, world={info.world_size}"
     )
+    if lora is not None:
+        logger.info(describe(model, lora))
     if resume_state is not None:
         logger.info(f"resuming {ckpt_file} at step {step}")
     return RunSetup(
@@ -213,6 +207,8 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         step=step,
         best_val_loss=resume_state.get("best_val_loss") if resume_state else None,
         optimizer_state=resume_state.get("optimizer") if resume_state else None,
+        lora=lora,
+        dist=info,
     )
 
 

@@ -278,7 +278,7 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
             if reason is not None:
                 sys.exit(130 if reason == "SIGINT" else 143)
             return {**record, "step": step, "interrupted": True}
-    summary = {**record, "step": step, "elapsed_s": round(time.time() - t_start, 3)}
+    summary = {**record, "step": step, "elapsed_s": round(time.time() - t_start, 3), "rank": info.rank}
     if info.device.type == "cuda":
         summary["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2)
         logger.info(f"peak GPU memory: {summary['peak_mem_GiB']} GiB (rank 0)")
