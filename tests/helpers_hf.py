@@ -12,21 +12,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from gpt.tokenizer import _bytes_to_unicode as bytes_to_unicode
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPT2_RANK_FILE = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the spelling used in vocab.json)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _split_in_two(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[bytes, bytes]:
