@@ -344,8 +344,11 @@ class SampleConfig(GenerationConfig):
     """Text to continue; empty = start from <|endoftext|>. Escapes \\n and \\t are understood."""
     prompt_file: str | None = None
     """Read the prompt from this UTF-8 file instead."""
-    mode: Literal["generate", "interactive"] = "generate"
-    """generate: print the samples and exit; interactive: a prompt loop with live settings."""
+    mode: Literal["generate", "interactive", "chat"] = "generate"
+    """generate: print the samples and exit; interactive: a prompt loop with live settings; chat: a
+    conversation with an instruction-tuned model (with a prompt: print just the reply and exit)."""
+    system: str | None = None
+    """mode=chat: the system prompt (kept when old turns are dropped to fit the context)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, fp32 elsewhere."""

@@ -1,0 +1,453 @@
+"""Console front end of the generation engine: ``sample.py``'s job and the interactive prompt loop.
+
+    python sample.py prompt="ROMEO:" num_samples=3      # samples on stdout, notices on stderr
+    python sample.py mode=interactive                   # a REPL: /help, /set temperature 0.7, ...
+
+``Repl`` is the prompt loop: readline editing and history, live settings (/set, /settings), /reset,
+/save FILE, Ctrl-C stops a generation (not the program), Ctrl-D exits. A chat REPL subclasses it
+and overrides its hooks: ``prompt_ids`` (a turn -> the prompt ids, e.g. the rendered conversation),
+``stop_token_ids`` (e.g. end-of-turn), ``on_reply`` (append the reply to the history) and ``reset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from gpt.config import GenerationConfig, SampleConfig, from_dict, resolve_path, unescape
+from gpt.errors import ConfigError, DataError, UserError
+from gpt.generate import Completion, Generation
+
+SEPARATOR = "---------------"  # printed on its own line between samples
+
+
+def print_samples(gen: Generation, out: TextIO, prefix: str = "") -> None:
+    """Stream sample 1 to ``out`` as it is generated; the others (decoded in the same batch) follow
+    when it is done, each after a separator line. ``prefix`` (the prompt) starts every sample."""
+    pieces = iter(gen)
+    try:
+        out.write(prefix)
+        out.flush()
+        for row, piece in pieces:
+            if row == 0:
+                out.write(piece)
+                out.flush()
+        out.write("\n")
+        for completion in gen.completions[1:]:
+            out.write(f"{SEPARATOR}\n{prefix}{completion.text}\n")
+        out.flush()
+    finally:
+        pieces.close()  # also when Ctrl-C interrupts: the generator's cleanup runs now
+
+
+def settings_line(settings: GenerationConfig) -> str:
+    return " ".join(f"{f.name}={getattr(settings, f.name)!r}" for f in dataclasses.fields(settings))
+
+
+def parse_setting(settings: GenerationConfig, key: str, raw: str) -> GenerationConfig:
+    """``settings`` with ``key`` set from the text ``raw`` (as typed after /set); ConfigError naming
+    the setting if the key is unknown or the value has the wrong type or is out of range."""
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    if key not in names:
+        raise ConfigError(f"unknown setting '{key}'; settings: {', '.join(names)}")
+    raw = raw.strip()
+    value: Any
+    if key == "stop":  # one string (\n, \t understood), a JSON list of strings, or none
+        if raw.lower() in ("", "none", "null", "[]"):
+            value = []
+        elif raw.startswith("["):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                raise ConfigError(f'stop={raw}: write a list as JSON, e.g. ["\\n\\n", "THE END"]') from None
+        else:
+            value = [unescape(raw)]
+    elif raw.lower() in ("none", "null"):
+        value = None
+    elif raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    else:
+        value = raw
+        for parse in (int, float):
+            try:
+                value = parse(raw)
+                break
+            except ValueError:
+                pass
+    return from_dict(GenerationConfig, {**dataclasses.asdict(settings), key: value})
+
+
+class Repl:
+    """The interactive prompt loop. Input and output are injectable (tests script them)."""
+
+    prompt = ">>> "
+    continuation = "... "  # a line ending in a backslash continues on the next one
+    empty_line_generates = True  # an empty prompt samples from <|endoftext|> (chat: ignored)
+    reply_prefix = ""  # printed before each streamed sample (chat: "Assistant:")
+    banner = "interactive mode: type a prompt and press Enter; /help lists the commands, Ctrl-D exits"
+    help = """commands:
+  /settings            show the generation settings
+  /set KEY VALUE       change one, e.g. /set temperature 0.7, /set stop \\n\\n, /set seed none
+  /reset               forget the transcript;  /reset settings: back to the starting settings
+  /save FILE           write the transcript (prompts and samples) to FILE
+  /help                this list;  /quit (or Ctrl-D) exits
+Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next line."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        settings: GenerationConfig,
+        *,
+        input_fn: Callable[[str], str] | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        history_file: str | Path | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = self.initial_settings = settings
+        self.input_fn = input_fn or input  # input() gets readline editing on a terminal
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.history_file = Path(history_file).expanduser() if history_file else None
+        self.transcript: list[tuple[str, list[Completion]]] = []  # (prompt, samples) per turn
+        self._readline: Any = None
+        self._said_cropped = False
+        # one generator for the whole session: reproducible, yet each turn draws new samples
+        self.generator = torch.Generator(device=model.lm_head.weight.device)
+        self._seed(settings.seed)
+
+    # --- hooks for subclasses (the chat REPL) -------------------------------------------------------
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The token ids to continue for what the user typed (chat: the whole rendered dialog)."""
+        return self.tokenizer.encode(text)
+
+    def stop_token_ids(self) -> Sequence[int]:
+        """Tokens that end a reply (chat: end-of-turn)."""
+        return ()
+
+    def on_reply(self, text: str, completions: list[Completion]) -> None:
+        """Called after every turn, also an interrupted one (chat: append the reply to the history)."""
+        self.transcript.append((text, completions))
+
+    def reset(self) -> None:
+        self.transcript.clear()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._start_readline()
+        self.note(self.banner)
+        try:
+            while True:
+                try:
+                    line = self.read()
+                except EOFError:
+                    self.note("")
+                    return
+                except KeyboardInterrupt:
+                    self.note("^C (Ctrl-D or /quit exits)")
+                    continue
+                if not self.handle(line):
+                    return
+        finally:
+            self._save_history()
+
+    def read(self) -> str:
+        line = self.input_fn(self.prompt)
+        while line.endswith("\\"):
+            line = line[:-1] + "\n" + self.input_fn(self.continuation)
+        return line
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False means exit."""
+        if line.strip().startswith("/"):
+            return self.command(line.strip())
+        if line.strip() or self.empty_line_generates:
+            self.turn(line)
+        return True
+
+    def command(self, line: str) -> bool:
+        name, _, rest = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self.note(self.help)
+        elif name == "/settings":
+            for f in dataclasses.fields(self.settings):
+                self.note(f"  {f.name} = {getattr(self.settings, f.name)!r}")
+        elif name == "/set":
+            key, _, value = rest.strip().partition(" ")
+            try:
+                self.settings = parse_setting(self.settings, key, value)
+            except ConfigError as e:
+                self.note(f"error: {e}")
+                return True
+            if key == "seed":
+                self._seed(self.settings.seed)
+            self.note(f"{key} = {getattr(self.settings, key)!r}")
+        elif name == "/reset":
+            if rest.strip() == "settings":
+                self.settings = self.initial_settings
+                self._seed(self.settings.seed)
+                self.note("settings restored")
+            else:
+                self.reset()
+                self.note("transcript cleared")
+        elif name == "/save":
+            self.save(rest.strip())
+        else:
+            self.note(f"unknown command {name}; /help lists the commands")
+        return True
+
+    def turn(self, text: str) -> None:
+        """Generate for one prompt, streaming sample 1; Ctrl-C stops it and keeps what was shown."""
+        try:
+            ids = self.prompt_ids(text)
+        except UserError as e:  # e.g. a character the char-level vocabulary lacks
+            self.note(f"error: {e}")
+            return
+        gen = Generation(
+            self.model, self.tokenizer, ids, self.settings,
+            stop_token_ids=self.stop_token_ids(), generator=self.generator,
+        )  # fmt: skip
+        if gen.dropped and not self._said_cropped:
+            self._said_cropped = True
+            self.note(f"note: the prompt is longer than the model's context; its first {gen.dropped} "
+                      "tokens are left out (said once)")  # fmt: skip
+        try:
+            print_samples(gen, self.out, prefix=self.reply_prefix)
+        except KeyboardInterrupt:
+            for stream in gen.streams:
+                stream.finish_reason = stream.finish_reason or "interrupted"
+            self.out.write("\n")
+            self.note("[stopped]")
+        self.on_reply(text, gen.completions)
+
+    def save(self, path: str) -> None:
+        if not path:
+            self.note("usage: /save FILE")
+            return
+        lines = [f"# gpt interactive transcript; settings: {settings_line(self.settings)}", ""]
+        for prompt, completions in self.transcript:
+            lines.append(self.prompt + prompt.replace("\n", "\n" + self.continuation))
+            for i, completion in enumerate(completions):
+                if i:
+                    lines.append(SEPARATOR)
+                suffix = " [stopped]" if completion.finish_reason == "interrupted" else ""
+                lines.append(completion.text + suffix)
+            lines.append("")
+        try:
+            Path(path).expanduser().write_text("\n".join(lines) + "\n", encoding="utf-8")
+        except OSError as e:
+            self.note(f"error: cannot write {path}: {e.strerror or e}")
+            return
+        self.note(f"saved {len(self.transcript)} turns to {path}")
+
+    def note(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def _seed(self, seed: int | None) -> None:
+        self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
+
+    def _start_readline(self) -> None:
+        """Line editing and history, when reading a terminal with the built-in input()."""
+        if self.input_fn is not input or not sys.stdin.isatty():
+            return
+        try:
+            import readline
+        except ImportError:  # e.g. Windows without pyreadline
+            return
+        self._readline = readline
+        readline.set_history_length(1000)
+        if self.history_file and self.history_file.is_file():
+            try:
+                readline.read_history_file(self.history_file)
+            except OSError:
+                pass
+
+    def _save_history(self) -> None:
+        if self._readline is not None and self.history_file is not None:
+            try:
+                self._readline.write_history_file(self.history_file)
+            except OSError:
+                pass
+
+
+class ChatRepl(Repl):
+    """The chat loop (``mode=chat``): keeps the conversation, renders it with ``gpt.chat`` exactly as
+    in training, streams each reply until end-of-turn, and drops the oldest exchanges (never the
+    system prompt) when the conversation outgrows the context."""
+
+    prompt = "User: "
+    continuation = "... "
+    empty_line_generates = False
+    reply_prefix = "Assistant:"
+    banner = "chat mode: type a message and press Enter; /help lists the commands, Ctrl-D exits"
+    help = """commands:
+  /system TEXT         set the system prompt (/system alone removes it); the conversation goes on
+  /reset               start a new conversation (the system prompt stays)
+  /save FILE           write the conversation as a dialog: FILE.jsonl as JSONL, else as a transcript
+  /settings, /set KEY VALUE, /reset settings, /help, /quit (or Ctrl-D): as in interactive mode
+Ctrl-C stops a reply. End a line with \\ to continue the message on the next one."""
+
+    def __init__(self, *args, system: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.system = system or None
+        self.messages: list[dict[str, str]] = []  # user and assistant turns, oldest first
+
+    def history(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def prompt_ids(self, text: str) -> list[int]:
+        from gpt.chat import fit_history
+
+        block_size = self.model.config.block_size
+        room = block_size - min(self.settings.max_new_tokens, block_size // 2)  # keep room to reply
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = fit_history(self.tokenizer, self.history(), room)
+        if len(ids) > room:
+            self.messages.pop()
+            raise DataError(
+                f"the message (with the system prompt) takes {len(ids)} tokens, more than the {room} "
+                f"that the context of {block_size} leaves; shorten it or lower max_new_tokens"
+            )
+        if dropped:
+            del self.messages[:dropped]
+            self.note(f"note: dropped the {dropped} oldest turns to fit the context of {block_size} tokens")
+        return ids
+
+    def stop_token_ids(self) -> Sequence[int]:
+        from gpt.tokenizer import EOT_TURN
+
+        return (self.tokenizer.special_id(EOT_TURN), self.tokenizer.eot_id)
+
+    def on_reply(self, text: str, completions: list[Completion]) -> None:
+        super().on_reply(text, completions)
+        reply = completions[0].text.strip()
+        if reply:
+            self.messages.append({"role": "assistant", "content": reply})
+        else:  # an empty turn cannot be rendered back: forget the unanswered message
+            self.messages.pop()
+
+    def reset(self) -> None:
+        super().reset()
+        self.messages.clear()
+
+    def command(self, line: str) -> bool:
+        name, _, rest = line.partition(" ")
+        if name != "/system":
+            return super().command(line)
+        self.system = unescape(rest.strip()) or None
+        self.note(f"system prompt: {self.system!r}" if self.system else "system prompt removed")
+        return True
+
+    def save(self, path: str) -> None:
+        if not path:
+            self.note("usage: /save FILE")
+            return
+        messages = self.history()
+        if path.endswith(".jsonl"):
+            text = json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
+        else:
+            from gpt.chat import MARKERS
+
+            text = "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in messages) + "\n"
+        try:
+            Path(path).expanduser().write_text(text, encoding="utf-8")
+        except OSError as e:
+            self.note(f"error: cannot write {path}: {e.strerror or e}")
+            return
+        self.note(f"saved {len(messages)} turns to {path}")
+
+    def reply_once(self, text: str) -> None:
+        """Single-shot chat (``sample.py mode=chat prompt=...``): print just the reply."""
+        gen = Generation(self.model, self.tokenizer, self.prompt_ids(text), self.settings,
+                         stop_token_ids=self.stop_token_ids(), generator=self.generator)  # fmt: skip
+        started = False
+        for row, piece in gen:
+            if row == 0 and (started or piece.strip()):
+                self.out.write(piece if started else piece.lstrip())
+                self.out.flush()
+                started = True
+        self.out.write("\n")
+        self.out.flush()
+
+
+# --- sample.py ----------------------------------------------------------------------------------------
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("dtype=fp16 is not supported on the CPU (very slow there); use dtype=bf16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def read_prompt(cfg: SampleConfig) -> str:
+    if cfg.prompt_file is None:
+        return unescape(cfg.prompt)
+    path = resolve_path(cfg.prompt_file)
+    if not path.is_file():
+        raise DataError(f"prompt_file={cfg.prompt_file}: no such file; give an existing UTF-8 text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"prompt_file={cfg.prompt_file} is not UTF-8 text") from None
+
+
+def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """The job of ``sample.py``: load the checkpoint, then print samples or run the prompt loop."""
+    from gpt.checkpoint import load_model
+    from gpt.distributed import pick_device
+
+    out, err = out or sys.stdout, err or sys.stderr
+    d = dict(cfg_dict)
+    for key in ("prompt", "stop"):  # Hydra reads prompt=42 as a number; it is text
+        if isinstance(d.get(key), (int, float)) and not isinstance(d[key], bool):
+            d[key] = str(d[key])
+    if d.get("prompt") is None:
+        d["prompt"] = ""
+    cfg = SampleConfig.from_dict(d)  # validates: out-of-range settings fail before any loading
+    settings = cfg.generation()
+    text = read_prompt(cfg)
+    device = pick_device(cfg.device)
+    dtype = inference_dtype(cfg.dtype, device)
+    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    model.to(dtype).eval()
+    prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
+    print(
+        f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
+        f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}",
+        file=err,
+    )
+    print(f"settings: {settings_line(settings)}", file=err, flush=True)
+    if cfg.mode == "interactive":
+        Repl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file).run()
+        return
+    if cfg.mode == "chat":
+        chat = ChatRepl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file,
+                        system=unescape(cfg.system) if cfg.system else None)  # fmt: skip
+        chat.reply_once(text) if text else chat.run()
+        return
+    gen = Generation(model, tokenizer, prompt_ids, settings)
+    if gen.dropped:
+        total, block_size = len(gen.prompt_ids) + gen.dropped, model.config.block_size
+        print(f"note: the prompt has {total} tokens, more than the model's context of {block_size}; "
+              f"its first {gen.dropped} are left out", file=err)  # fmt: skip
+    try:
+        print_samples(gen, out, prefix=text if cfg.echo_prompt else "")
+    except KeyboardInterrupt:
+        out.write("\n")
+        print("[stopped]", file=err)
+        sys.exit(130)

@@ -1,0 +1,18 @@
+"""Sample from a trained model: stream text to stdout, or work with it in a prompt loop.
+
+    python sample.py                                        # from out/shakespeare_char
+    python sample.py ckpt=out/mine prompt="ROMEO:" num_samples=3 temperature=0.7 top_k=50
+    python sample.py prompt_file=prompt.txt stop='\\n\\n' max_new_tokens=200
+    python sample.py num_beams=4 num_samples=2              # the most likely continuations
+    python sample.py mode=interactive                       # prompt loop; /help lists its commands
+
+Every key is documented in conf/sample.yaml; the library side is gpt.generate and gpt.interactive.
+"""
+
+from pathlib import Path
+
+from gpt.cli import hydra_main
+from gpt.interactive import sample
+
+if __name__ == "__main__":
+    hydra_main(sample, Path(__file__).parent / "conf", "sample")
