@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -55,7 +56,7 @@ _TRAIN_PIECE_CHARS = 1 << 16
 _TRAIN_BUFFER_PIECES = 1024
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """The common interface. Ids are ints in ``[0, vocab_size)``; special tokens included."""
 
     kind: str
@@ -68,8 +69,8 @@ class Tokenizer:
         self._fingerprint: str | None = None
 
     @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def vocab_size(self) -> int: ...
 
     @property
     def eot_id(self) -> int:
@@ -80,23 +81,23 @@ class Tokenizer:
             raise KeyError(f"unknown special token {name!r}; this tokenizer has {sorted(self._special)}")
         return self._special[name]
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text: a special token's spelling in ``text`` is text, never its id."""
-        raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abstractmethod
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of ``ids`` (may end inside a UTF-8 character); specials give their spelling."""
-        raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    @abstractmethod
     def to_state(self) -> dict[str, Any]:
         """A plain JSON-able dict that fully describes the tokenizer (see tokenizer_from_state)."""
-        raise NotImplementedError
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/tokenizer.json``; returns its path."""
