@@ -5,6 +5,8 @@
     python sample.py prompt_file=prompt.txt stop='\\n\\n' max_new_tokens=200
     python sample.py num_beams=4 num_samples=2              # the most likely continuations
     python sample.py mode=interactive                       # prompt loop; /help lists its commands
+    python sample.py mode=chat ckpt=out/chat                # chat with an instruction-tuned model
+    python sample.py mode=chat ckpt=out/chat prompt="What is 47 + 85?"   # print just the reply
 
 Every key is documented in conf/sample.yaml; the library side is gpt.generate and gpt.interactive.
 """

@@ -300,17 +300,19 @@ Ctrl-C stops a reply. End a line with \\ to continue the message on the next one
     def __init__(self, *args, system: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.system = system or None
-        self.messages: list[dict[str, str]] = []  # user and assistant turns, oldest first
+        self.messages: list[dict[str, str]] = []  # the whole conversation's user and assistant turns
+        self.start = 0  # messages[start:] still fit the context
 
-    def history(self) -> list[dict[str, str]]:
+    def history(self, whole: bool = False) -> list[dict[str, str]]:
+        """The system prompt and the turns the model sees (``whole``: every turn, for /save)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return system + self.messages[0 if whole else self.start :]
 
     def prompt_ids(self, text: str) -> list[int]:
         from gpt.chat import fit_history
 
         block_size = self.model.config.block_size
-        room = block_size - min(self.settings.max_new_tokens, block_size // 2)  # keep room to reply
+        room = block_size - min(self.settings.max_new_tokens, block_size // 4)  # keep room to reply
         self.messages.append({"role": "user", "content": text})
         ids, dropped = fit_history(self.tokenizer, self.history(), room)
         if len(ids) > room:
@@ -320,7 +322,7 @@ Ctrl-C stops a reply. End a line with \\ to continue the message on the next one
                 f"that the context of {block_size} leaves; shorten it or lower max_new_tokens"
             )
         if dropped:
-            del self.messages[:dropped]
+            self.start += dropped
             self.note(f"note: dropped the {dropped} oldest turns to fit the context of {block_size} tokens")
         return ids
 
@@ -340,9 +342,14 @@ Ctrl-C stops a reply. End a line with \\ to continue the message on the next one
     def reset(self) -> None:
         super().reset()
         self.messages.clear()
+        self.start = 0
 
     def command(self, line: str) -> bool:
         name, _, rest = line.partition(" ")
+        if name == "/reset" and not rest.strip():
+            self.reset()
+            self.note("new conversation" + (" (the system prompt stays)" if self.system else ""))
+            return True
         if name != "/system":
             return super().command(line)
         self.system = unescape(rest.strip()) or None
@@ -353,7 +360,7 @@ Ctrl-C stops a reply. End a line with \\ to continue the message on the next one
         if not path:
             self.note("usage: /save FILE")
             return
-        messages = self.history()
+        messages = self.history(whole=True)
         if path.endswith(".jsonl"):
             text = json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
         else:

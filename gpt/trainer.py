@@ -164,7 +164,8 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
     step, best_val = run.step, run.best_val_loss
     starts = D.micro_batch_starts(cfg.train.batch_size, mbs, info)  # this rank's micro-batches
     tokens_per_step = cfg.train.batch_size * run.block_size
-    flops_per_step = raw_model.flops_per_token(run.block_size) * tokens_per_step
+    flops_per_token = raw_model.flops_per_token(run.block_size)
+    positions = [0]  # token positions this rank ran since the last log line (dialog rows are shorter)
     peak = cfg.train.peak_flops
     if peak is None:
         from gpt.bench import measure_peak_flops
@@ -176,6 +177,7 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
         """One optimizer step's forward/backward over this rank's micro-batches; returns this
         rank's part of the loss (the mean over ranks is the step's loss)."""
         batches = [run.train_data.get(step, cfg.train.batch_size, start, mbs) for start in starts]
+        positions[0] += sum(x.numel() for x, _ in batches)
         counts = [int((y != -1).sum()) for _, y in batches]  # target tokens per micro-batch
         # the step's loss is the mean over the global batch's target tokens, however it is split:
         # a micro-batch's mean weighs n / total, times world_size as DDP/FSDP average over ranks
@@ -226,7 +228,7 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
     if step == 0 and cfg.train.eval_interval > 0:
         record = evaluate()
     model.train()
-    t_last, steps_since = time.time(), 0
+    t_last, steps_since, positions[0] = time.time(), 0, 0
     bar = logger.progress(total=cfg.train.max_steps, initial=step)
     while step < cfg.train.max_steps:
         lr = lr_at(step, cfg.optim, cfg.train.max_steps)
@@ -246,14 +248,15 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
             loss_val = D.all_reduce_mean(loss.detach().float()).item()
             dt = (time.time() - t_last) / steps_since
-            t_last, steps_since = time.time(), 0
+            tokens_per_s = positions[0] * info.world_size / (dt * steps_since)
+            t_last, steps_since, positions[0] = time.time(), 0, 0
             logger.step_line(
                 step,
                 cfg.train.max_steps,
                 loss_val,
                 lr,
-                tokens_per_step / dt,
-                flops_per_step / dt / (peak * info.world_size),
+                tokens_per_s,
+                flops_per_token * tokens_per_s / (peak * info.world_size),
                 dt,
             )
         # ranks may see a signal (or should_stop) at different steps: they stop together at the first
@@ -264,14 +267,14 @@ def _train(cfg: TrainRunConfig, info: D.DistInfo, stop: StopFlag, should_stop) -
             step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps
         ):
             record = evaluate()
-            t_last, steps_since = time.time(), 0  # eval time is not training throughput
+            t_last, steps_since, positions[0] = time.time(), 0, 0  # eval time is not training throughput
         if (
             step == cfg.train.max_steps
             or interrupted
             or (cfg.train.ckpt_interval > 0 and step % cfg.train.ckpt_interval == 0)
         ):
             save(out_dir / CKPT_NAME)
-            t_last, steps_since = time.time(), 0
+            t_last, steps_since, positions[0] = time.time(), 0, 0
         if interrupted:
             logger.close()
             D.print0(f"stopped at step {step}; continue with resume=true out_dir={out_dir}", info=info)

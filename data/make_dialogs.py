@@ -1,0 +1,137 @@
+"""Generate the demo dialogs for instruction tuning: answers that can be checked, and a held-out split.
+
+    python data/make_dialogs.py                     # -> data/chat/demo.jsonl (a few seconds)
+    python data/make_dialogs.py --dialogs 5000 --out /tmp/small.jsonl --seed 1
+
+One JSON dialog per line (gpt.chat's format); every assistant message also carries its "task":
+
+- arithmetic: "What is 47 + 85?" -> "7+5=12, 4+8+1=13, so 132": addition and subtraction of two-digit
+  numbers, worked column by column from the right with the carry (or borrow) written out, then the
+  result. A small model learns this far faster than the bare result, whose first digit already
+  depends on every column (digits are one token each in the BPE tokenizers trained here);
+- recall:     the user states a name or a number, and asks for it back after 0 or 1 other exchanges;
+- greeting:   the reply to that statement ("Nice to meet you, Ada!"), which repeats it;
+- identity:   "Who are you?" -> "I am Quill, a small chat model." (or the name a system prompt gives).
+
+The last ``--val-fraction`` of the lines (10%, matching ``data.val_fraction``) is the held-out split
+that training validates on and ``python -m gpt.evaluate`` scores: its arithmetic problems never occur
+in the training part (names and numbers are drawn at random for both parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+NAMES = ["Ada", "Alan", "Alice", "Anna", "Ben", "Bob", "Carl", "Clara", "Dan", "David", "Emma", "Eva",
+         "Frank", "Grace", "Hanna", "Henry", "Ivan", "Jack", "James", "Jane", "John", "Kate", "Leo",
+         "Lucy", "Mark", "Mary", "Max", "Mia", "Nina", "Noah", "Oscar", "Paul", "Peter", "Rosa", "Ruth",
+         "Sam", "Sara", "Tom", "Vera", "Will"]  # fmt: skip
+BOT_NAMES = ["Ada", "Atlas", "Echo", "Iris", "Luna", "Nova", "Orion", "Sage", "Vega", "Zed"]
+DEFAULT_BOT = "Quill"
+PLAIN_SYSTEMS = ["You are a helpful assistant.", "Answer briefly and exactly.", "Be concise."]
+IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "What are you?", "Tell me about yourself."]
+ARITHMETIC = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
+
+
+def worked(a: int, op: str, b: int) -> str:
+    """The column-by-column answer: "7+5=12, 4+8+1=13, so 132" / "12-5=7, 3-1-1=1, so 17"."""
+    steps, carry = [], 0
+    for x, y in zip(map(int, reversed(str(a))), map(int, reversed(str(b).zfill(len(str(a))))), strict=True):
+        if op == "+":
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={x + y + carry}")
+            carry = (x + y + carry) // 10
+        else:  # borrow ten when the column would go negative
+            borrow = int(x - carry < y)
+            steps.append(f"{10 * borrow + x}-{y}{'-1' if carry else ''}={10 * borrow + x - y - carry}")
+            carry = borrow
+    return f"{', '.join(steps)}, so {a + b if op == '+' else a - b}"
+
+
+def arithmetic(rng: random.Random, held_out: set, is_val: bool) -> tuple[str, str]:
+    """One (question, answer); a problem of the held-out set is never used for training."""
+    while True:
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a  # results stay >= 0
+        if is_val:
+            held_out.add((a, op, b))
+            break
+        if (a, op, b) not in held_out:
+            break
+    question = rng.choice(ARITHMETIC).format(a=a, op=op, b=b)
+    return question, worked(a, op, b)
+
+
+def dialog(rng: random.Random, held_out: set, is_val: bool) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    bot = DEFAULT_BOT
+    r = rng.random()
+    if r < 0.2:
+        bot = rng.choice(BOT_NAMES)
+        messages.append({"role": "system", "content": f"You are {bot}, a helpful assistant."})
+    elif r < 0.35:
+        messages.append({"role": "system", "content": rng.choice(PLAIN_SYSTEMS)})
+
+    def turn(user: str, reply: str, task: str) -> None:
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": reply, "task": task})
+
+    def filler() -> None:
+        if rng.random() < 0.75:
+            turn(*arithmetic(rng, held_out, is_val), "arithmetic")
+        else:
+            turn(rng.choice(IDENTITY_QUESTIONS), f"I am {bot}, a small chat model.", "identity")
+
+    kind = rng.random()
+    if kind < 0.35:  # recall: state something, talk about something else, ask for it back
+        if rng.random() < 0.5:
+            name = rng.choice(NAMES)
+            turn(f"My name is {name}.", f"Nice to meet you, {name}!", "greeting")
+            for _ in range(rng.randint(0, 1)):
+                filler()
+            turn("What is my name?", f"Your name is {name}.", "recall")
+        else:
+            number = rng.randint(10, 999)
+            turn(f"Please remember the number {number}.", f"OK, I will remember {number}.", "greeting")
+            for _ in range(rng.randint(0, 1)):
+                filler()
+            turn("What number did I ask you to remember?", f"The number is {number}.", "recall")
+    else:
+        for _ in range(rng.choice([1, 1, 1, 2])):
+            filler()
+    return messages
+
+
+def generate(n_dialogs: int, val_fraction: float, seed: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, held-out) dialogs; the held-out ones are drawn first so training can avoid them."""
+    rng = random.Random(seed)
+    n_val = round(n_dialogs * val_fraction)
+    held_out: set = set()
+    val = [dialog(rng, held_out, True) for _ in range(n_val)]
+    train = [dialog(rng, held_out, False) for _ in range(n_dialogs - n_val)]
+    return train, val
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python data/make_dialogs.py", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "chat" / "demo.jsonl"))
+    p.add_argument("--dialogs", type=int, default=30000, help="dialogs in all (train + held-out)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, at the end of the file")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    train, val = generate(a.dialogs, a.val_fraction, a.seed)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for messages in train + val:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    print(f"wrote {out}: {len(train)} training dialogs, then {len(val)} held-out", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
