@@ -100,8 +100,14 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
     if cfg.data.format == "dialogs":
         from gpt.chat import dialog_sources
 
-        make = lambda: dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
-                                      batch_size=cfg.train.batch_size)
+        make = lambda: dialog_sources(
+            cfg.data,
+            tokenizer,
+            block_size,
+            cfg.seed,
+            show_progress=info.is_main,
+            batch_size=cfg.train.batch_size,
+        )
     else:
         from gpt.data import TokenWindows, prepare
 

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.config import REPO_ROOT, TrainRunConfig
 
@@ -67,3 +68,12 @@ def make_cfg(tmp_path, corpus):
         return TrainRunConfig.from_dict(d)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU cannot stall a thread team."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

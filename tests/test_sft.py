@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from gpt.chat import check_messages, read_dialogs, render_dialog, render_prompt
 from gpt.checkpoint import load_model
@@ -29,12 +28,7 @@ DIALOGS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dialogs_module():
