@@ -160,8 +160,8 @@ def import_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]
     model.safetensors (or pytorch_model.bin), vocab.json and merges.txt. The state dict is checked
     against the config: missing/unexpected keys and wrong shapes are listed in a CheckpointError."""
     from gpt.checkpoint import check_state_dict
+    from gpt.hf_vocab import hf_bpe_tokenizer
     from gpt.setup import pad_vocab
-    from gpt.tokenizer import hf_bpe_tokenizer
 
     d = Path(directory).expanduser()
     if not (d / "config.json").is_file():
@@ -267,14 +267,15 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
 def hf_tokenizer_files(tokenizer) -> dict[str, str] | None:
     """{file name: text} of vocab.json, merges.txt and tokenizer_config.json for a GPT-2-style
     byte-level BPE tokenizer ("gpt2", or "hf" with GPT-2's split pattern); None for any other."""
-    from gpt.tokenizer import EOT, GPT2_PATTERN, _bytes_to_unicode
+    from gpt.hf_vocab import bytes_to_unicode
+    from gpt.tokenizer import EOT, GPT2_PATTERN
 
     state = tokenizer.to_state()
     if state["kind"] not in ("gpt2", "hf") or state["pattern"] != GPT2_PATTERN:
         return None
     ranks = {base64.b64decode(k): int(r) for k, r in state["mergeable_ranks"].items()}
     id_map = state.get("id_map")
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     spell = lambda b: "".join(b2u[x] for x in b)
     vocab = {spell(t): (id_map[r] if id_map else r) for t, r in ranks.items()}
     vocab.update(state["special_tokens"])

@@ -15,6 +15,7 @@ from helpers_hf import write_hf_gpt2_files
 
 from gpt.config import REPO_ROOT
 from gpt.errors import ConfigError, DataError
+from gpt.hf_vocab import hf_bpe_tokenizer
 from gpt.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
@@ -22,7 +23,6 @@ from gpt.tokenizer import (
     build_tokenizer,
     char_tokenizer,
     gpt2_tokenizer,
-    hf_bpe_tokenizer,
     load_tokenizer,
     tokenizer_from_state,
     train_bpe,
