@@ -5,7 +5,7 @@ Four kinds share one interface (``Tokenizer``):
 * ``"char"``  -- one id per character seen in the corpus (``char_tokenizer(texts)``);
 * ``"bpe"``   -- byte-level BPE trained on the corpus with rustbpe (``train_bpe(texts, vocab_size)``);
 * ``"gpt2"``  -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
-* ``"hf"``    -- a Hugging Face byte-level BPE pair vocab.json + merges.txt (``gpt.hf_vocab.hf_bpe_tokenizer(dir)``).
+* ``"hf"``    -- a Hugging Face BPE pair vocab.json + merges.txt (``gpt.hf_vocab.hf_bpe_tokenizer``).
 
 All BPE kinds encode with tiktoken and round-trip any Unicode text. Every tokenizer has the special
 tokens in ``SPECIAL_TOKENS``; ``encode`` never produces them (their spelling in user text is encoded as
