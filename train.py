@@ -4,21 +4,12 @@ python train.py                                     # char-level Tiny Shakespear
 python train.py model=gpt2 data=shakespeare train.compile=true
 python train.py data=text data.path=my_corpus/ out_dir=out/mine
 torchrun --nproc_per_node=4 train.py model=gpt2 ...
+
+Every key is documented in conf/train.yaml; the command line is read by gpt.cli, the job is
+gpt.commands.train_job, the loop gpt.train.loop.
 """
 
-from pathlib import Path
-
-from gpt.cli import hydra_main
-
-
-def job(cfg: dict) -> None:
-    from gpt.config import TrainRunConfig
-    from gpt.trainer import train
-
-    summary = train(TrainRunConfig.from_dict(cfg))
-    if summary.get("rank", 0) == 0 and summary.get("val_loss") is not None:
-        print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f}, out_dir {cfg['out_dir']}")
-
+from gpt.commands import train_main
 
 if __name__ == "__main__":
-    hydra_main(job, Path(__file__).parent / "conf", "train")
+    train_main()

@@ -14,23 +14,24 @@ DDP or FSDP ranks), the tensors are full and the optimizer state is keyed by par
 layout of ``torch.distributed.checkpoint.state_dict``), and ``rng`` holds every rank's state under
 ``ranks``: any number of processes resumes it (see gpt.distributed). A LoRA run's checkpoint holds
 only the adapters in ``model``, plus ``lora``: their settings and where the base model is (see
-gpt.lora); ``load_model`` rebuilds the base and attaches them.
+gpt.runs.load, which rebuilds the base and attaches them).
 
-    from gpt.checkpoint import load_model
-    model, tokenizer, ckpt = load_model("out/shakespeare_char")
+    state = load_checkpoint("out/shakespeare_char")          # a run directory or a .pt file
+    save_checkpoint(path, checkpoint_state(model_sd, config, tokenizer_state, step=100, ...))
+
+Rebuilding a model from a run (LoRA bases, ``hf:DIR``, context cropping) is ``gpt.runs.load``.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gpt.atomic import atomic_write
 from gpt.errors import CheckpointError
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPTConfig
 
 FORMAT = "gpt-checkpoint"
 VERSION = 1
@@ -46,20 +47,8 @@ def checkpoint_path(path: str | Path) -> Path:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-save leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -121,58 +110,34 @@ def model_config_from(state: dict[str, Any]) -> GPTConfig:
     return GPTConfig.from_dict(dict(state["model_config"]))
 
 
-def load_base(init_from: str) -> tuple[GPTConfig, dict[str, torch.Tensor], Any, str]:
-    """(model config, weights, tokenizer, source name) of a model to start from: a run directory or
-    checkpoint file (a LoRA checkpoint gives its merged weights), or ``hf:DIR`` for a Hugging Face
-    GPT-2 directory."""
-    from gpt.tokenizer import tokenizer_from_state
-
-    if init_from.startswith("hf:"):
-        from gpt.hf import import_hf
-
-        return (*import_hf(init_from[3:]), init_from)
-    state = load_checkpoint(init_from)
-    source = str(checkpoint_path(init_from))
-    if "lora" in state:
-        model, tokenizer, _ = load_model(init_from, merge=True)
-        return model.config, model.state_dict(), tokenizer, source
-    return model_config_from(state), state["model"], tokenizer_from_state(state["tokenizer"]), source
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", block_size: int | None = None, merge: bool = False
-) -> tuple[GPT, Any, dict[str, Any]]:
-    """Rebuild model and tokenizer from a checkpoint. ``block_size`` may shrink the context (learned
-    position rows beyond it are dropped); it can never grow past what the model was trained for.
-    A LoRA checkpoint (adapters only) loads its base model again and attaches the adapters, or
-    folds them into the weights with ``merge=True`` (same outputs, plain modules, faster)."""
-    from gpt.tokenizer import tokenizer_from_state  # local: keeps this module light to import
-
-    state = load_checkpoint(path)
-    config = model_config_from(state)
-    weights, lora = state["model"], state.get("lora")
-    if lora is not None:
-        from gpt.lora import base_weights
-
-        weights = base_weights(lora, config, str(checkpoint_path(path)))
-    if block_size is not None and block_size != config.block_size:
-        if block_size > config.block_size:
-            raise CheckpointError(
-                f"block_size={block_size} is larger than the {config.block_size} positions the "
-                f"model in {checkpoint_path(path)} supports; use model.block_size<={config.block_size}"
-            )
-        config.block_size = block_size
-        if "transformer.wpe.weight" in weights:
-            weights = dict(weights)
-            weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:block_size]
-    model = GPT(config)
-    load_state_dict_strict(model, weights, str(checkpoint_path(path)))
-    if lora is not None:
-        from gpt.lora import attach, merge_lora
-
-        attach(model, lora, state["model"], str(checkpoint_path(path)))
-        if merge:
-            merge_lora(model)
-    model.to(device)
-    tokenizer = tokenizer_from_state(state["tokenizer"])
-    return model, tokenizer, state
+def checkpoint_state(
+    model: dict[str, torch.Tensor],
+    model_config: GPTConfig | dict[str, Any],
+    tokenizer: dict[str, Any],
+    *,
+    optimizer: dict[str, Any] | None = None,
+    step: int = 0,
+    tokens: int = 0,
+    rng: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    best_val_loss: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one checkpoint schema (see the module docstring): what ``save_checkpoint`` writes.
+    ``extra`` holds optional entries such as ``lora``."""
+    if isinstance(model_config, GPTConfig):
+        model_config = model_config.to_dict()
+    state = {
+        "model": model,
+        "model_config": dict(model_config),
+        "tokenizer": tokenizer,
+        "optimizer": optimizer,
+        "step": step,
+        "tokens": tokens,
+        "config": config or {},
+        "best_val_loss": best_val_loss,
+        **extra,
+    }
+    if rng is not None:
+        state["rng"] = rng
+    return state

@@ -1,8 +1,19 @@
-"""Glue between the Hydra entry points (train.py, sample.py) and the library.
+"""The one command-line convention of every command: Hydra-style ``key=value`` overrides composed
+with a YAML file of ``conf/``, bare words for the command's positional keys, free text passed
+verbatim, and one error wrapper (a user mistake is one line on stderr and exit status 2).
 
-``hydra_main`` composes ``conf/`` with the command line's overrides; ``run`` turns the result into
-a plain dict (so nothing in ``gpt/`` sees a Hydra object), calls the job, and turns a
-``UserError`` into one line on stderr and exit code 2.
+    python train.py model=gpt2 optim.lr=3e-4                 # conf/train.yaml + overrides
+    python sample.py 'prompt=Hello, <|endoftext|> "you"'     # free text: never parsed by Hydra
+    python -m gpt.data notes/ data.tokenizer=bpe             # a positional word: data.path
+
+A command module declares a ``Command`` and calls ``main(job, command)``; ``job(cfg, given)``
+receives the resolved config as a plain dict (nothing in ``gpt/`` sees a Hydra object) and the set
+of dotted keys the user typed (``given``), so that a preset's value and a typed one can differ in
+meaning (``init_from`` takes the shape from its checkpoint unless a shape key was typed).
+
+Free-text keys (``prompt``, ``system``, ``stop``, ...) are taken out before Hydra sees the command
+line, whose grammar rejects commas, quotes, ``|``, ``<`` and non-ASCII text: everything after the
+first ``=`` reaches the model unchanged. A repeatable key (``stop=a stop=b``) gives a list.
 """
 
 from __future__ import annotations
@@ -10,42 +21,105 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt.config import REPO_ROOT
 from gpt.errors import UserError
 
+CONF_DIR = REPO_ROOT / "conf"
+Job = Callable[[dict[str, Any], frozenset[str]], Any]
 
-def _explain(e: Exception, conf_dir: Path, config_name: str) -> str:
-    """One line for a Hydra/OmegaConf composition error: the key or preset, and the fix."""
+
+@dataclass(frozen=True)
+class Command:
+    """How one command reads its command line."""
+
+    config_name: str
+    """The YAML file of conf/ that holds every key with its default and meaning."""
+    usage: str = ""
+    """One line shown with a mistake in the arguments."""
+    positional: tuple[str, ...] = ()
+    """Keys that bare words (no ``=``) fill, in order: ``python -m gpt.data PATH`` sets data.path."""
+    free_text: tuple[str, ...] = ()
+    """Keys whose values pass verbatim (see the module docstring)."""
+    repeatable: tuple[str, ...] = ()
+    """Free-text keys that may be given more than once; their value is then a list."""
+
+
+# ------------------------------------------------------------------------------- reading the args
+def split_args(argv: Sequence[str], command: Command) -> tuple[list[str], dict[str, Any], frozenset[str]]:
+    """(Hydra overrides, free-text values by dotted key, keys the user typed)."""
+    overrides: list[str] = []
+    free: dict[str, Any] = {}
+    given: set[str] = set()
+    positional = list(command.positional)
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in command.free_text:
+            if key in command.repeatable:
+                free.setdefault(key, []).append(value)
+            else:
+                free[key] = value
+            given.add(key)
+            continue
+        if not eq and not arg.startswith("-"):
+            if not positional:
+                raise UserError(f"unexpected argument {arg!r}: use key=value" + _usage(command))
+            key = positional.pop(0)
+            free[key] = arg  # a path or a name: verbatim as well
+            given.add(key)
+            continue
+        overrides.append(arg)
+        if eq:
+            given.add(key.lstrip("+~"))
+    return overrides, free, frozenset(given)
+
+
+def _usage(command: Command) -> str:
+    return f"; usage: {command.usage}" if command.usage else ""
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+# -------------------------------------------------------------------------------------- composing
+def _explain(e: Exception, config_name: str) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key or preset, and the fix (Hydra's own
+    hint kept where it gives one)."""
     text = f"{e}\n{e.__cause__ or ''}"
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(e).__name__
     key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
     if "not in struct" in text and key:
         parent, _, name = key.group(1).rpartition(".")
-        valid = _keys_under(conf_dir, config_name, parent)
+        valid = _keys_under(config_name, parent)
         return f"unknown config key '{key.group(1)}'" + (
             f"; valid keys under '{parent or 'top level'}': {valid}" if valid else ""
         )
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, name = missing.groups()
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         return f"unknown preset {group}={name}; available: {', '.join(options)}"
     if "Missing mandatory value" in text:
         full = getattr(e, "full_key", None) or first.split(":")[-1].strip()
         return f"missing mandatory value {full}: set it on the command line ({full}=...)"
-    return first
+    hint = next((line for line in lines[1:] if "quot" in line.lower() or "escap" in line.lower()), "")
+    return f"{first} ({hint})" if hint and hint not in first else first
 
 
-def _keys_under(conf_dir: Path, config_name: str, parent: str) -> str:
-    from hydra import compose, initialize_config_dir
+def _keys_under(config_name: str, parent: str) -> str:
     from omegaconf import OmegaConf
 
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            node = compose(config_name=config_name)
+        node = _compose(config_name, [])
         for part in filter(None, parent.split(".")):
             node = node[part]
         return ", ".join(str(k) for k in OmegaConf.to_container(node))
@@ -53,29 +127,11 @@ def _keys_under(conf_dir: Path, config_name: str, parent: str) -> str:
         return ""
 
 
-def hydra_main(job: Callable[[dict[str, Any]], Any], conf_dir: Path, config_name: str) -> Any:
-    """Compose ``conf_dir/config_name.yaml`` with the command line's overrides and run ``job``.
-    Composition mistakes (unknown key or preset, bad override syntax) print one line and exit 2.
-    Hydra's own flags (--help, --cfg job, --multirun, ...) go to Hydra's regular command line."""
-    args = sys.argv[1:]
-    if any(a.startswith("-") for a in args):
-        import hydra
-
-        return hydra.main(config_path=str(conf_dir), config_name=config_name, version_base=None)(
-            lambda cfg: run(job, cfg)
-        )()
+def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None, job_name=config_name):
-            cfg = compose(config_name=config_name, overrides=args)
-        plain = to_plain(cfg)
-    except Exception as e:
-        if os.environ.get("HYDRA_FULL_ERROR"):
-            raise
-        print(f"error: {_explain(e, conf_dir, config_name)}", file=sys.stderr)
-        sys.exit(2)
-    return run(job, plain)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
+        return compose(config_name=config_name, overrides=overrides)
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
@@ -87,17 +143,126 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-def run(job: Callable[[dict[str, Any]], Any], cfg: Any) -> Any:
-    """Run ``job(plain_cfg)``; a user mistake prints ``error: ...`` and exits with status 2."""
+def compose_config(command: Command, argv: Sequence[str]) -> tuple[dict[str, Any], frozenset[str]]:
+    """The plain config of ``command`` for ``argv`` and the keys typed; UserError on any mistake.
+    Free text is set after composition and resolution, so Hydra never parses it and OmegaConf never
+    interpolates it."""
+    from omegaconf import OmegaConf
+
+    overrides, free, given = split_args(argv, command)
     try:
-        return job(to_plain(cfg))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.stderr.flush()
-        sys.exit(2)
-    except Exception as e:
-        # OmegaConf interpolation errors and the like are configuration mistakes too
-        if type(e).__module__.startswith("omegaconf") and not os.environ.get("HYDRA_FULL_ERROR"):
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+        cfg = _compose(command.config_name, overrides)
+        for key in free:
+            parent, _, last = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or last not in node.keys():
+                valid = _keys_under(command.config_name, parent)
+                raise UserError(f"unknown config key '{key}'" + (f"; valid keys under "
+                                f"'{parent or 'top level'}': {valid}" if valid else ""))  # fmt: skip
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except UserError:
         raise
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR"):
+            raise
+        raise UserError(_explain(e, command.config_name)) from None
+    for key, value in free.items():
+        _set_dotted(plain, key, value)
+    missing = _missing(plain)
+    if missing:
+        raise UserError(f"missing mandatory value {missing}: set it on the command line ({missing}=...)")
+    return plain, given
+
+
+def _missing(d: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose value is still Hydra's mandatory marker ``???``."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            found = _missing(v, f"{prefix}{k}.")
+            if found:
+                return found
+    elif d == "???":
+        return prefix.rstrip(".")
+    return None
+
+
+# ---------------------------------------------------------------------------------------- running
+def run(job: Callable[..., Any], cfg: Any, given: frozenset[str] = frozenset()) -> Any:
+    """Run ``job`` with the error wrapper: a user mistake prints ``error: ...`` and exits with 2."""
+    with errors_as_exit():
+        return _call(job, to_plain(cfg), given)
+
+
+def _call(job: Callable[..., Any], cfg: dict[str, Any], given: frozenset[str]) -> Any:
+    import inspect
+
+    takes_given = len(inspect.signature(job).parameters) >= 2
+    return job(cfg, given) if takes_given else job(cfg)
+
+
+class errors_as_exit:
+    """Context manager: ``UserError`` (and OmegaConf's interpolation errors, which are configuration
+    mistakes too) become one ``error: ...`` line on stderr and exit status 2; a closed stdout (``|
+    head``) ends the command quietly, as Unix tools do."""
+
+    def __enter__(self) -> errors_as_exit:
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if e is None:
+            return False
+        if isinstance(e, UserError) or (
+            type(e).__module__.startswith("omegaconf") and not os.environ.get("HYDRA_FULL_ERROR")
+        ):
+            message = " ".join(str(e).split("\n")[:1]) if not isinstance(e, UserError) else str(e)
+            print(f"error: {message}", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(2)
+        if isinstance(e, BrokenPipeError):
+            _quiet_stdout()
+            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool cut off by `head`
+        return False
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(
+    job: Job | Callable[[dict[str, Any]], Any], command: Command, argv: Sequence[str] | None = None
+) -> Any:
+    """The entry point of a command: read ``argv`` (default: ``sys.argv[1:]``), compose, run ``job``.
+    Hydra's own flags (--help, --cfg job, --multirun, ...) go to Hydra's regular command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with errors_as_exit():
+        if any(a.startswith("-") for a in split_args(argv, command)[0]):
+            return _hydra_flags(job, command, argv)
+        cfg, given = compose_config(command, argv)
+        return _call(job, cfg, given)
+
+
+def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
+    """``--help``, ``--cfg job``, ``-m``...: Hydra's own command line, free text still verbatim."""
+    import hydra
+
+    overrides, free, given = split_args(argv, command)
+    sys.argv = [sys.argv[0], *overrides]
+
+    def task(cfg) -> Any:
+        plain = to_plain(cfg)
+        for key, value in free.items():
+            _set_dotted(plain, key, value)
+        with errors_as_exit():
+            return _call(job, plain, given)
+
+    return hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base=None)(task)()
+
+
+def conf_path(name: str) -> Path:
+    """The YAML file of a command (for the tests that check every key is documented)."""
+    return CONF_DIR / f"{name}.yaml"

@@ -88,7 +88,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The schedule ends at lr * min_lr_ratio."""
     weight_decay: float = 0.1
-    """Applied to matrices only (not to biases, norms or embeddings' ... see gpt.optim)."""
+    """Applied to the 2-D weights (matrices and embedding tables), not to biases or norms (see
+    gpt.train.optim)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -185,6 +186,16 @@ class TrainRunConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainRunConfig:
         return from_dict(cls, d)
 
+    @classmethod
+    def from_command_line(cls, d: dict[str, Any], given: frozenset[str] | set[str]) -> TrainRunConfig:
+        """From a composed command line: a run that loads a checkpoint (``init_from``, ``resume``)
+        takes its shape from it, so the model preset's keys count only where the user typed them
+        (``model.block_size=256``) or chose a preset (``model=gpt2``)."""
+        d = dict(d)
+        if (d.get("init_from") or d.get("resume")) and "model" not in given:
+            d["model"] = {k: v for k, v in (d.get("model") or {}).items() if f"model.{k}" in given}
+        return from_dict(cls, d)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -256,12 +267,12 @@ def from_dict(cls: type[T], d: dict[str, Any], prefix: str = "") -> T:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sampling: the controls of gpt.generate (usable from Python) and sample.py's run config.
+# Sampling: the controls of gpt.infer.generate (usable from Python) and sample.py's run config.
 
 
 @dataclass
 class GenerationConfig:
-    """How to continue a prompt (``gpt.generate``). Logits pass, in this order: repetition,
+    """How to continue a prompt (``gpt.infer.generate``). Logits pass, in this order: repetition,
     frequency and presence penalties -> temperature -> top_k -> top_p -> min_p -> sample."""
 
     max_new_tokens: int = 500
@@ -341,7 +352,7 @@ class SampleConfig(GenerationConfig):
     ckpt: str = "out/shakespeare_char"
     """Run directory (its ckpt.pt) or checkpoint file to sample from."""
     prompt: str = ""
-    """Text to continue; empty = start from <|endoftext|>. Escapes \\n and \\t are understood."""
+    """Text to continue, verbatim; empty = start from <|endoftext|>."""
     prompt_file: str | None = None
     """Read the prompt from this UTF-8 file instead."""
     mode: Literal["generate", "interactive", "chat"] = "generate"
@@ -362,12 +373,9 @@ class SampleConfig(GenerationConfig):
         return from_dict(cls, d)
 
     def generation(self) -> GenerationConfig:
-        """The generation controls alone, with \\n, \\t and \\\\ in stop strings unescaped (a shell
-        cannot easily pass a newline)."""
+        """The generation controls alone (stop strings verbatim, as every free-text value)."""
         names = [f.name for f in dataclasses.fields(GenerationConfig)]
-        values = {name: getattr(self, name) for name in names}
-        values["stop"] = [unescape(s) for s in self.stop]
-        return GenerationConfig(**values)
+        return GenerationConfig(**{name: getattr(self, name) for name in names})
 
 
 def unescape(text: str) -> str:

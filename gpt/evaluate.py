@@ -1,196 +1,40 @@
-"""Score a chat model on held-out dialogs: greedy replies, exact match per task, end-of-turn rate.
+"""Score a chat model on held-out dialogs: ``python -m gpt.evaluate ckpt=DIR [KEY=VALUE ...]`` (or
+``gpt eval ...``). Keys: conf/evaluate.yaml; the scoring is gpt.eval.dialogs.
 
     python -m gpt.evaluate ckpt=out/chat                 # the held-out dialogs of the run's own data
     python -m gpt.evaluate ckpt=out/chat data=my_dialogs.jsonl limit=200 show=5 out=eval.json
-
-Every assistant turn of every dialog is one test: the model gets the reference history up to that
-turn, rendered by ``gpt.chat.render_prompt`` exactly as in chat, and replies greedily until it emits
-end-of-turn (or ``max_new_tokens``). A reply matches when it equals the reference content (outer
-whitespace ignored). Results are grouped by the assistant message's ``"task"`` key ("untagged"
-without one; ``data/make_dialogs.py`` sets it); turns that do not fit the model's context, as
-training would cut them, are left out and counted. Prompts of equal length are decoded together.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
-import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+from gpt.atomic import atomic_write
+from gpt.cli import Command, main
+from gpt.config import from_dict
+from gpt.eval.dialogs import EvalConfig, evaluate, report
 
-from gpt.chat import read_dialogs, render_prompt, render_turns, split_dialogs
-from gpt.config import from_dict, resolve_path
-from gpt.errors import ConfigError, UserError
-from gpt.tokenizer import EOT_TURN
-
-
-@dataclass
-class EvalConfig:
-    ckpt: str = "out/chat"
-    """Run directory (its ckpt.pt) or checkpoint file of the chat model."""
-    data: str | None = None
-    """Dialog file, directory or glob to score, all of it; None = the run's held-out dialogs."""
-    limit: int = 0
-    """Score only the first this many dialogs; 0 = all."""
-    max_new_tokens: int = 48
-    """A reply longer than this counts as not ending with end-of-turn."""
-    batch_size: int = 64
-    """Replies decoded together."""
-    show: int = 3
-    """Print this many wrong replies per task."""
-    out: str | None = None
-    """Also write the results as JSON to this file."""
-    device: str = "auto"
+COMMAND = Command(
+    "evaluate",
+    usage="python -m gpt.evaluate ckpt=RUN_DIR [data=FILE] [limit=N] [show=N] [out=FILE.json]",
+    free_text=("ckpt", "data", "out"),
+)
 
 
-def held_out_dialogs(state: dict[str, Any]) -> tuple[list, str]:
-    """The held-out split of the dialogs a checkpoint was tuned on (the same as its val_loss's)."""
-    data = state.get("config", {}).get("data", {})
-    if data.get("format") != "dialogs":
-        raise ConfigError("this checkpoint was not tuned on dialogs (data.format=dialogs); pass data=FILE")
-    dialogs, _ = read_dialogs(data["path"], data.get("separator"), data.get("skip_invalid", False))
-    return split_dialogs(dialogs, data.get("val_fraction", 0.1))[1], f"{data['path']} (held-out split)"
-
-
-def turn_cases(tokenizer, dialogs, block_size: int) -> tuple[list[dict[str, Any]], int]:
-    """One case per assistant turn: {prompt ids, reference, task}; plus the count of turns that do not
-    fit in block_size + 1 tokens with their reference reply."""
-    cases, too_long = [], 0
-    for d in dialogs:
-        _, _, ends = render_turns(tokenizer, d.messages)
-        for k, m in enumerate(d.messages):
-            if m["role"] != "assistant":
-                continue
-            if ends[k] > block_size + 1:
-                too_long += 1
-                continue
-            prompt, task = render_prompt(tokenizer, d.messages[:k]), str(m.get("task", "untagged"))
-            cases.append({"prompt": prompt, "reference": m["content"].strip(), "task": task})
-    return cases, too_long
-
-
-@torch.inference_mode()
-def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int):
-    """(reply text, ended with end-of-turn) for each prompt, decoded greedily in batches of prompts
-    of equal length (no padding needed) with the generation engine's KV-cache decoder."""
-    from gpt.generate import Decoder
-
-    eot_turn, vocab = tokenizer.special_id(EOT_TURN), min(tokenizer.vocab_size, model.config.vocab_size)
-    device = model.lm_head.weight.device
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    results: list[tuple[str, bool]] = [("", False)] * len(prompts)
-    groups = [idx[s : s + batch_size] for idx in by_length.values() for s in range(0, len(idx), batch_size)]
-    for group in groups:
-        decoder = Decoder(model, len(group))
-        ids = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)  # (B, T)
-        logits = decoder.prefill(ids)
-        out = torch.zeros(len(group), 0, dtype=torch.long, device=device)
-        done = torch.zeros(len(group), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_ids = logits[:, :vocab].argmax(dim=-1)  # (B,)
-            out = torch.cat([out, next_ids[:, None]], dim=1)
-            done |= next_ids == eot_turn
-            if done.all() or step + 1 == max_new_tokens:
-                break
-            logits = decoder.step(next_ids)
-        for row, i in enumerate(group):
-            reply = out[row].tolist()
-            ended = eot_turn in reply
-            reply = reply[: reply.index(eot_turn)] if ended else reply
-            results[i] = (tokenizer.decode(reply).strip(), ended)
-    return results
-
-
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Score the model; returns {"tasks": {task: {"replies", "exact_match"}}, "all": ..., ...}."""
-    from gpt.checkpoint import load_model
-    from gpt.distributed import pick_device
-
-    model, tokenizer, state = load_model(resolve_path(cfg.ckpt), pick_device(cfg.device))
-    model.eval()
-    if cfg.data is None:
-        dialogs, source = held_out_dialogs(state)
-    else:
-        dialogs, source = read_dialogs(cfg.data)[0], cfg.data
-    dialogs = dialogs[: cfg.limit] if cfg.limit else dialogs
-    cases, too_long = turn_cases(tokenizer, dialogs, model.config.block_size)
-    t0 = time.time()
-    replies = greedy_replies(
-        model, tokenizer, [c["prompt"] for c in cases], cfg.max_new_tokens, cfg.batch_size
-    )
-    new = lambda: {"replies": 0, "exact": 0, "ended": 0, "wrong": []}
-    tasks: dict[str, dict[str, Any]] = {}
-    overall = new()
-    for case, (reply, ended) in zip(cases, replies, strict=True):
-        for t in (tasks.setdefault(case["task"], new()), overall):
-            t["replies"] += 1
-            t["exact"] += reply == case["reference"]
-            t["ended"] += ended
-            if reply != case["reference"] and t is not overall and len(t["wrong"]) < cfg.show:
-                t["wrong"].append({"reference": case["reference"], "reply": reply})
-    summary = lambda t: {"replies": t["replies"], "exact_match": t["exact"] / max(t["replies"], 1)}
-    return {
-        "ckpt": cfg.ckpt,
-        "data": source,
-        "dialogs": len(dialogs),
-        "turns_too_long": too_long,
-        "tasks": {name: {**summary(t), "wrong": t["wrong"]} for name, t in sorted(tasks.items())},
-        "all": summary(overall),
-        "ended_with_eot": overall["ended"] / max(overall["replies"], 1),
-        "seconds": round(time.time() - t0, 1),
-    }
-
-
-def report(result: dict[str, Any]) -> str:
-    lines = [f"{result['ckpt']} on {result['dialogs']} dialogs of {result['data']}"]
-    if result["turns_too_long"]:
-        lines.append(f"({result['turns_too_long']} turns left out: longer than the model's context)")
-    lines.append(f"{'task':<12} {'replies':>8} {'exact match':>12}")
-    for name, t in [*result["tasks"].items(), ("all", result["all"])]:
-        lines.append(f"{name:<12} {t['replies']:>8} {100 * t['exact_match']:>11.1f}%")
-    lines.append(f"replies ending with end-of-turn: {100 * result['ended_with_eot']:.1f}% "
-                 f"({result['seconds']:.0f} s)")  # fmt: skip
-    for name, t in result["tasks"].items():
-        for w in t["wrong"]:
-            lines.append(f"  wrong ({name}): expected {w['reference']!r}, got {w['reply']!r}")
-    return "\n".join(lines)
-
-
-def parse_args(argv: list[str]) -> EvalConfig:
-    """``key=value`` arguments (as for train.py and sample.py) into an EvalConfig."""
-    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
-    values: dict[str, Any] = {}
-    for arg in argv:
-        key, eq, raw = arg.partition("=")
-        if not eq or key not in fields:
-            raise ConfigError(f"unexpected argument {arg!r}; use key=value with keys: {', '.join(fields)}")
-        if "int" in str(fields[key].type) and raw.lstrip("-").isdigit():
-            values[key] = int(raw)
-        else:
-            values[key] = None if raw in ("null", "none") else raw
-    return from_dict(EvalConfig, values)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        result = evaluate(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def job(cfg: dict[str, Any]) -> dict[str, Any]:
+    config = from_dict(EvalConfig, cfg)
+    result = evaluate(config)
     print(report(result))
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    if config.out:
+        atomic_write(config.out, json.dumps(result, indent=1))
+    return result
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return main(job, COMMAND, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

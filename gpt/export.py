@@ -1,10 +1,12 @@
-"""Export a checkpoint to a Hugging Face GPT-2 directory that ``transformers`` loads as is.
+"""Export a checkpoint to a Hugging Face GPT-2 directory that ``transformers`` loads as is, and fold
+a LoRA run's adapters into a plain checkpoint.
 
-    python -m gpt.export ckpt=out/finetune out=out/finetune-hf
+    python -m gpt.export ckpt=out/finetune out=out/finetune-hf            # or: gpt export ...
     python -m gpt.export ckpt=out/finetune/best.pt out=out/best-hf overwrite=true check=true
+    python -m gpt.lora merge ckpt=out/finetune out=out/merged             # or: gpt merge ...
 
-Writes config.json and model.safetensors (plus vocab.json, merges.txt and tokenizer_config.json when
-the tokenizer is GPT-2's byte-level BPE), so that
+Export writes config.json and model.safetensors (plus vocab.json, merges.txt and
+tokenizer_config.json when the tokenizer is GPT-2's byte-level BPE), so that
 
     from transformers import GPT2LMHeadModel, GPT2Tokenizer
     model = GPT2LMHeadModel.from_pretrained("out/finetune-hf")
@@ -17,44 +19,34 @@ gives the same logits as ours. LoRA checkpoints are merged first. Models outside
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from gpt.checkpoint import CKPT_NAME, checkpoint_path, checkpoint_state, save_checkpoint
+from gpt.cli import Command, main
 from gpt.errors import ConfigError
+from gpt.interop.hf import export_hf
+from gpt.runs.load import load_model
 
-USAGE = "python -m gpt.export ckpt=RUN_DIR_OR_FILE out=HF_DIR [overwrite=true] [check=true]"
-
-
-def parse_args(argv: list[str], keys: dict[str, Any], usage: str) -> dict[str, Any]:
-    """``key=value`` (or ``--key value`` / ``--key=value``) arguments against ``keys`` (name -> default;
-    None = required, a bool default makes a true/false flag). ConfigError naming the key otherwise."""
-    args, items = dict(keys), list(argv)
-    while items:
-        item = items.pop(0)
-        if item in ("-h", "--help"):
-            raise ConfigError(f"usage: {usage}")
-        key, eq, value = item.removeprefix("--").partition("=")
-        if not eq and item.startswith("--") and items:
-            value, eq = items.pop(0), "="
-        if key not in keys or not eq:
-            raise ConfigError(f"unexpected argument {item!r}; usage: {usage}")
-        if isinstance(keys[key], bool):
-            if value.lower() not in ("true", "false"):
-                raise ConfigError(f"{key}={value!r} must be true or false")
-            args[key] = value.lower() == "true"
-        else:
-            args[key] = value
-    missing = [k for k, v in args.items() if v is None]
-    if missing:
-        raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)}; usage: {usage}")
-    return args
+EXPORT = Command(
+    "export",
+    usage="python -m gpt.export ckpt=RUN_DIR_OR_FILE out=HF_DIR [overwrite=true] [check=true]",
+    free_text=("ckpt", "out"),
+)
+MERGE = Command(
+    "merge",
+    usage="python -m gpt.lora merge ckpt=RUN_DIR_OR_FILE out=OUT_DIR [overwrite=true]",
+    free_text=("ckpt", "out"),
+)
 
 
 def check_with_transformers(model, out_dir: Path) -> float:
     """Load ``out_dir`` with transformers and return the largest logit difference from ``model`` on
     a fixed sequence (over the exported vocabulary)."""
-    import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel  # optional: the [hf] extra
 
     ref = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
     n_vocab = ref.config.vocab_size
@@ -68,9 +60,6 @@ def check_with_transformers(model, out_dir: Path) -> float:
 
 def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) -> list[Path]:
     """Load ``ckpt`` (LoRA adapters merged) and write ``out``; returns the files written."""
-    from gpt.checkpoint import load_model
-    from gpt.hf import export_hf
-
     model, tokenizer, _ = load_model(ckpt, merge=True)
     files = export_hf(model, tokenizer, out, overwrite=overwrite)
     print(f"exported {ckpt} to {out}: {', '.join(f.name for f in files)}")
@@ -86,13 +75,55 @@ def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) ->
     return files
 
 
-def main(argv: list[str] | None = None) -> None:
-    from gpt.cli import run
+def merge_checkpoint(ckpt: str, out: str, overwrite: bool = False) -> Path:
+    """Write ``out/ckpt.pt`` (and tokenizer.json): the LoRA checkpoint ``ckpt`` with its adapters
+    folded into the base weights, a plain checkpoint that needs no base model."""
+    model, tokenizer, state = load_model(ckpt, merge=True)
+    if "lora" not in state:
+        raise ConfigError(f"{checkpoint_path(ckpt)} has no LoRA adapters: there is nothing to merge")
+    target = Path(out).expanduser()
+    target = target if target.suffix == ".pt" else target / CKPT_NAME
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} already exists; choose another out or set overwrite=true")
+    merged = checkpoint_state(
+        model.state_dict(),
+        model.config,
+        state["tokenizer"],
+        optimizer=None,  # a starting point (init_from), not a run to resume
+        step=state.get("step", 0),
+        tokens=state.get("tokens", 0),
+        config=state.get("config", {}),
+        best_val_loss=state.get("best_val_loss"),
+    )
+    save_checkpoint(target, merged)
+    tokenizer.save(target.parent)
+    return target
 
-    argv = sys.argv[1:] if argv is None else argv
-    keys = {"ckpt": None, "out": None, "overwrite": False, "check": False}
-    run(lambda _: export(**parse_args(argv, keys, USAGE)), {})
+
+def export_job(cfg: dict[str, Any]) -> list[Path]:
+    return export(cfg["ckpt"], cfg["out"], bool(cfg["overwrite"]), bool(cfg["check"]))
+
+
+def merge_job(cfg: dict[str, Any]) -> Path:
+    target = merge_checkpoint(cfg["ckpt"], cfg["out"], bool(cfg["overwrite"]))
+    print(f"merged the LoRA adapters of {cfg['ckpt']} into {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
+
+
+def export_main(argv: Sequence[str] | None = None) -> list[Path]:
+    return main(export_job, EXPORT, argv)
+
+
+def merge_main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m gpt.lora merge ...``: the word ``merge`` first, then the keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "merge":
+        print(
+            f"error: unknown command {' '.join(argv[:1]) or '(none)'}; usage: {MERGE.usage}", file=sys.stderr
+        )
+        sys.exit(2)
+    return main(merge_job, MERGE, argv[1:])
 
 
 if __name__ == "__main__":
-    main()
+    export_main()

@@ -3,7 +3,7 @@
 Reads top-down: norms, rotary embedding, attention, MLP, block, config, model. Parameter names follow
 GPT-2 (``wte``, ``wpe``, ``h.{i}.attn.c_attn``, ``ln_f``, ...) so Hugging Face weights import as a key
 copy. One ``forward(idx, targets=None, kv_cache=None)`` serves pretraining, fine-tuning (targets of -1
-are ignored), and inference with a KV cache (see ``gpt.generate``).
+are ignored), and inference with a KV cache (see ``gpt.infer.engine``).
 
     from gpt.model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=128))
@@ -22,6 +22,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
+
+# fields that define the weights' shapes and meaning: a loaded checkpoint must agree on them
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "mlp_ratio", "bias", "norm", "pos_emb", "tie_embeddings")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the vocabulary up: matmuls with a multiple-of-64 dimension are markedly faster."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def crop_block_size(weights: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+    """``weights`` for a context of ``block_size``: the learned position table (block_size_old, C)
+    keeps its first block_size rows; RoPE models have no such table and are returned as they are."""
+    if "transformer.wpe.weight" not in weights:
+        return weights
+    return {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:block_size]}
 
 
 @dataclass
@@ -87,7 +103,7 @@ class GPTConfig:
 
 
 class KVCacheLike(Protocol):
-    """What attention needs from a KV cache (implemented by ``gpt.generate.KVCache``)."""
+    """What attention needs from a KV cache (implemented by ``gpt.infer.engine.KVCache``)."""
 
     pos: int  # number of positions already cached; new tokens sit at pos, pos+1, ...
 

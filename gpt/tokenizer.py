@@ -25,9 +25,8 @@ import base64
 import hashlib
 import json
 import logging
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 
+from gpt.atomic import atomic_write
 from gpt.config import REPO_ROOT, resolve_path
 from gpt.errors import ConfigError, DataError
 
@@ -104,7 +104,7 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
-        _write_atomic(path, json.dumps(self.to_state(), ensure_ascii=False))
+        atomic_write(path, json.dumps(self.to_state(), ensure_ascii=False))
         return path
 
     def fingerprint(self) -> str:
@@ -276,7 +276,7 @@ class TiktokenTokenizer(Tokenizer):
         path = super().save(directory)
         ranked = sorted(self._ranks.items(), key=lambda kv: kv[1])
         lines = "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n" for b, r in ranked)
-        _write_atomic(path.parent / "tokenizer.tiktoken", lines)
+        atomic_write(path.parent / "tokenizer.tiktoken", lines)
         return path
 
 
@@ -370,32 +370,6 @@ def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
         raise DataError(f"BPE rank file {p} is malformed: {e}") from None
 
 
-def build_tokenizer(
-    kind: str,
-    texts_factory: Callable[[], Iterable[str]],
-    vocab_size: int = 4096,
-    path: str | None = None,
-    max_train_bytes: int | None = None,
-) -> Tokenizer:
-    """The data pipeline's dispatch on ``data.tokenizer``. ``texts_factory()`` yields the corpus and is
-    called only for "char" and "bpe"; ``path`` is a rank file ("gpt2") or a directory ("hf")."""
-    if kind == "char":
-        return char_tokenizer(texts_factory())
-    if kind == "bpe":
-        return train_bpe(texts_factory(), vocab_size, max_bytes=max_train_bytes)
-    if kind == "gpt2":
-        return gpt2_tokenizer(path)
-    if kind == "hf":
-        if not path:
-            raise ConfigError(
-                "data.tokenizer=hf needs data.tokenizer_path: a directory with vocab.json and merges.txt"
-            )
-        from gpt.hf_vocab import hf_bpe_tokenizer  # local: the HF pair is read only when asked for
-
-        return hf_bpe_tokenizer(path)
-    raise ConfigError(f"data.tokenizer={kind!r} is not a tokenizer kind; use one of {', '.join(KINDS)}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # helpers
 
@@ -454,10 +428,3 @@ def _read_rank_file(path: Path) -> dict[bytes, int]:
 
 def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename so a concurrent reader (or a crash) never sees half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -12,7 +12,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from gpt.hf_vocab import bytes_to_unicode
+from gpt.interop.hf_vocab import bytes_to_unicode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPT2_RANK_FILE = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken"

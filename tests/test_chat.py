@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt.chat import (
-    DialogBatches,
-    fit_dialog,
-    fit_history,
-    read_dialogs,
-    render_dialog,
-    render_prompt,
-    render_turns,
-    split_dialogs,
-)
+from gpt.chat_template import fit_dialog, fit_history, render_dialog, render_prompt, render_turns
+from gpt.data.dialogs import read_dialogs, split_dialogs
+from gpt.data.sft import DialogBatches
 from gpt.errors import DataError
 from gpt.tokenizer import EOT, EOT_TURN, char_tokenizer, train_bpe
 

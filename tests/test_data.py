@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import gpt.data as data
+import gpt.data.prepare as data
 from gpt.config import DataConfig
-from gpt.data import (
-    TokenWindows,
-    iter_documents,
-    iter_pieces,
-    load_prepared,
-    prepare,
-    read_shard,
-    write_shard,
-)
+from gpt.data.__main__ import run as prepare_main
+from gpt.data.corpus import iter_documents, iter_pieces
+from gpt.data.prepare import load_prepared, prepare
+from gpt.data.shards import TokenWindows, read_shard, write_shard
 from gpt.errors import DataError
 from gpt.tokenizer import gpt2_tokenizer as load_gpt2
 
@@ -268,10 +263,12 @@ def test_parallel_tokenization_matches_single_process(tmp_path, monkeypatch):
 
 def test_command_line(tmp_path, capsys):
     (tmp_path / "in.txt").write_text(corpus(100))
-    assert data.main([str(tmp_path / "in.txt"), "--cache-dir", str(tmp_path / "c")]) == 0
+    prepare_main([str(tmp_path / "in.txt"), "data.tokenizer=char", f"data.cache_dir={tmp_path / 'c'}"])
     out = capsys.readouterr().out
     assert str(tmp_path / "c") in out and "train:" in out and "val:" in out
-    assert data.main([str(tmp_path / "missing.txt")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main([str(tmp_path / "missing.txt")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.txt not found" in err and err.count("\n") == 1
 

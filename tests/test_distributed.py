@@ -28,14 +28,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt import distributed as D
-from gpt.checkpoint import load_checkpoint, load_model
+from gpt.train import distributed as D
+from gpt.checkpoint import load_checkpoint
+from gpt.runs.load import load_model
 from gpt.cli import to_plain
 from gpt.config import REPO_ROOT, TrainRunConfig
-from gpt.data import TokenWindows, prepare
+from gpt.data.prepare import prepare
+from gpt.data.shards import TokenWindows
 from gpt.errors import ConfigError
-from gpt.setup import read_metrics
-from gpt.trainer import split_batch, train
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import split_batch, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 MAX_STEPS = 4
@@ -44,7 +46,7 @@ MAX_STEPS = 4
 DRIVER = """
 import json, os, sys
 from gpt.config import TrainRunConfig
-from gpt.trainer import train
+from gpt.train.loop import train
 
 cfg, stop_at, action = json.loads(open(sys.argv[1]).read()), int(sys.argv[2]), sys.argv[3]
 

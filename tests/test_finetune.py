@@ -14,14 +14,15 @@ import pytest
 import torch
 from helpers_hf import bytes_to_unicode
 
-from gpt.checkpoint import load_checkpoint, load_model
+from gpt.checkpoint import load_checkpoint
+from gpt.runs.load import load_model
 from gpt.config import REPO_ROOT
 from gpt.errors import CheckpointError
-from gpt.export import main as export_main
-from gpt.interactive import sample
-from gpt.lora import main as lora_main
-from gpt.setup import read_metrics
-from gpt.trainer import train
+from gpt.export import export_main
+from gpt.infer.sample import sample
+from gpt.export import merge_main as lora_main
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
 
 transformers = pytest.importorskip("transformers")
 

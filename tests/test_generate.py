@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gpt.config import GenerationConfig
 from gpt.errors import ConfigError
-from gpt.generate import (
+from gpt.infer.generate import (
     Decoder,
     Generation,
     TextStream,

@@ -10,8 +10,8 @@ from helpers_hf import write_hf_gpt2_files
 
 from gpt.checkpoint import save_checkpoint
 from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.export import main as export_main
-from gpt.hf import import_hf
+from gpt.export import export_main
+from gpt.interop.hf import import_hf
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
 
@@ -200,4 +200,4 @@ def test_export_with_a_non_gpt2_tokenizer_and_the_out_dir_rules(tmp_path, capsys
     assert names == ["config.json", "keep.txt", "model.safetensors"]
     with pytest.raises(SystemExit):
         export_main([f"ckpt={tmp_path / 'char'}"])
-    assert "missing out=..." in capsys.readouterr().err
+    assert "missing mandatory value out" in capsys.readouterr().err

@@ -8,15 +8,16 @@ import shutil
 import pytest
 import torch
 
-from gpt.checkpoint import load_checkpoint, load_model, save_checkpoint
+from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.runs.load import load_model
 from gpt.config import FinetuneConfig
 from gpt.errors import CheckpointError, ConfigError
-from gpt.generate import GenerationConfig, generate
+from gpt.infer.generate import GenerationConfig, generate
 from gpt.lora import LoRALinear, adapter_weights, apply_lora, merge_lora
-from gpt.lora import main as lora_main
+from gpt.export import merge_main as lora_main
 from gpt.model import GPT, GPTConfig
-from gpt.setup import read_metrics
-from gpt.trainer import train
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
 
 LORA = dict(method="lora", lora_rank=4, lora_alpha=8.0)
 

@@ -15,7 +15,8 @@ import yaml
 from gpt.checkpoint import save_checkpoint
 from gpt.cli import run
 from gpt.config import REPO_ROOT, GenerationConfig, SampleConfig
-from gpt.interactive import SEPARATOR, Repl, parse_setting, sample
+from gpt.infer.repl import SEPARATOR, Repl, parse_setting
+from gpt.infer.sample import sample
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 
@@ -123,7 +124,7 @@ def script(lines):
 
 
 def repl(run_dir, lines, settings=None, **kw) -> tuple[Repl, io.StringIO, io.StringIO]:
-    from gpt.checkpoint import load_model
+    from gpt.runs.load import load_model
 
     model, tok, _ = load_model(run_dir)
     out, err = io.StringIO(), io.StringIO()
@@ -199,7 +200,7 @@ def test_repl_hooks_make_a_chat_loop(run_dir):
             self.history += self.tokenizer.encode(text) + completions[0].ids
             super().on_reply(text, completions)
 
-    from gpt.checkpoint import load_model
+    from gpt.runs.load import load_model
 
     model, tok, _ = load_model(run_dir)
     chat = Chat(model, tok, GenerationConfig(max_new_tokens=5), input_fn=script(["Ay", "", "me"]),
@@ -234,7 +235,7 @@ def sample_py(args, cwd) -> subprocess.CompletedProcess:
 
 def test_sample_py_end_to_end(run_dir, tmp_path):
     """The real entry point: text on stdout, notices on stderr, no folders or log files created."""
-    r = sample_py([f"ckpt={run_dir}", "prompt=ROMEO:\\n", "num_samples=2", "max_new_tokens=8"], tmp_path)
+    r = sample_py([f"ckpt={run_dir}", "prompt=ROMEO:\n", "num_samples=2", "max_new_tokens=8"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:\n") and r.stdout.count(SEPARATOR) == 1
     assert "sampling" in r.stderr and "sampling" not in r.stdout

@@ -9,14 +9,16 @@ import re
 
 import pytest
 
-from gpt.chat import check_messages, read_dialogs, render_dialog, render_prompt
-from gpt.checkpoint import load_model
+from gpt.chat_template import check_messages, render_dialog, render_prompt
+from gpt.data.dialogs import read_dialogs
+from gpt.runs.load import load_model
 from gpt.config import REPO_ROOT, TrainRunConfig
-from gpt.evaluate import EvalConfig, evaluate
-from gpt.evaluate import main as evaluate_main
-from gpt.interactive import ChatRepl, sample
-from gpt.setup import read_metrics
-from gpt.trainer import train
+from gpt.eval.dialogs import EvalConfig, evaluate
+from gpt.evaluate import run as evaluate_main
+from gpt.infer.chat_repl import ChatRepl
+from gpt.infer.sample import sample
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
 
 U = lambda text: {"role": "user", "content": text}
 A = lambda text, task: {"role": "assistant", "content": text, "task": task}
@@ -127,10 +129,12 @@ def test_evaluate_scores_exact_match_per_task_and_end_of_turn(chat_run, capsys):
     assert set(result["tasks"]) == {"math", "who", "hi", "name"}
     assert result["all"]["replies"] == 5
     assert result["all"]["exact_match"] == 1.0 and result["ended_with_eot"] == 1.0, result
-    assert evaluate_main([f"ckpt={run}", f"data={path}", "limit=1"]) == 0
+    evaluate_main([f"ckpt={run}", f"data={path}", "limit=1"])
     out = capsys.readouterr().out
     assert re.search(r"math\s+1\s+100.0%", out) and "end-of-turn: 100.0%" in out
-    assert evaluate_main([f"ckpt={run}", "limits=1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([f"ckpt={run}", "limits=1"])
+    assert exit_info.value.code == 2 and "limits" in capsys.readouterr().err
 
 
 def test_single_shot_chat_prints_just_the_reply(chat_run, capsys):

@@ -14,13 +14,13 @@ import tiktoken.load
 from helpers_hf import write_hf_gpt2_files
 
 from gpt.config import REPO_ROOT
+from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import ConfigError, DataError
-from gpt.hf_vocab import hf_bpe_tokenizer
+from gpt.interop.hf_vocab import hf_bpe_tokenizer
 from gpt.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     _training_pieces,
-    build_tokenizer,
     char_tokenizer,
     gpt2_tokenizer,
     load_tokenizer,

@@ -8,16 +8,14 @@ import sys
 import pytest
 
 from gpt.cli import run
+from gpt.commands import train_job
 from gpt.config import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT))
-import train as train_entry  # noqa: E402
 
 
 def run_job(make_cfg, capsys, **sections):
     cfg = make_cfg(**sections).to_dict()
     with pytest.raises(SystemExit) as exc:
-        run(train_entry.job, cfg)
+        run(train_job, cfg)
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.startswith("error")]
     assert exc.value.code == 2

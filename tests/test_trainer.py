@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from gpt.checkpoint import load_checkpoint, load_model
+from gpt.checkpoint import load_checkpoint
+from gpt.runs.load import load_model
 from gpt.errors import CheckpointError, ConfigError
-from gpt.setup import read_metrics
-from gpt.trainer import train
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
 
 
 def test_tiny_run_lowers_the_loss_and_fills_the_run_directory(make_cfg):

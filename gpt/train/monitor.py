@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt import distributed as D
+from gpt.atomic import atomic_write
 from gpt.config import TrainRunConfig
+from gpt.train import distributed as D
 
 
 class _NoBar:
@@ -51,9 +52,7 @@ class Monitor:
             for line in self.metrics_path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     keep.append(line)
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def info(self, message: str) -> None:
         if self.active:

@@ -1,13 +1,10 @@
-"""The generation engine: KV cache, sampling controls, beam search and streamed text.
+"""The generation engine: sampling and beam search over the decoding core, with streamed text.
 
-A prompt is run through the model once (the prefill), which fills a preallocated KV cache; then each
-new token costs one single-token forward (a decode step). All ``num_samples`` rows are decoded
-together as one batch. When prompt + output outgrow ``block_size``, the oldest ``context_shift``
-tokens are dropped and the cache is re-filled from the most recent context, so generation goes on
-for as long as asked, for learned and rotary positions alike.
+All ``num_samples`` rows are decoded together as one batch on a ``gpt.infer.engine.Decoder`` (KV
+cache, prefill, decode steps, context shifting).
 
-    from gpt.checkpoint import load_model
-    from gpt.generate import GenerationConfig, generate, stream
+    from gpt.runs.load import load_model
+    from gpt.infer.generate import GenerationConfig, generate, stream
 
     model, tok, _ = load_model("out/shakespeare_char")
     settings = GenerationConfig(max_new_tokens=200, temperature=0.8, top_k=50, stop=["\\n\\n"], seed=1)
@@ -17,7 +14,7 @@ for as long as asked, for learned and rotary positions alike.
 
 Text is streamed through an incremental UTF-8 decoder (a character split across tokens is never
 printed half-way) and held back while it could still be the start of a stop string, so the streamed
-text always equals the final text. The console front end (``sample.py``) is ``gpt.interactive``.
+text always equals the final text. The console front end (``sample.py``) is ``gpt.infer.sample``.
 """
 
 from __future__ import annotations
@@ -30,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import GenerationConfig
-from gpt.model import GPT, GPTConfig
+from gpt.infer.engine import Decoder, KVCache, apply_penalties, choose_next
+from gpt.model import GPT
 
 __all__ = [
     "Completion",
@@ -46,134 +44,6 @@ __all__ = [
     "generate_text",
     "stream",
 ]
-
-
-class KVCache:
-    """Preallocated keys and values, one (B, n_head, block_size, head_size) tensor each per layer.
-
-    ``pos`` counts the positions already cached; the model reads it and calls ``update`` for every
-    layer, then the caller advances ``pos``. A forward of fewer rows than the cache holds (a prompt
-    prefilled once for all samples) uses the first rows; ``fill_rows`` then copies row 0 to the rest."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (b, nh, T, hs) at [pos, pos + T); return the cached (b, nh, pos + T, hs)."""
-        b, end = k.size(0), self.pos + k.size(2)
-        self.k[layer][:b, :, self.pos : end] = k
-        self.v[layer][:b, :, self.pos : end] = v
-        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
-
-    def fill_rows(self) -> None:
-        """Copy row 0's cached positions into every other row."""
-        for t in (*self.k, *self.v):
-            t[1:, :, : self.pos] = t[:1, :, : self.pos]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i becomes old row index[i] (beam search keeps the extensions of the best beams)."""
-        for t in (*self.k, *self.v):
-            live = t[:, :, : self.pos]
-            live.copy_(live.index_select(0, index))
-
-
-class Decoder:
-    """Runs the model over a growing context: ``prefill`` a prompt, then ``step`` one token at a time;
-    both return the next-token logits (B, vocab). With ``use_cache=False`` every step re-runs the whole
-    context instead (the reference the cache is tested and benchmarked against).
-
-    When the context is full (``block_size`` tokens) and a token arrives, the oldest tokens are
-    dropped so that ``block_size + 1 - shift`` remain, and the window is re-filled from scratch:
-    positions restart at 0, which learned position tables need. ``shift=1`` is an exact sliding
-    window (a re-fill every token); the default, a quarter of the block, amortises re-fills."""
-
-    def __init__(self, model: GPT, batch_size: int, context_shift: int | None = None, use_cache: bool = True):
-        config = model.config
-        self.model = model
-        self.batch_size = batch_size
-        self.block_size = config.block_size
-        shift = min(context_shift or max(1, config.block_size // 4), config.block_size)
-        self.keep = config.block_size + 1 - shift
-        weight = model.lm_head.weight
-        self.cache = KVCache(config, batch_size, weight.device, weight.dtype) if use_cache else None
-        # the tokens the model currently sees, row by row: context[:, :length]
-        self.context = torch.zeros(batch_size, config.block_size, dtype=torch.long, device=weight.device)
-        self.length = 0
-        self.refills = 0  # times the window slid
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Start over from ids (1 or B, T <= block_size); one row is shared by every row."""
-        rows, length = ids.shape
-        self.context[:, :length] = ids
-        self.length = length
-        if self.cache is None:
-            logits = self.model(ids)[:, -1]  # (rows, vocab)
-        else:
-            self.cache.pos = 0
-            logits = self.model(ids, kv_cache=self.cache)[:, -1]
-            self.cache.pos = length
-            if rows < self.batch_size:
-                self.cache.fill_rows()
-        return logits.expand(self.batch_size, -1) if rows < self.batch_size else logits
-
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Append next_ids (B,) to the context and return the logits that follow it."""
-        if self.length == self.block_size:  # full: slide the window and re-fill
-            self.refills += 1
-            recent = self.context[:, self.length - self.keep + 1 : self.length]
-            return self.prefill(torch.cat([recent, next_ids[:, None]], dim=1))
-        self.context[:, self.length] = next_ids
-        self.length += 1
-        if self.cache is None:
-            return self.model(self.context[:, : self.length])[:, -1]
-        logits = self.model(next_ids[:, None], kv_cache=self.cache)[:, -1]
-        self.cache.pos += 1
-        return logits
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.context = self.context.index_select(0, index)
-        if self.cache is not None:
-            self.cache.reorder(index)
-
-
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Repetition (CTRL-style, multiplicative), frequency and presence (OpenAI-style, additive)
-    penalties; counts (B, V) holds each token's occurrences in the prompt and output so far."""
-    seen = counts > 0
-    if cfg.repetition_penalty != 1.0:
-        rp = cfg.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
-    if cfg.frequency_penalty:
-        logits = logits - cfg.frequency_penalty * counts
-    if cfg.presence_penalty:
-        logits = logits - cfg.presence_penalty * seen.float()
-    return logits
-
-
-def choose_next(
-    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Next token ids (B,) from float32 logits (B, V): greedy at temperature 0, else a sample after
-    temperature, top_k, top_p and min_p."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    if 0 < cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if cfg.top_p < 1.0:
-        # keep the most likely tokens until their mass reaches top_p (the first is always kept)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= cfg.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if cfg.min_p > 0:
-        probs = probs.masked_fill(probs < cfg.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # needs no normalising
 
 
 class TextStream:

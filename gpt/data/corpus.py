@@ -1,6 +1,6 @@
 """Reading the user's text: files, directories and globs of .txt and .jsonl, streamed in pieces.
 
-    from gpt.corpus import iter_documents
+    from gpt.data.corpus import iter_documents
     for text in iter_documents("my_corpus/", jsonl_field="text"):
         ...
 

@@ -2,14 +2,14 @@
 
 Import (``python train.py init_from=hf:DIR ...`` does this; no network access anywhere):
 
-    from gpt.hf import import_hf
+    from gpt.interop.hf import import_hf
     config, state_dict, tokenizer = import_hf("~/models/gpt2")  # config.json, model.safetensors,
     model = GPT(config)                                         # vocab.json, merges.txt
     model.load_state_dict(state_dict)
 
 Export (the command line is ``python -m gpt.export ckpt=DIR out=HF_DIR``):
 
-    from gpt.hf import export_hf
+    from gpt.interop.hf import export_hf
     export_hf(model, tokenizer, "out/hf")  # then transformers.GPT2LMHeadModel.from_pretrained("out/hf")
 
 Hugging Face's GPT-2 keeps its linear layers as ``Conv1D``, whose weight is (in, out): the transpose
@@ -31,8 +31,12 @@ from typing import Any
 
 import torch
 
+from gpt.checkpoint import check_state_dict
 from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.model import GPT, GPTConfig
+from gpt.interop.hf_vocab import bytes_to_unicode, hf_bpe_tokenizer
+from gpt.lora import LoRALinear
+from gpt.model import GPT, GPTConfig, pad_vocab
+from gpt.tokenizer import EOT, GPT2_PATTERN
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -159,10 +163,6 @@ def import_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]
     """(model config, state dict, tokenizer) from a local Hugging Face GPT-2 directory: config.json,
     model.safetensors (or pytorch_model.bin), vocab.json and merges.txt. The state dict is checked
     against the config: missing/unexpected keys and wrong shapes are listed in a CheckpointError."""
-    from gpt.checkpoint import check_state_dict
-    from gpt.hf_vocab import hf_bpe_tokenizer
-    from gpt.setup import pad_vocab
-
     d = Path(directory).expanduser()
     if not (d / "config.json").is_file():
         raise CheckpointError(
@@ -267,9 +267,6 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
 def hf_tokenizer_files(tokenizer) -> dict[str, str] | None:
     """{file name: text} of vocab.json, merges.txt and tokenizer_config.json for a GPT-2-style
     byte-level BPE tokenizer ("gpt2", or "hf" with GPT-2's split pattern); None for any other."""
-    from gpt.hf_vocab import bytes_to_unicode
-    from gpt.tokenizer import EOT, GPT2_PATTERN
-
     state = tokenizer.to_state()
     if state["kind"] not in ("gpt2", "hf") or state["pattern"] != GPT2_PATTERN:
         return None
@@ -298,10 +295,10 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
     that is not empty is refused unless ``overwrite``. Returns the files written."""
     from safetensors.torch import save_file
 
-    from gpt.lora import LoRALinear
-
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ConfigError("the model still has LoRA adapters: merge them first (gpt.lora.merge_lora)")
+        raise ConfigError(
+            "the model still has LoRA adapters: merge them first (python -m gpt.lora merge ckpt=... out=...)"
+        )
     problems = export_problems(model.config)
     if problems:
         raise ConfigError(

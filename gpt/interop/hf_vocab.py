@@ -1,7 +1,7 @@
 """Hugging Face byte-level BPE files (``vocab.json`` + ``merges.txt``, the GPT-2 family) read into
 a tiktoken-backed ``Tokenizer`` whose ids equal the Hugging Face ids.
 
-    from gpt.hf_vocab import hf_bpe_tokenizer
+    from gpt.interop.hf_vocab import hf_bpe_tokenizer
     tok = hf_bpe_tokenizer("models/gpt2")      # or data.tokenizer=hf data.tokenizer_path=models/gpt2
 """
 

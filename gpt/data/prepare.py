@@ -1,24 +1,20 @@
-"""Data: tokenize the user's text (read by ``gpt.corpus``) once into cached token shards, and serve
-random training windows.
+"""Data preparation: tokenize the user's text (read by ``gpt.data.corpus``) once into cached token
+shards (``gpt.data.shards``), streamed and in parallel.
 
-    python -m gpt.data data/tinyshakespeare/input.txt --tokenizer char   # prepare ahead of time
+    python -m gpt.data data/tinyshakespeare/input.txt tokenizer=char   # prepare ahead of time
 
-    from gpt.data import prepare, TokenWindows
+    from gpt.data.prepare import prepare
     data = prepare(cfg.data, block_size=256)             # cached under data/cache/<name>-<key>/
     train = TokenWindows(data.train_shards, 256, seed=1337)
-    x, y = train.get(step, batch_size=64, start=0, count=16)   # (16, 256) int64 each, y = x shifted
 
 Input is a file, a directory (its .txt and .jsonl files, recursively) or a glob: a .txt file is one
 document, a .jsonl line is one document (``obj[jsonl_field]``). Every document is followed by the
 tokenizer's end-of-text id. The last ``val_fraction`` of the input bytes (cut at a line start) is the
-val split. A shard is a 1024-byte header of 256 little-endian int32 and then the tokens:
-header[0] = MAGIC ("GTKN"), [1] = VERSION, [2] = bytes per token (2: uint16, 4: uint32),
-[3] = vocab_size, [4:6] = the token count as one little-endian int64.
+val split. The cache folder is keyed by the inputs and the tokenizer, so a second run starts at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing as mp
@@ -30,76 +26,19 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from gpt.config import DataConfig, resolve_path
-from gpt.corpus import CHUNK_BYTES, Piece, input_files, iter_documents, iter_pieces  # noqa: F401
-from gpt.errors import DataError, UserError
-from gpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from gpt.data.corpus import CHUNK_BYTES, input_files, iter_documents, iter_pieces
+from gpt.data.shards import HEADER_BYTES, REDO, VERSION, shard_header, token_dtype
+from gpt.data.tokenizers import build_tokenizer
+from gpt.errors import DataError
+from gpt.tokenizer import Tokenizer, load_tokenizer
 
-if TYPE_CHECKING:  # torch is imported lazily: tokenizer worker processes start faster without it
-    import torch
-
-MAGIC = 0x4E4B5447  # the bytes b"GTKN" read as a little-endian int32
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
 PARALLEL_MIN_BYTES = 4 << 20  # smaller inputs are tokenized in-process (no worker start-up cost)
-_REDO = "delete the cache folder and re-run the data preparation (python -m gpt.data PATH)"
-
-
-# ---------------------------------------------------------------------------------------- shards
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
-def _header(n_tokens: int, dtype: np.dtype, vocab_size: int) -> bytes:
-    h = np.zeros(HEADER_INTS, dtype="<i4")
-    h[0], h[1], h[2], h[3] = MAGIC, VERSION, dtype.itemsize, vocab_size
-    h[4:6] = np.array([n_tokens], dtype="<i8").view("<i4")  # the count as one int64 at byte 16
-    return h.tobytes()
-
-
-def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
-    """Write ``tokens`` (1-D) as a shard, atomically: a crash never leaves a partial file at ``path``."""
-    path, dtype = Path(path), token_dtype(vocab_size)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_header(len(tokens), dtype, vocab_size))
-        f.write(np.ascontiguousarray(tokens, dtype=dtype).tobytes())
-    os.replace(tmp, path)
-
-
-def read_shard(path: str | Path) -> np.ndarray:
-    """The tokens of a shard as a read-only memory map, after checking its header and size."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        h = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise DataError(f"cannot read token shard {path}: {e.strerror}; {_REDO}") from None
-    bad = None
-    if size < HEADER_BYTES:
-        bad = f"truncated header ({size} bytes)"
-    elif int(h[0]) != MAGIC:
-        bad = "bad magic number, not a token shard"
-    elif int(h[1]) != VERSION:
-        bad = f"format version {int(h[1])}, this code reads version {VERSION}"
-    elif int(h[2]) not in (2, 4):
-        bad = f"bad token size {int(h[2])} (expected 2 or 4)"
-    if bad is None:
-        n, itemsize = int(h[4:6].view("<i8")[0]), int(h[2])
-        if n < 0 or size != HEADER_BYTES + n * itemsize:
-            bad = f"{size} bytes but the header promises {n} tokens ({HEADER_BYTES + n * itemsize} bytes)"
-    if bad is not None:
-        raise DataError(f"corrupt token shard {path}: {bad}; {_REDO}")
-    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
-    if n == 0:  # an empty file region cannot be memory-mapped
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
 class _ShardWriter:
@@ -130,7 +69,7 @@ class _ShardWriter:
     def close(self) -> None:
         if self._f is not None:
             self._f.seek(0)
-            self._f.write(_header(self._n, self.dtype, self.vocab_size))
+            self._f.write(shard_header(self._n, self.dtype, self.vocab_size))
             self._f.close()
             self._f, self._n = None, 0
 
@@ -156,11 +95,11 @@ def load_prepared(directory: str | Path, tokenizer: Tokenizer | None = None) -> 
     try:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{d} is not a complete prepared-data folder ({e}); {_REDO}") from None
+        raise DataError(f"{d} is not a complete prepared-data folder ({e}); {REDO}") from None
     shards = {s: [d / n for n in meta[f"{s}_shards"]] for s in ("train", "val")}
     missing = [p for ps in shards.values() for p in ps if not p.is_file()]
     if missing:
-        raise DataError(f"token shard {missing[0]} is missing; {_REDO}")
+        raise DataError(f"token shard {missing[0]} is missing; {REDO}")
     tok = tokenizer if tokenizer is not None else load_tokenizer(d / "tokenizer.json")
     return PreparedData(d, tok, shards["train"], shards["val"], meta["train_tokens"], meta["val_tokens"])
 
@@ -352,76 +291,3 @@ def _build(
 
 
 # --------------------------------------------------------------------------------------- batches
-class TokenWindows:
-    """Random (block_size + 1)-token windows from shards, a pure function of (seed, step, position).
-
-    Window ids number every valid start of every shard (a window never crosses a shard end); step
-    ``s`` draws its global batch of ids from an RNG seeded by ``(seed, s)`` alone, so any split of
-    the batch over processes and micro-steps sees the same windows, and a resumed run replays them."""
-
-    def __init__(self, shards: list[Path], block_size: int, seed: int) -> None:
-        self.block_size, self.seed = block_size, seed
-        self.shards = [read_shard(p) for p in shards]
-        # shard i holds len - block_size starts: window i's x = t[o:o+T], y = t[o+1:o+T+1]
-        self._counts = np.array([max(len(s) - block_size, 0) for s in self.shards], dtype=np.int64)
-        self._ends = np.cumsum(self._counts)  # window ids [ends[i] - counts[i], ends[i]) are shard i's
-        self.n_windows = int(self._ends[-1]) if len(self._ends) else 0
-        if self.n_windows == 0:
-            sizes = [len(s) for s in self.shards]
-            raise DataError(
-                f"no shard holds a window of block_size + 1 = {block_size + 1} tokens (shard sizes "
-                f"{sizes}); use a smaller model.block_size or more text"
-            )
-
-    def window_starts(self, step: int, batch_size: int) -> np.ndarray:
-        """The global batch's window ids for ``step``: shape (batch_size,), uniform, with replacement."""
-        rng = np.random.default_rng([self.seed % (1 << 63), step])  # SeedSequence needs ints >= 0
-        return rng.integers(0, self.n_windows, size=batch_size, dtype=np.int64)
-
-    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, token offset in that shard) of each window id."""
-        shard = np.searchsorted(self._ends, ids, side="right")
-        return shard, ids - (self._ends[shard] - self._counts[shard])
-
-    def get(self, step: int, batch_size: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: int64 CPU tensors (count, block_size) for global-batch positions [start, start+count)."""
-        import torch
-
-        if not (0 <= start and count >= 0 and start + count <= batch_size):
-            raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
-        ids = self.window_starts(step, batch_size)[start : start + count]
-        buf = np.empty((count, self.block_size + 1), dtype=np.int64)  # (count, T+1): x and y together
-        for row, (s, o) in enumerate(zip(*self.locate(ids), strict=True)):
-            buf[row] = self.shards[s][o : o + self.block_size + 1]
-        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
-
-
-# ---------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt.data", description="Tokenize text into cached shards.")
-    p.add_argument("path", help="a file, a directory of .txt/.jsonl files, or a glob")
-    p.add_argument("--tokenizer", default="char", choices=["char", "bpe", "gpt2", "hf"])
-    p.add_argument("--tokenizer-path", default=None, help="hf: the folder of vocab.json + merges.txt")
-    p.add_argument("--vocab-size", type=int, default=DataConfig.vocab_size)
-    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
-    p.add_argument("--jsonl-field", default="text")
-    p.add_argument("--cache-dir", default=DataConfig.cache_dir)
-    p.add_argument("--name", default=None, help="cache folder prefix (default: the input's name)")
-    p.add_argument("--num-workers", type=int, default=0, help="tokenizer processes (0 = one per core)")
-    a = vars(p.parse_args(argv))
-    name = a.pop("name") or Path(a["path"]).stem or "data"
-    cfg = DataConfig(name=name, **a)
-    try:
-        data = prepare(cfg, block_size=0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"prepared {data.directory}")
-    print(f"  tokenizer {data.tokenizer.kind}, vocab_size {data.tokenizer.vocab_size}")
-    print(f"  train: {data.train_tokens:,} tokens in {len(data.train_shards)} shard(s)")
-    print(f"  val:   {data.val_tokens:,} tokens in {len(data.val_shards)} shard(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpt.device import pick_device
 from gpt.errors import CheckpointError, ConfigError
 
 T = TypeVar("T")
@@ -47,26 +48,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' prefers CUDA, then Apple's MPS, then the CPU; an unavailable choice is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device=mps but Apple's MPS backend is not available; use device=auto")
-    if name not in ("cpu", "mps"):
-        raise ConfigError(f"device={name!r} must be auto, cpu, cuda or mps")
-    return torch.device(name)
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:

@@ -1,0 +1,44 @@
+"""Prepare a corpus ahead of training: ``python -m gpt.data PATH [data.KEY=VALUE ...]`` (or
+``gpt prepare PATH ...``). The data keys are train.py's (conf/data/), so the same keys give the same
+cache entry and the training run starts at once:
+
+    python -m gpt.data data/tinyshakespeare/input.txt data.tokenizer=char
+    python -m gpt.data my_corpus/ data.tokenizer=bpe data.vocab_size=8192
+    python -m gpt.data data=shakespeare                      # a shipped preset as it is
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt.cli import Command, main
+from gpt.config import DataConfig, from_dict
+from gpt.data.prepare import prepare
+
+COMMAND = Command(
+    "prepare",
+    usage="python -m gpt.data PATH [data.tokenizer=char|bpe|gpt2|hf] [data.KEY=VALUE ...]",
+    positional=("data.path",),
+    free_text=("data.path", "data.tokenizer_path", "data.cache_dir"),
+)
+
+
+def job(cfg: dict[str, Any], given: frozenset[str]) -> None:
+    data = dict(cfg["data"])
+    if "data.name" not in given and "data" not in given:  # the cache folder is named after the input
+        data["name"] = Path(str(data["path"]).rstrip("/")).stem or "data"
+    prepared = prepare(from_dict(DataConfig, data, prefix="data."), block_size=cfg["block_size"])
+    print(f"prepared {prepared.directory}")
+    print(f"  tokenizer {prepared.tokenizer.kind}, vocab_size {prepared.tokenizer.vocab_size}")
+    print(f"  train: {prepared.train_tokens:,} tokens in {len(prepared.train_shards)} shard(s)")
+    print(f"  val:   {prepared.val_tokens:,} tokens in {len(prepared.val_shards)} shard(s)")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    main(job, COMMAND, argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,153 @@
+"""SFT batches: rendered dialogs as padded training rows with a loss mask on the replies.
+
+    tokenizer, train, train_eval, val = dialog_sources(cfg.data, tokenizer, block_size, seed)
+    x, y = train.get(step, batch_size=16, start=0, count=16)   # y is -1 outside assistant replies
+
+``DialogBatches`` is a pure function of (seed, step, position in the global batch), like
+``gpt.data.shards.TokenWindows``, so any split over processes and micro-steps, and any resume, sees
+the same batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpt.chat_template import MARKERS, fit_dialog, render_turns
+from gpt.data.dialogs import Dialog, problems_error, read_dialogs, split_dialogs
+from gpt.data.tokenizers import build_tokenizer
+from gpt.errors import DataError, UserError
+from gpt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from gpt.config import DataConfig
+
+
+class DialogBatches:
+    """SFT batches of whole dialogs, one per row, right-padded; a pure function of (seed, step,
+    position in the global batch), like ``gpt.data.shards.TokenWindows``.
+
+    Epoch ``e`` shuffles the dialogs with an RNG seeded by ``(seed, e)`` and cuts them into
+    ``n // batch_size`` batches (the remainder waits for a later epoch's shuffle). To spend little
+    compute on padding, each run of ``group`` consecutive batches is first sorted by length, and the
+    batches are then shuffled again. Every row of a global batch is padded to the batch's longest
+    dialog (so any split over processes and micro-steps sees the same tensors): x with
+    <|endoftext|>, y with -1 (no loss). Padding sits after a dialog's end, so causal attention never
+    lets a real token see it."""
+
+    def __init__(
+        self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, group: int = 8
+    ) -> None:
+        self.seed, self.pad_id, self.n, self.group = seed, pad_id, len(examples), group
+        # x = ids[:-1]; y = ids[1:] where the mask of ids[1:] is set, else -1
+        self.x = [np.asarray(ids[:-1], dtype=np.int64) for ids, _ in examples]
+        self.y = [np.where(np.asarray(mask[1:]) == 1, ids[1:], -1).astype(np.int64) for ids, mask in examples]
+        self.lengths = np.array([len(x) for x in self.x], dtype=np.int64)
+        self._epoch: tuple[tuple[int, int], np.ndarray] | None = None  # the last epoch's batches
+
+    def order(self, step: int, batch_size: int) -> np.ndarray:
+        """Dialog indices of global batch ``step``: shape (batch_size,)."""
+        per_epoch = max(1, self.n // batch_size)
+        epoch, b = divmod(step, per_epoch)
+        if self._epoch is None or self._epoch[0] != (epoch, batch_size):
+            rng = np.random.default_rng([self.seed % (1 << 63), epoch])
+            ids = np.resize(rng.permutation(self.n), per_epoch * batch_size)  # repeats if n < batch_size
+            chunk = self.group * batch_size
+            for s in range(0, len(ids), chunk):  # similar lengths side by side
+                ids[s : s + chunk] = ids[s : s + chunk][
+                    np.argsort(self.lengths[ids[s : s + chunk]], kind="stable")
+                ]
+            batches = ids.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)]
+            self._epoch = ((epoch, batch_size), batches)
+        return self._epoch[1][b]
+
+    def get(self, step: int, batch_size: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 CPU tensors (count, L) for global-batch positions [start, start + count), where
+        L <= block_size is the longest dialog of the whole global batch."""
+        import torch
+
+        if not (0 <= start and count >= 0 and start + count <= batch_size):
+            raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
+        order = self.order(step, batch_size)
+        width = int(self.lengths[order].max())
+        x = np.full((count, width), self.pad_id, dtype=np.int64)
+        y = np.full((count, width), -1, dtype=np.int64)
+        for row, i in enumerate(order[start : start + count]):
+            x[row, : self.lengths[i]], y[row, : self.lengths[i]] = self.x[i], self.y[i]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def padding_fraction(self, batch_size: int, steps: int | None = None) -> float:
+        """Fraction of the (rows x width) positions of the first ``steps`` global batches (default:
+        one epoch) that are padding."""
+        steps = steps or max(1, self.n // batch_size)
+        real = padded = 0
+        for step in range(steps):
+            lengths = self.lengths[self.order(step, batch_size)]
+            real, padded = real + int(lengths.sum()), padded + int(lengths.max()) * batch_size
+        return 1 - real / padded
+
+
+def render_all(
+    tokenizer: Tokenizer, dialogs: list[Dialog], block_size: int, problems: list[str]
+) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+    """(examples, truncated, too_long) for training with ``block_size``: a dialog longer than
+    block_size + 1 tokens is cut at a turn boundary (``fit_dialog``) or, when its first exchange
+    alone is too long, left out. A dialog the tokenizer cannot encode adds a problem."""
+    examples, truncated, too_long = [], 0, 0
+    for d in dialogs:
+        try:
+            ids, mask, ends = render_turns(tokenizer, d.messages)
+        except UserError as e:
+            problems.append(f"{d.source}: {e}")
+            continue
+        fitted = fit_dialog(ids, mask, ends, d.messages, block_size + 1)  # x and y are one shorter
+        truncated += fitted is not None and len(fitted[0]) < len(ids)
+        too_long += fitted is None
+        if fitted is not None:
+            examples.append(fitted)
+    return examples, truncated, too_long
+
+
+def dialog_sources(
+    cfg: DataConfig,
+    tokenizer: Tokenizer | None,
+    block_size: int,
+    seed: int,
+    show_progress: bool = True,
+    batch_size: int | None = None,
+) -> tuple[Tokenizer, DialogBatches, DialogBatches, DialogBatches | None]:
+    """The ``data.format=dialogs`` hook of ``gpt.train.setup``: (tokenizer, train, train_eval, val).
+    The tokenizer is the model's (init_from) or, for a fresh model, built from the dialogs' text."""
+    dialogs, skipped = read_dialogs(cfg.path, cfg.separator, cfg.skip_invalid)
+    train, val = split_dialogs(dialogs, cfg.val_fraction)
+    if tokenizer is None:
+        texts = lambda: (
+            "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in d.messages) for d in dialogs
+        )
+        tokenizer = build_tokenizer(
+            cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes
+        )
+    problems: list[str] = []
+    train_ex, cut, too_long = render_all(tokenizer, train, block_size, problems)
+    val_ex, val_cut, val_long = render_all(tokenizer, val, block_size, problems)
+    if problems and not cfg.skip_invalid:
+        raise problems_error(
+            f"{len(problems)} dialog(s) cannot be encoded by the {tokenizer.kind} tokenizer", problems
+        )
+    skipped += len(problems)
+    if not train_ex or (val and not val_ex):
+        raise DataError(f"no dialog of {cfg.path} fits block_size={block_size} (even cut after its first "
+                        "exchange); use a model with a longer context or shorter dialogs")  # fmt: skip
+    pad = tokenizer.eot_id
+    sources = (DialogBatches(train_ex, seed, pad), DialogBatches(train_ex, seed + 1, pad))
+    val_source = DialogBatches(val_ex, seed + 2, pad) if val_ex else None
+    if show_progress:
+        padding = f", padding {100 * sources[0].padding_fraction(batch_size):.0f}%" if batch_size else ""
+        print(f"dialogs: {len(train_ex)} train, {len(val_ex)} val from {cfg.path} ({skipped} malformed "
+              f"skipped; {cut + val_cut} cut at a turn boundary and {too_long + val_long} left out for "
+              f"block_size={block_size}){padding}", file=sys.stderr, flush=True)  # fmt: skip
+    return tokenizer, sources[0], sources[1], val_source

@@ -1,0 +1,97 @@
+"""Devices and the one dtype policy: which device a process uses, which precision training and
+inference compute in, the autocast context for it, and the measured matmul peak that MFU is
+reported against.
+
+    device = pick_device("auto")                    # CUDA, then Apple's MPS, then the CPU
+    dtype = resolve_dtype("auto", device, key="train.dtype")
+    with autocast_for(device, dtype):
+        loss = model(x, y)
+    peak = measure_peak_flops(device, dtype)        # FLOP/s of a large matmul, cached per process
+
+The policy, for training, sampling and serving alike: ``auto`` is bf16 on CUDA GPUs that have it
+(fp16 otherwise), fp32 elsewhere; fp16 on a CPU is refused (about 1 GFLOP/s there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from gpt.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' prefers CUDA, then Apple's MPS, then the CPU; an unavailable choice is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu or device=auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "mps" and not mps_available():
+        raise ConfigError("device=mps but Apple's MPS backend is not available; use device=auto")
+    if name not in ("cpu", "mps"):
+        raise ConfigError(f"device={name!r} must be auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, key: str = "dtype") -> torch.dtype:
+    """The compute dtype for ``name`` (auto, fp32, bf16, fp16) on ``device``; ``key`` names the
+    setting in the error message (``train.dtype`` or ``dtype``)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r} must be one of auto, {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError(f"{key}=fp16 is not supported on the CPU (very slow there); use bf16 or fp32")
+    return DTYPES[name]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``dtype`` (weights stay fp32); a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """Best FLOP/s of a square matmul in ``dtype`` on ``device`` (cached per process). The inputs
+    come from a private generator: the probe never moves the global RNG (a resumed run draws the
+    same dropout masks as an uninterrupted one)."""
+    key = (str(device), dtype)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    n = size or (8192 if device.type == "cuda" else 1024)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: kernel selection, caches, clocks
+        a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(5 if device.type == "cpu" else 10):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    _PEAK_CACHE[key] = 2 * n**3 / best
+    return _PEAK_CACHE[key]

@@ -1,0 +1,1 @@
+"""Evaluation: scoring chat models on held-out dialogs (``dialogs``)."""

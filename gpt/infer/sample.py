@@ -1,0 +1,76 @@
+"""``sample.py``'s job: load a model, then print samples, or run the prompt loop or the chat loop.
+
+python sample.py prompt="ROMEO:" num_samples=3      # samples on stdout, notices on stderr
+python sample.py mode=interactive                   # gpt.infer.repl
+python sample.py mode=chat ckpt=out/chat            # gpt.infer.chat_repl
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from gpt.config import SampleConfig, resolve_path
+from gpt.device import pick_device, resolve_dtype
+from gpt.errors import DataError
+from gpt.infer.chat_repl import ChatRepl
+from gpt.infer.generate import Generation
+from gpt.infer.repl import Repl, print_samples, settings_line
+from gpt.runs.load import load_model
+
+
+def read_prompt(cfg: SampleConfig) -> str:
+    """The prompt, verbatim: ``prompt=`` as typed, or the text of ``prompt_file``."""
+    if cfg.prompt_file is None:
+        return cfg.prompt
+    path = resolve_path(cfg.prompt_file)
+    if not path.is_file():
+        raise DataError(f"prompt_file={cfg.prompt_file}: no such file; give an existing UTF-8 text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"prompt_file={cfg.prompt_file} is not UTF-8 text") from None
+
+
+def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """The job of ``sample.py``: load the checkpoint, then print samples or run the prompt loop."""
+    out, err = out or sys.stdout, err or sys.stderr
+    d = dict(cfg_dict)
+    for key in ("prompt", "stop"):  # Hydra reads prompt=42 as a number; it is text
+        if isinstance(d.get(key), (int, float)) and not isinstance(d[key], bool):
+            d[key] = str(d[key])
+    if d.get("prompt") is None:
+        d["prompt"] = ""
+    cfg = SampleConfig.from_dict(d)  # validates: out-of-range settings fail before any loading
+    settings = cfg.generation()
+    text = read_prompt(cfg)
+    device = pick_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    model.to(dtype).eval()
+    prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
+    print(
+        f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
+        f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}",
+        file=err,
+    )
+    print(f"settings: {settings_line(settings)}", file=err, flush=True)
+    if cfg.mode == "interactive":
+        Repl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file).run()
+        return
+    if cfg.mode == "chat":
+        chat = ChatRepl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file,
+                        system=cfg.system or None)  # fmt: skip
+        chat.reply_once(text) if text else chat.run()
+        return
+    gen = Generation(model, tokenizer, prompt_ids, settings)
+    if gen.dropped:
+        total, block_size = len(gen.prompt_ids) + gen.dropped, model.config.block_size
+        print(f"note: the prompt has {total} tokens, more than the model's context of {block_size}; "
+              f"its first {gen.dropped} are left out", file=err)  # fmt: skip
+    try:
+        print_samples(gen, out, prefix=text if cfg.echo_prompt else "")
+    except KeyboardInterrupt:
+        out.write("\n")
+        print("[stopped]", file=err)
+        sys.exit(130)

@@ -1,0 +1,171 @@
+"""Everything a training run needs before its first step: the run directory, the tokenizer, the
+data sources, the model (from scratch, from ``init_from``, or resumed: see ``gpt.train.init``), and
+the monitor.
+
+Three ways in, one result (``RunSetup``):
+- fresh:      the tokenizer is built by data preparation; the model shape comes from ``cfg.model``;
+- init_from:  weights, shape and tokenizer come from another run (or ``hf:DIR``); ``block_size``
+              may shrink, and any shape the config sets must match the checkpoint;
+- resume:     everything (weights, optimizer, step, RNG) comes from ``out_dir/ckpt.pt``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml  # PyYAML comes with hydra-core/omegaconf
+
+from gpt.atomic import atomic_write
+from gpt.checkpoint import CKPT_NAME, checkpoint_state, load_state_dict_strict
+from gpt.config import TrainRunConfig
+from gpt.data.prepare import prepare
+from gpt.data.sft import dialog_sources
+from gpt.data.shards import TokenWindows
+from gpt.errors import CheckpointError, ConfigError
+from gpt.lora import adapter_weights, attach, describe
+from gpt.model import GPT, GPTConfig, pad_vocab
+from gpt.train import distributed as D
+from gpt.train.init import Start, resolve_start
+from gpt.train.monitor import Monitor
+
+
+@dataclass
+class RunSetup:
+    model: GPT
+    tokenizer: Any
+    block_size: int
+    train_data: Any  # .get(step, batch_size, start, count) -> (x, y)
+    train_eval: Any  # fixed windows of the train split, for the train_loss of evals
+    val_data: Any | None
+    logger: Monitor
+    config_dict: dict[str, Any]
+    step: int = 0
+    best_val_loss: float | None = None
+    optimizer_state: dict | None = None
+    lora: dict[str, Any] | None = None  # a LoRA run's settings and base (see gpt.train.init)
+    dist: D.DistInfo = field(default_factory=D.DistInfo)  # this process's rank and device
+
+    def checkpoint_state(self, model: GPT, optimizer, step: int, best_val: float | None) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimizer, step, RNG, config, tokenizer.
+        The data position is the step itself: batches are a pure function of (seed, step).
+        Call it on every rank (FSDP gathers the shards); the result is complete on rank 0."""
+        model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist)
+        extra = {}
+        if self.lora is not None:  # adapters only: the frozen base is loaded again from lora["base"]
+            model_sd, extra = adapter_weights(model_sd), {"lora": self.lora}
+        return checkpoint_state(
+            model_sd,
+            model.config,
+            self.tokenizer.to_state(),
+            optimizer=optim_sd,
+            step=step,
+            tokens=step * self.config_dict["train"]["batch_size"] * self.block_size,
+            rng=D.rng_state(self.dist),
+            config=self.config_dict,
+            best_val_loss=best_val,
+            **extra,
+        )
+
+
+def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInfo):
+    """Prepare (rank 0 first, the others then hit its cache: see D.main_first) and return
+    (tokenizer, train, train_eval, val) batch sources."""
+    if cfg.data.format == "dialogs":
+
+        def make():
+            return dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
+                                  batch_size=cfg.train.batch_size)  # fmt: skip
+    else:
+
+        def make():
+            prepared = prepare(cfg.data, block_size, tokenizer, show_progress=info.is_main)
+            train = TokenWindows(prepared.train_shards, block_size, cfg.seed)
+            train_eval = TokenWindows(prepared.train_shards, block_size, cfg.seed + 1)
+            val = TokenWindows(prepared.val_shards, block_size, cfg.seed + 2) if prepared.val_shards else None
+            return prepared.tokenizer, train, train_eval, val
+
+    return D.main_first(make, info)
+
+
+def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
+    if cfg.resume and not ckpt_file.exists():
+        raise CheckpointError(
+            f"resume=true but {ckpt_file} does not exist; start the run without resume=true"
+        )
+    if not cfg.resume and ckpt_file.exists() and not cfg.overwrite:
+        raise ConfigError(
+            f"out_dir={ckpt_file.parent} already holds a checkpoint; continue it with resume=true, choose "
+            "another out_dir, or replace it with overwrite=true"
+        )
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("resume=true and init_from are exclusive: resume continues out_dir itself")
+
+
+def _build_model(cfg: TrainRunConfig, start: Start, tokenizer, info: D.DistInfo) -> GPT:
+    """The model with its starting weights (and LoRA adapters); the same initial weights on every
+    rank, then a per-rank RNG so that dropout differs between ranks."""
+    config = start.model_config
+    if config is None:
+        config = GPTConfig(**{**cfg.model.given(), "vocab_size": pad_vocab(tokenizer.vocab_size)})
+    elif config.vocab_size < tokenizer.vocab_size:
+        raise CheckpointError(
+            f"the checkpoint's vocab_size={config.vocab_size} is smaller than its tokenizer's "
+            f"{tokenizer.vocab_size}; the checkpoint is inconsistent"
+        )
+    torch.manual_seed(cfg.seed)
+    model = GPT(config)
+    if start.weights is not None:
+        load_state_dict_strict(model, start.weights, start.source or cfg.out_dir)
+    if start.lora is not None:
+        attach(model, start.lora, start.adapter, start.source or cfg.out_dir)
+    torch.manual_seed(cfg.seed + info.rank)
+    return model
+
+
+def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
+    out_dir = Path(cfg.out_dir)
+    ckpt_file = out_dir / CKPT_NAME
+    _check_out_dir(cfg, ckpt_file)
+    start = resolve_start(cfg, ckpt_file)
+    config = start.model_config
+    block_size = config.block_size if config else cfg.model.given().get("block_size", GPTConfig.block_size)
+    tokenizer, train_data, train_eval, val_data = _build_data(cfg, start.tokenizer, block_size, info)
+    model = _build_model(cfg, start, tokenizer, info)
+
+    config_dict = cfg.to_dict()
+    config_dict["model"] = model.config.to_dict()  # record the shape actually trained
+    state = start.resume_state or {}
+    step = int(state.get("step", 0))
+    if start.resume_state is not None:
+        D.restore_rng(state.get("rng", {}), info, cfg.seed, step)
+    if info.is_main:
+        atomic_write(out_dir / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
+        tokenizer.save(out_dir)
+    logger = Monitor(cfg, info, out_dir, resume_step=step if cfg.resume else None, config=config_dict)
+    logger.info(
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
+        f"MFLOP/token, block_size={model.config.block_size}, vocab={model.config.vocab_size} (tokenizer "
+        f"{tokenizer.kind}, {tokenizer.vocab_size}); device={info.device}, world={info.world_size}"
+    )
+    if start.lora is not None:
+        logger.info(describe(model, start.lora))
+    if start.resume_state is not None:
+        logger.info(f"resuming {ckpt_file} at step {step}")
+    return RunSetup(
+        model=model,
+        tokenizer=tokenizer,
+        block_size=model.config.block_size,
+        train_data=train_data,
+        train_eval=train_eval,
+        val_data=val_data,
+        logger=logger,
+        config_dict=config_dict,
+        step=step,
+        best_val_loss=state.get("best_val_loss"),
+        optimizer_state=state.get("optimizer"),
+        lora=start.lora,
+        dist=info,
+    )

@@ -1,0 +1,55 @@
+"""Ctrl-C and SIGTERM during training: finish the step, save a checkpoint, exit.
+
+    with StopFlag() as stop:
+        ...
+        if stop.reason: ...          # "SIGINT" or "SIGTERM" once a signal arrived
+
+Under torchrun every worker gets the terminal's Ctrl-C, and then torchrun's copy of it; ranks that
+see a signal at different steps agree on the largest ``CODES`` value (see ``gpt.train.loop``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from typing import Any
+
+from gpt.train import distributed as D
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and exits. A second Ctrl-C
+    interrupts at once (a second or more later, so torchrun's forwarded copy of the first is not
+    taken for a second one)."""
+
+    CODES = {"SIGTERM": 2, "SIGINT": 3}  # 1 = should_stop(); all ranks act on the largest code seen
+    REASONS = {2: "SIGTERM", 3: "SIGINT"}
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._since = 0.0
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.reason is not None and signum == signal.SIGINT and time.monotonic() - self._since > 1.0:
+            raise KeyboardInterrupt
+        first = self.reason is None
+        if first:
+            self._since = time.monotonic()
+        self.reason = signal.Signals(signum).name
+        if first:  # one notice, on rank 0 only
+            D.print0(f"\n{self.reason} received: finishing this step, saving a checkpoint, then exiting")
+
+    def code(self) -> int:
+        return self.CODES.get(self.reason or "", 0)
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
