@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from gpt.config import REPO_ROOT, OptimConfig, TrainRunConfig
 from gpt.errors import ConfigError
 from gpt.model import GPT, GPTConfig
-from gpt.train.optim import configure_optimizer, lr_at
 from gpt.train.loop import split_batch
+from gpt.train.optim import configure_optimizer, lr_at
 
 CONF = REPO_ROOT / "conf"
 

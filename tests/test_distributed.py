@@ -28,15 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.train import distributed as D
 from gpt.checkpoint import load_checkpoint
-from gpt.runs.load import load_model
 from gpt.cli import to_plain
 from gpt.config import REPO_ROOT, TrainRunConfig
 from gpt.data.prepare import prepare
 from gpt.data.shards import TokenWindows
 from gpt.errors import ConfigError
+from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
+from gpt.train import distributed as D
 from gpt.train.loop import split_batch, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

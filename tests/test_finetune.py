@@ -15,12 +15,12 @@ import torch
 from helpers_hf import bytes_to_unicode
 
 from gpt.checkpoint import load_checkpoint
-from gpt.runs.load import load_model
 from gpt.config import REPO_ROOT
 from gpt.errors import CheckpointError
 from gpt.export import export_main
-from gpt.infer.sample import sample
 from gpt.export import merge_main as lora_main
+from gpt.infer.sample import sample
+from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 

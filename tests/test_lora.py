@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.runs.load import load_model
 from gpt.config import FinetuneConfig
 from gpt.errors import CheckpointError, ConfigError
+from gpt.export import merge_main as lora_main
 from gpt.infer.generate import GenerationConfig, generate
 from gpt.lora import LoRALinear, adapter_weights, apply_lora, merge_lora
-from gpt.export import merge_main as lora_main
 from gpt.model import GPT, GPTConfig
+from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 

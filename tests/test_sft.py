@@ -10,13 +10,13 @@ import re
 import pytest
 
 from gpt.chat_template import check_messages, render_dialog, render_prompt
-from gpt.data.dialogs import read_dialogs
-from gpt.runs.load import load_model
 from gpt.config import REPO_ROOT, TrainRunConfig
+from gpt.data.dialogs import read_dialogs
 from gpt.eval.dialogs import EvalConfig, evaluate
 from gpt.evaluate import run as evaluate_main
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.sample import sample
+from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 

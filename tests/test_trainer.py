@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
-from gpt.runs.load import load_model
 from gpt.errors import CheckpointError, ConfigError
+from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 

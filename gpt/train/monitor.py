@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from gpt.atomic import atomic_write
 from gpt.config import TrainRunConfig
 from gpt.train import distributed as D
@@ -62,15 +64,11 @@ class Monitor:
         if isinstance(self.bar, _NoBar):
             print(message, flush=True)
         else:
-            from tqdm import tqdm
-
             tqdm.write(message, file=sys.stdout)
 
     def progress(self, total: int, initial: int):
         """A progress bar on stderr when it is a terminal (log files stay clean)."""
         if self.active and self.cfg.train.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
         return self.bar
 
