@@ -15,6 +15,7 @@ import torch
 from helpers_hf import bytes_to_unicode
 
 from gpt.checkpoint import load_checkpoint
+from gpt.commands import train_main
 from gpt.config import REPO_ROOT
 from gpt.errors import CheckpointError
 from gpt.export import export_main
@@ -120,3 +121,20 @@ def test_readme_commands_lora_finetune_merge_export_and_sample(tmp_path, corpus,
     with torch.no_grad():
         ours, theirs = model.eval()(idx)[..., : tokenizer.vocab_size], ref(idx).logits
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_init_from_takes_the_shape_from_the_checkpoint_without_a_preset(tmp_path, corpus, hf_dir, capsys):
+    """`train.py init_from=hf:DIR data=text data.path=FILE`: the default model preset's shape does not
+    count as given; a shape key typed on the command line still must match the checkpoint."""
+    common = [
+        f"init_from=hf:{hf_dir}", "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'c'}",
+        "device=cpu", "wandb.mode=disabled", "train.max_steps=2", "train.eval_interval=0",
+        "train.batch_size=2", "train.peak_flops=1e12", "train.log_interval=1",
+    ]  # fmt: skip
+    train_main([*common, f"out_dir={tmp_path / 'a'}", "model.block_size=32"])
+    shape = load_checkpoint(tmp_path / "a")["model_config"]
+    assert (shape["n_layer"], shape["n_embd"], shape["block_size"], shape["norm"]) == (2, 32, 32, "layernorm")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, f"out_dir={tmp_path / 'b'}", "model.n_layer=4"])
+    assert exit_info.value.code == 2
+    assert "model.n_layer=4 (checkpoint: 2)" in capsys.readouterr().err

@@ -1,0 +1,105 @@
+"""The one command-line convention (gpt.cli): Hydra overrides, positional words, free text that
+reaches the model verbatim, the keys the user typed, one-line errors; and the `gpt` command."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gpt.cli import Command, compose_config, split_args
+from gpt.commands import SAMPLE, TRAIN
+from gpt.config import REPO_ROOT, SampleConfig
+from gpt.errors import UserError
+
+# every character Hydra's override grammar would reject or change
+FREE_TEXTS = [
+    "Hello, who are you?",
+    "a | b",
+    "x < y > z",
+    "key=value = more",
+    'it\'s "quoted" `too`',
+    "[brackets] {braces} (parens)",
+    "time: 12:30",
+    "back\\slash \\n stays two characters",
+    "two\nlines\n",
+    "naïve café — 日本語 🙂",
+    "hi <|endoftext|> there <|end_of_turn|>",
+    "${oc.env:HOME} is not interpolated",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", FREE_TEXTS)
+def test_free_text_reaches_the_config_verbatim(text):
+    cfg, given = compose_config(SAMPLE, [f"prompt={text}", f"system={text}", "temperature=0"])
+    assert cfg["prompt"] == text and cfg["system"] == text
+    assert SampleConfig.from_dict(cfg).prompt == text
+    assert {"prompt", "system", "temperature"} <= given
+
+
+def test_repeated_stop_strings_make_a_list_and_one_stays_a_string():
+    cfg, _ = compose_config(SAMPLE, ["stop=\n\n", "stop=THE END, ok"])
+    assert cfg["stop"] == ["\n\n", "THE END, ok"]
+    assert SampleConfig.from_dict(cfg).generation().stop == ["\n\n", "THE END, ok"]
+
+
+def test_positional_words_and_typed_keys():
+    command = Command("prepare", positional=("data.path",), free_text=("data.path",))
+    overrides, free, given = split_args(["my corpus, v2/", "data.tokenizer=char", "model=x"], command)
+    assert free == {"data.path": "my corpus, v2/"} and overrides == ["data.tokenizer=char", "model=x"]
+    assert given == {"data.path", "data.tokenizer", "model"}
+    with pytest.raises(UserError, match="unexpected argument 'extra'"):
+        split_args(["a", "extra"], command)
+
+
+def test_paths_with_glob_characters_and_commas_pass_verbatim():
+    cfg, given = compose_config(TRAIN, ["data=text", "data.path=runs/[2024], v1/*.txt", "out_dir=out/a,b"])
+    assert cfg["data"]["path"] == "runs/[2024], v1/*.txt" and cfg["out_dir"] == "out/a,b"
+
+
+def test_mistakes_are_one_line_user_errors():
+    with pytest.raises(UserError, match="unknown config key 'train.max_step'"):
+        compose_config(TRAIN, ["train.max_step=3"])
+    with pytest.raises(UserError, match="missing mandatory value data.path"):
+        compose_config(TRAIN, ["data=text"])
+    with pytest.raises(UserError, match="unknown preset model=nope"):
+        compose_config(TRAIN, ["model=nope"])
+
+
+def run_gpt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_the_gpt_command_lists_its_verbs_and_rejects_unknown_ones():
+    r = run_gpt("--help")
+    assert r.returncode == 0 and all(v in r.stdout for v in ("train", "sample", "chat", "prepare", "export"))
+    r = run_gpt("frobnicate")
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown verb 'frobnicate'")
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A tiny random model with GPT-2's byte-level tokenizer: it can encode any text."""
+    import torch
+
+    from gpt.checkpoint import checkpoint_state, save_checkpoint
+    from gpt.model import GPT, GPTConfig
+    from gpt.tokenizer import gpt2_tokenizer
+
+    directory = tmp_path_factory.mktemp("bpe_run")
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(directory / "ckpt.pt", checkpoint_state(model.state_dict(), model.config, tok.to_state()))
+    return directory
+
+
+def test_sample_py_takes_any_prompt_verbatim(bpe_run, tmp_path):
+    """The real script: every character of FREE_TEXTS in one prompt, echoed unchanged before the sample."""
+    text = " ".join(FREE_TEXTS)
+    args = [f"ckpt={bpe_run}", f"prompt={text}", "max_new_tokens=2", "temperature=0", "stop=\n", "stop=, "]
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(text)
