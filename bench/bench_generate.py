@@ -9,14 +9,14 @@ weights: speed does not depend on them).
 Each run: a 256-token prompt, then 512 new tokens sampled with sample.py's defaults (temperature 0.8,
 top_k 200). Reported, as medians over --repeats runs (each run measures all of them in turn):
 - ttft_ms: prompt -> first sampled token (one prefill forward of the whole prompt);
-- cached tok/s: the 511 following tokens, one single-token forward each (gpt.generate.Decoder);
+- cached tok/s: the 511 following tokens, one single-token forward each (gpt.infer.engine.Decoder);
 - recompute tok/s: the same tokens when every step re-runs the model over the whole context (the last
   block_size tokens, as nanoGPT does). The baseline computes logits for the last position only, as
   nanoGPT's loop does, so it is not slowed by work it does not need. A step's cost depends only on
   the context length, so by default 8 context lengths, evenly spaced, are timed (twice each) and the
   511 steps summed by linear interpolation (--recompute-points 0 times every step);
 - speedup: cached over recompute decode speed, per run;
-- end-to-end tok/s: gpt.generate.generate() for the whole job (prefill, sampling, text streaming).
+- end-to-end tok/s: gpt.infer.generate.generate() for the whole job (prefill, sampling, text streaming).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
 from gpt.config import REPO_ROOT, GenerationConfig  # noqa: E402
-from gpt.generate import Decoder, choose_next, generate  # noqa: E402
+from gpt.infer.engine import Decoder, choose_next  # noqa: E402
+from gpt.infer.generate import generate  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 
 MODELS = {
@@ -176,7 +177,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gpt.distributed import pick_device
+    from gpt.device import pick_device
 
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -12,7 +12,7 @@ so it is read back with ``torch.load(..., weights_only=True)`` (no unpickling of
 and the model's shape and tokenizer always travel with its weights. Whatever wrote it (one process,
 DDP or FSDP ranks), the tensors are full and the optimizer state is keyed by parameter name (the
 layout of ``torch.distributed.checkpoint.state_dict``), and ``rng`` holds every rank's state under
-``ranks``: any number of processes resumes it (see gpt.distributed). A LoRA run's checkpoint holds
+``ranks``: any number of processes resumes it (see gpt.train.distributed). A LoRA run's checkpoint holds
 only the adapters in ``model``, plus ``lora``: their settings and where the base model is (see
 gpt.runs.load, which rebuilds the base and attaches them).
 

@@ -1,4 +1,4 @@
-"""Tests for gpt.chat: reading and checking dialog files, rendering (ids, loss_mask), truncation and
+"""Tests for gpt.chat_template, gpt.data.dialogs and gpt.data.sft: reading and checking dialog files, rendering (ids, loss_mask), truncation and
 the SFT batch source."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of gpt.generate: the KV cache against full recompute, every sampling control, beam search,
+"""Tests of gpt.infer.engine and gpt.infer.generate: the KV cache against full recompute, every sampling control, beam search,
 stop strings, seeds, and streamed text (UTF-8 never split). Tiny random models: the point is that
 the engine computes the same thing as the plain forward, not that the text is good."""
 

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 import and export (gpt.hf, gpt.export) checked against transformers itself:
+"""Hugging Face GPT-2 import and export (gpt.interop.hf, gpt.export) checked against transformers itself:
 logits of imported and exported models, tokenizer ids, the files written, and the errors for what
 cannot be imported or exported. Tiny random GPT-2s (2 layers, width 32, GPT-2's 50257 tokens)."""
 

@@ -8,7 +8,7 @@ A single ``python train.py`` is world size 1 and starts no process group; under
 in scripts/slurm_train.sh) the usual environment variables (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT) select the process group: NCCL on CUDA, gloo on CPU.
 
-    info = init_distributed("auto", timeout_s=1800)   # in gpt.trainer.train; teardown() at the end
+    info = init_distributed("auto", timeout_s=1800)   # in gpt.train.loop.train; teardown() at the end
     model = prepare_model(model, info, cfg.train, dtype)
 """
 
