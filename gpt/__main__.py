@@ -18,6 +18,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from gpt.cli import errors_as_exit
+
 # verb -> (module, function taking argv, what it does); modules are imported only when used
 VERBS = {
     "train": ("gpt.commands", "train_main", "pretrain, fine-tune or instruction-tune (train.py)"),
@@ -41,7 +43,8 @@ def usage() -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        with errors_as_exit():  # `gpt --help | head` ends quietly
+            print(usage(), flush=True)
         return
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
