@@ -82,11 +82,39 @@ def open_stream(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
                 import zstandard
             except ImportError:
                 raise _missing("zstandard", path) from None
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with io.BufferedReader(reader) as stream:  # type: ignore[arg-type]
+            with io.BufferedReader(_ZstdReader(raw, zstandard.ZstdDecompressor())) as stream:
                 yield stream, raw  # type: ignore[misc]
         else:
             raise ValueError(f"{path}: not a stream container: {container}")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompressed bytes of a zstd file of one or more frames; a file that ends inside a frame
+    raises EOFError (zstandard's own stream reader returns the bytes so far without a word)."""
+
+    def __init__(self, raw: BinaryIO, dctx: Any) -> None:
+        self.raw, self.dctx = raw, dctx
+        self.obj, self.fed, self.buf = dctx.decompressobj(), False, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            data = self.raw.read(1 << 16)
+            if not data:
+                if self.fed and not self.obj.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            while data:
+                if self.obj.eof:  # the next frame
+                    self.obj, self.fed = self.dctx.decompressobj(), False
+                self.buf += self.obj.decompress(data)
+                self.fed = True
+                data = self.obj.unused_data if self.obj.eof else b""
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n
 
 
 def _parquet_file(path: Path) -> Any:
