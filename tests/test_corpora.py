@@ -155,6 +155,15 @@ def test_parts_keep_the_byte_split_of_one_stream(tmp_path, monkeypatch):
     np.testing.assert_array_equal(shard_tokens(one.val_shards), shard_tokens(many.val_shards))
 
 
+def test_compressed_text_is_split_at_a_line_start_near_its_share_of_the_file(tmp_path):
+    text = "\n".join(documents(300)) + "\n"
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(text.encode()))
+    d = prepare(cfg_for(tmp_path, tmp_path / "t.txt.gz"), block_size=8, show_progress=False)
+    train, val = (d.tokenizer.decode(shard_tokens(s).tolist()) for s in (d.train_shards, d.val_shards))
+    assert train.endswith("\n") and train + val == text + "<|endoftext|>"
+    assert 0.8 < len(train) / len(text) < 0.97  # the last ~10% of the (compressed) bytes
+
+
 # ---------------------------------------------------------------------------------------- errors
 def truncated_gz(path: Path, docs: list[str]) -> Path:
     raw = gzip.compress(jsonl_bytes(docs))

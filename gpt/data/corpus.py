@@ -41,7 +41,7 @@ class Piece(NamedTuple):
     text: str
     nbytes: int  # the input-file bytes it came from (the val split and the progress bar count these)
     doc_end: bool  # the last piece of its document (an eot follows it)
-    splittable: bool  # plain .txt text, which the train/val split may cut at a line start; else False
+    splittable: bool  # .txt text, which the train/val split may cut at a line start; documents: False
 
 
 class Unit(NamedTuple):
@@ -114,7 +114,7 @@ def _read(stream, n: int, path: Path, line: int) -> bytes:
 
 def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
     """A .txt file (plain or compressed) as pieces of about ``chunk`` bytes (never the whole file in
-    memory). A compressed file's pieces count compressed bytes and are not splittable."""
+    memory). A compressed file's pieces count the compressed bytes read for them."""
     decoder = codecs.getincrementaldecoder("utf-8")()  # holds a character split across two reads
     text, offset, line, eof = "", 0, 1, False
     with open_stream(path) as (f, raw_file):
@@ -138,7 +138,7 @@ def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
                     yield Piece(piece, len(piece.encode("utf-8")), eof and not text, True)
                 else:
                     nbytes, counted = raw_file.tell() - counted, raw_file.tell()
-                    yield Piece(piece, nbytes, eof and not text, False)
+                    yield Piece(piece, nbytes, eof and not text, True)
 
 
 def _lines(f, path: Path) -> Iterator[bytes]:

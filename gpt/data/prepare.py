@@ -123,8 +123,9 @@ def _tasks(
         for piece in unit_pieces(unit, cfg.text_field):
             parts = [(piece.text, piece.doc_end)]
             if split == "train" and boundary is not None and max(pos, pos + piece.nbytes - 1) >= boundary:
-                k = max(boundary - pos, 0)  # the boundary's byte offset in this piece
+                k = max(boundary - pos, 0)  # the boundary's input-byte offset in this piece
                 raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
+                k = k * len(raw) // piece.nbytes if raw else k  # in text bytes (compressed input: scaled)
                 cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
                 if k == 0 or 0 < cut < len(raw):  # else: the next piece starts val (at a line start)
                     if cut:  # the document goes on in val: no eot after its train part
