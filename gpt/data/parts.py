@@ -1,5 +1,6 @@
-"""Preparation shared between processes: the input cut into parts, the ranks that tokenize them, and
-the token-count cuts (``data.max_tokens``, ``data.val_tokens``) applied to the finished shards.
+"""Preparation shared between processes: the input cut into parts, the ranks that tokenize them, the
+progress bar that reports for all of them, and the finished folder (with the token-count cuts of
+``data.max_tokens`` and ``data.val_tokens``).
 
     parts = plan_parts(input_units(files), PART_BYTES)   # the same list whatever the world size
     ranks = Ranks.current(group)                         # rank r tokenizes parts r, r + N, ...
@@ -13,16 +14,22 @@ one, ``Ranks`` is a world of one and every collective is the identity.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from gpt.atomic import atomic_write
+from gpt.config import DataConfig
 from gpt.data.corpus import Unit
-from gpt.data.shards import HEADER_BYTES, read_shard, shard_header
+from gpt.data.shards import HEADER_BYTES, VERSION, read_shard, shard_header
 from gpt.errors import DataError, UserError
+from gpt.tokenizer import Tokenizer
 
 PART_BYTES = 64 << 20  # input bytes per part: 1,000 parts for 64 GB, about 16M tokens of shards each
 COPY_TOKENS = 1 << 24  # tokens moved at a time when the val split is cut out of train shards
@@ -108,6 +115,32 @@ class Ranks:
             )
 
 
+class Progress:
+    """The bar on rank 0: input bytes (with their rate and the ETA), tokens and tokens/s, for all ranks
+    (this rank's own work as it goes, everyone's at the end of each round of parts)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not enabled)
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def _postfix(self) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+
+    def update(self, nbytes: int, ntokens: int) -> None:
+        self.tokens += ntokens
+        self._postfix()
+        self.bar.update(nbytes)
+
+    def set(self, nbytes: int, ntokens: int) -> None:
+        self.tokens, self.bar.n = ntokens, nbytes
+        self._postfix()
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _truncate(path: Path, n: int) -> None:
     """Keep the first ``n`` tokens of a shard (its header rewritten with the new count)."""
     h = np.fromfile(path, dtype="<i4", count=4)  # header: magic, version, bytes per token, vocab_size
@@ -138,3 +171,54 @@ def cut_tokens(
             _truncate(path, n_train)
         train.append(name)
     return train
+
+
+def finish(
+    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer, tmp: Path, n_parts: int, writer: Any
+) -> None:
+    """Rank 0, once every part is written: the token cuts (val tokens to ``writer``, an empty shard
+    writer for val_*.bin), the final shard names, then meta.json, which marks the folder complete."""
+    metas = [json.loads((tmp / f"part{i:06d}.json").read_text()) for i in range(n_parts)]
+    train = [(name, n) for m in metas for name, n in m["train"]]
+    val = [(name, n) for m in metas for name, n in m["val"]]
+    if cfg.split_by_tokens:  # the first max_tokens tokens; the last val_tokens of them are val
+        total = sum(n for _, n in train)
+        keep = min(total, cfg.max_tokens) if cfg.max_tokens else total
+        n_val = min(cfg.val_tokens or round(cfg.val_fraction * keep), keep)
+        try:
+            kept = cut_tokens(tmp, train, keep, keep - n_val, writer)
+        finally:
+            writer.close()
+        train_names, val_names = [], writer.names
+        for i, name in enumerate(kept):
+            train_names.append(f"train_{i:06d}.bin")
+            os.rename(tmp / name, tmp / train_names[-1])
+        train_tokens, val_tokens = keep - n_val, writer.total
+    else:
+        names = {}
+        for split, shards in (("train", train), ("val", val)):
+            names[split] = [f"{split}_{i:06d}.bin" for i in range(len(shards))]
+            for (old, _), new in zip(shards, names[split], strict=True):
+                os.rename(tmp / old, tmp / new)
+        train_names, val_names = names["train"], names["val"]
+        train_tokens, val_tokens = sum(n for _, n in train), sum(n for _, n in val)
+    for i in range(n_parts):
+        (tmp / f"part{i:06d}.json").unlink()
+    for leftover in tmp.glob("part*.bin"):  # parts past max_tokens
+        leftover.unlink()
+    meta = {
+        "format_version": VERSION,
+        "name": cfg.name,
+        "source": str(src),
+        "files": [str(f) for f in files],
+        "tokenizer": tok.kind,
+        "tokenizer_fingerprint": tok.fingerprint(),
+        "vocab_size": tok.vocab_size,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_shards": train_names,
+        "val_shards": val_names,
+        "max_tokens": cfg.max_tokens,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: marks it complete

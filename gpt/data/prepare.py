@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from gpt.atomic import atomic_write
 from gpt.config import DataConfig, resolve_path
 from gpt.data.corpus import CHUNK_BYTES, input_files, input_units, iter_documents, no_text, unit_pieces
-from gpt.data.parts import PART_BYTES, Part, Ranks, cut_tokens, plan_parts
+from gpt.data.parts import PART_BYTES, Part, Progress, Ranks, finish, plan_parts
 from gpt.data.shards import HEADER_BYTES, REDO, VERSION, shard_header, token_dtype
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
@@ -165,34 +163,8 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-class _Progress:
-    """The bar on rank 0: input bytes (with their rate and the ETA), tokens and tokens/s, for all ranks
-    (this rank's own work as it goes, everyone's at the end of each round of parts)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not enabled)
-        self.tokens, self.t0 = 0, time.perf_counter()
-
-    def _postfix(self) -> None:
-        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
-
-    def update(self, nbytes: int, ntokens: int) -> None:
-        self.tokens += ntokens
-        self._postfix()
-        self.bar.update(nbytes)
-
-    def set(self, nbytes: int, ntokens: int) -> None:
-        self.tokens, self.bar.n = ntokens, nbytes
-        self._postfix()
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _write(
-    writers: dict[str, _ShardWriter], progress: _Progress, split: str, result: Any, nbytes: int
+    writers: dict[str, _ShardWriter], progress: Progress, split: str, result: Any, nbytes: int
 ) -> None:
     tokens = result if isinstance(result, np.ndarray) else result.get()
     writers[split].add(tokens)
@@ -201,7 +173,7 @@ def _write(
 
 def _tokenize_part(
     cfg: DataConfig, part: Part, boundary: int | None, tok: Tokenizer, out: Path, pool: Any, workers: int,
-    progress: _Progress, budget: int,
+    progress: Progress, budget: int,
 ) -> dict[str, list[tuple[str, int]]]:  # fmt: skip
     """Tokenize one part into ``part<index>-train_*.bin`` / ``-val_*.bin`` in ``out`` (in the worker
     ``pool`` when there is one), stopping once ``budget`` train tokens are written (0: no limit);
@@ -244,7 +216,7 @@ def _tokenize(
     workers = min(workers, -(-largest // CHUNK_BYTES))  # <= one per task
     if total < PARALLEL_MIN_BYTES:
         workers = 1
-    progress = _Progress(total, show_progress and ranks.is_main)
+    progress = Progress(total, show_progress and ranks.is_main)
     pool, done_tokens, done_bytes = None, 0, 0
     try:
         if workers > 1:
@@ -400,7 +372,8 @@ def _build(
         boundary = int(total * (1 - cfg.val_fraction)) if by_bytes else None
         n_parts = _tokenize(cfg, parts, boundary, tok, tmp, ranks, show_progress)
         if ranks.is_main:
-            _finish(cfg, src, files, tok, tmp, n_parts)
+            val_writer = _ShardWriter(tmp, "val", cfg.shard_tokens, tok.vocab_size)  # for the token cuts
+            finish(cfg, src, files, tok, tmp, n_parts, val_writer)
             if target.exists() and not (target / "meta.json").is_file():
                 shutil.rmtree(target)  # the leftover of an interrupted run
             try:
@@ -414,55 +387,6 @@ def _build(
         if ranks.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(target, tok)
-
-
-def _finish(cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer, tmp: Path, n_parts: int) -> None:
-    """Rank 0, once every part is written: the token cuts, the final shard names, then meta.json."""
-    metas = [json.loads((tmp / f"part{i:06d}.json").read_text()) for i in range(n_parts)]
-    train = [(name, n) for m in metas for name, n in m["train"]]
-    val = [(name, n) for m in metas for name, n in m["val"]]
-    if cfg.split_by_tokens:  # the first max_tokens tokens; the last val_tokens of them are val
-        total = sum(n for _, n in train)
-        keep = min(total, cfg.max_tokens) if cfg.max_tokens else total
-        n_val = min(cfg.val_tokens or round(cfg.val_fraction * keep), keep)
-        writer = _ShardWriter(tmp, "val", cfg.shard_tokens, tok.vocab_size)
-        try:
-            kept = cut_tokens(tmp, train, keep, keep - n_val, writer)
-        finally:
-            writer.close()
-        train_names, val_names = [], writer.names
-        for i, name in enumerate(kept):
-            train_names.append(f"train_{i:06d}.bin")
-            os.rename(tmp / name, tmp / train_names[-1])
-        train_tokens, val_tokens = keep - n_val, writer.total
-    else:
-        names = {}
-        for split, shards in (("train", train), ("val", val)):
-            names[split] = [f"{split}_{i:06d}.bin" for i in range(len(shards))]
-            for (old, _), new in zip(shards, names[split], strict=True):
-                os.rename(tmp / old, tmp / new)
-        train_names, val_names = names["train"], names["val"]
-        train_tokens, val_tokens = sum(n for _, n in train), sum(n for _, n in val)
-    for i in range(n_parts):
-        (tmp / f"part{i:06d}.json").unlink()
-    for leftover in tmp.glob("part*.bin"):  # parts past max_tokens
-        leftover.unlink()
-    meta = {
-        "format_version": VERSION,
-        "name": cfg.name,
-        "source": str(src),
-        "files": [str(f) for f in files],
-        "tokenizer": tok.kind,
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "vocab_size": tok.vocab_size,
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "train_shards": train_names,
-        "val_shards": val_names,
-        "max_tokens": cfg.max_tokens,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: marks it complete
 
 
 # --------------------------------------------------------------------------------------- batches
