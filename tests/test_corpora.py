@@ -14,10 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import zstandard
 
 import gpt.data.prepare as prep
 from gpt.config import REPO_ROOT, DataConfig
@@ -25,6 +22,10 @@ from gpt.data.corpus import input_units, iter_documents
 from gpt.data.prepare import prepare
 from gpt.data.shards import read_shard
 from gpt.errors import ConfigError, DataError
+
+pa = pytest.importorskip("pyarrow")  # the [data] extra
+pq = pytest.importorskip("pyarrow.parquet")
+zstandard = pytest.importorskip("zstandard")
 
 
 def documents(n: int) -> list[str]:

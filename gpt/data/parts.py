@@ -31,7 +31,9 @@ from gpt.data.shards import HEADER_BYTES, VERSION, read_shard, shard_header
 from gpt.errors import DataError, UserError
 from gpt.tokenizer import Tokenizer
 
-PART_BYTES = 64 << 20  # input bytes per part: 1,000 parts for 64 GB, about 16M tokens of shards each
+# input bytes per part: small enough that a few hundred MB keep several processes busy, large enough
+# that a 1 TB corpus stays at ~31k shards (each is memory-mapped; Linux allows 65k maps per process)
+PART_BYTES = 32 << 20
 COPY_TOKENS = 1 << 24  # tokens moved at a time when the val split is cut out of train shards
 
 

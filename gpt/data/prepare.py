@@ -253,8 +253,7 @@ def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
     """Hash of everything the shards depend on (the input files by name, size and mtime)."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     spec = [VERSION, stats, cfg.text_field, cfg.val_fraction, tokenizer_id]
-    if cfg.split_by_tokens or PART_BYTES != 64 << 20:  # (keys of the earlier settings stay as they were)
-        spec += [cfg.max_tokens, cfg.val_tokens, PART_BYTES]
+    spec += [cfg.max_tokens, cfg.val_tokens, PART_BYTES]  # the cuts, and where the shards break
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
