@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from gpt.cli import Command, main
 from gpt.config import DataConfig, from_dict
 from gpt.data.prepare import prepare
@@ -37,11 +35,13 @@ def job(cfg: dict[str, Any], given: frozenset[str]) -> None:
     if "data.name" not in given and "data" not in given:  # the cache folder is named after the input
         data["name"] = Path(str(data["path"]).rstrip("/")).stem or "data"
     data_cfg = from_dict(DataConfig, data, prefix="data.")
-    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if joined:  # under torchrun: the CPU-only gloo group is all that preparation needs
+        import torch.distributed as dist  # only then: one process does not pay torch's start-up memory
+
         dist.init_process_group("gloo")
     try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = int(os.environ.get("RANK", "0")) if joined else 0
         prepared = prepare(data_cfg, block_size=cfg["block_size"], show_progress=rank == 0, distributed=True)
         if rank == 0:
             print(f"prepared {prepared.directory}")

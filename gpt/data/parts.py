@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,10 @@ class Ranks:
 
     @classmethod
     def current(cls, group: Any = None) -> Ranks:
-        import torch.distributed as dist  # lazily: tokenizer worker processes start faster without torch
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        dist = sys.modules.get("torch.distributed")  # never imported: there is no process group
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        if dist.get_world_size(group) == 1:
             return cls()
         return cls(dist.get_rank(group), dist.get_world_size(group), group)
 
