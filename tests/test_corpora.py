@@ -253,3 +253,30 @@ def test_two_gloo_ranks_give_the_shards_of_one_process_and_share_its_cache(
     capsys.readouterr()
     again = prepare(DataConfig(**{**cfg_for(tmp_path, src).__dict__, "cache_dir": str(tmp_path / "c2")}), 8)
     assert again.directory == two and "tokenizing" not in capsys.readouterr().err  # one process reuses it
+
+
+NODES_DRIVER = """
+import os, sys
+os.environ["LOCAL_RANK"] = "0"  # each process plays the first process of its own node
+from gpt.data.__main__ import run
+run([sys.argv[1], "data.tokenizer=char", f"data.cache_dir={sys.argv[2]}/node{os.environ['RANK']}"])
+"""
+
+
+@pytest.mark.slow
+def test_nodes_without_a_shared_cache_dir_each_prepare_their_own_copy(tmp_path, docs):
+    write_parquet(tmp_path / "a.parquet", docs, rows_per_group=20)
+    driver = tmp_path / "driver.py"
+    driver.write_text(NODES_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)]
+    p = subprocess.run(
+        cmd + [str(tmp_path / "a.parquet"), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    (one,), (two,) = (list((tmp_path / f"node{r}").iterdir()) for r in (0, 1))
+    assert one.name == two.name and sorted(f.name for f in one.iterdir()) == sorted(
+        f.name for f in two.iterdir()
+    )
+    for f in one.iterdir():
+        assert f.name == "meta.json" or f.read_bytes() == (two / f.name).read_bytes(), f.name
