@@ -57,7 +57,8 @@ class DataConfig:
     format: Literal["text", "dialogs"] = "text"
     """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts."""
     path: str = "data/tinyshakespeare/input.txt"
-    """A file, a directory (its .txt/.jsonl files, recursively) or a glob."""
+    """A file, a directory (its .txt/.jsonl files, also .gz/.zst, and .parquet files, recursively) or
+    a glob."""
     tokenizer: Literal["char", "bpe", "gpt2", "hf"] = "char"
     """'char' (built from the corpus), 'bpe' (trained on the corpus), 'gpt2' (shipped ranks),
     'hf' (vocab.json + merges.txt in tokenizer_path)."""
@@ -80,7 +81,7 @@ class DataConfig:
     cache_dir: str = "data/cache"
     """Prepared shards are cached here, keyed by the inputs and the tokenizer."""
     num_workers: int = 0
-    """Tokenization processes; 0 = one per CPU core."""
+    """Tokenization processes per rank; 0 = the CPU cores, shared by the ranks of a node."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file."""
     separator: str | None = None

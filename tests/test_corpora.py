@@ -184,6 +184,16 @@ def truncated_parquet(path: Path, docs: list[str]) -> Path:
     return path
 
 
+def damaged_parquet(path: Path, docs: list[str]) -> Path:
+    """Garbage over the first data page of row group 2 (of 8): the footer still reads."""
+    write_parquet(path, docs)
+    column = pq.ParquetFile(path).metadata.row_group(2).column(1)  # "text"
+    raw = bytearray(path.read_bytes())
+    raw[column.data_page_offset + 20 : column.data_page_offset + 84] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+    return path
+
+
 @pytest.mark.parametrize(
     "name, make, message",
     [
@@ -195,6 +205,7 @@ def truncated_parquet(path: Path, docs: list[str]) -> Path:
         ("cut.jsonl.gz", truncated_gz, r"cut\.jsonl\.gz:\d+: corrupt or truncated file"),
         ("cut.jsonl.zst", truncated_zst, r"cut\.jsonl\.zst:\d+: corrupt or truncated file"),
         ("cut.parquet", truncated_parquet, r"cut\.parquet: corrupt or truncated file"),
+        ("bad.parquet", damaged_parquet, r"bad\.parquet: row group 2: corrupt or truncated file"),
         (
             "cut.txt.gz",
             lambda p, d: p.write_bytes(gzip.compress("\n".join(d).encode())[:-9]),
