@@ -82,7 +82,7 @@ def open_stream(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
                 import zstandard
             except ImportError:
                 raise _missing("zstandard", path) from None
-            with io.BufferedReader(_ZstdReader(raw, zstandard.ZstdDecompressor())) as stream:
+            with io.BufferedReader(_ZstdReader(raw, zstandard.ZstdDecompressor()), 1 << 16) as stream:
                 yield stream, raw  # type: ignore[misc]
         else:
             raise ValueError(f"{path}: not a stream container: {container}")
@@ -94,26 +94,29 @@ class _ZstdReader(io.RawIOBase):
 
     def __init__(self, raw: BinaryIO, dctx: Any) -> None:
         self.raw, self.dctx = raw, dctx
-        self.obj, self.fed, self.buf = dctx.decompressobj(), False, b""
+        self.obj, self.fed, self.buf, self.pos = dctx.decompressobj(), False, b"", 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        while not self.buf:
+        while self.pos == len(self.buf):
             data = self.raw.read(1 << 16)
             if not data:
                 if self.fed and not self.obj.eof:
                     raise EOFError("the file ends inside a zstd frame")
                 return 0
+            out = []
             while data:
                 if self.obj.eof:  # the next frame
                     self.obj, self.fed = self.dctx.decompressobj(), False
-                self.buf += self.obj.decompress(data)
+                out.append(self.obj.decompress(data))
                 self.fed = True
                 data = self.obj.unused_data if self.obj.eof else b""
-        n = min(len(b), len(self.buf))
-        b[:n], self.buf = self.buf[:n], self.buf[n:]
+            self.buf, self.pos = b"".join(out), 0
+        n = min(len(b), len(self.buf) - self.pos)
+        b[:n] = self.buf[self.pos : self.pos + n]
+        self.pos += n
         return n
 
 
