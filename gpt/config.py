@@ -57,7 +57,8 @@ class DataConfig:
     format: Literal["text", "dialogs"] = "text"
     """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts."""
     path: str = "data/tinyshakespeare/input.txt"
-    """A file, a directory (its .txt/.jsonl files, recursively) or a glob."""
+    """A file, a directory (its .txt/.jsonl files, also .gz/.zst, and .parquet files, recursively) or
+    a glob."""
     tokenizer: Literal["char", "bpe", "gpt2", "hf"] = "char"
     """'char' (built from the corpus), 'bpe' (trained on the corpus), 'gpt2' (shipped ranks),
     'hf' (vocab.json + merges.txt in tokenizer_path)."""
@@ -66,19 +67,46 @@ class DataConfig:
     """Target vocabulary size of a trained BPE tokenizer (special tokens included)."""
     bpe_train_bytes: int = 100_000_000
     """Train the BPE tokenizer on at most this many bytes of the corpus."""
-    jsonl_field: str = "text"
+    text_field: str = "text"
+    """The JSONL key / Parquet column that holds each document's text."""
+    jsonl_field: str | None = None
+    """The older name of text_field; when set, it is used as text_field."""
     val_fraction: float = 0.1
-    """The last fraction of the corpus (by bytes, cut at a line boundary) is held out for eval."""
+    """The last fraction of the corpus (by bytes, cut at a line boundary; by tokens when max_tokens or
+    val_tokens is set) is held out for eval."""
+    max_tokens: int = 0
+    """Stop after this many tokens (train + val) of the corpus, in input order; 0 = all of it."""
+    val_tokens: int = 0
+    """A val split of exactly this many tokens, the last ones kept; 0 = val_fraction decides."""
     cache_dir: str = "data/cache"
     """Prepared shards are cached here, keyed by the inputs and the tokenizer."""
     num_workers: int = 0
-    """Tokenization processes; 0 = one per CPU core."""
+    """Tokenization processes per rank; 0 = the CPU cores, shared by the ranks of a node."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file."""
     separator: str | None = None
     """Dialogs only: a line that separates plain-text dialogs (default: a blank line)."""
     skip_invalid: bool = False
     """Dialogs only: skip malformed dialogs (and report how many) instead of stopping."""
+
+    def __post_init__(self) -> None:
+        if self.jsonl_field is not None:
+            self.text_field = self.jsonl_field
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1) (e.g. 0.1)")
+        for key in ("max_tokens", "val_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = no limit / unused)")
+        if self.max_tokens and self.val_tokens >= self.max_tokens:
+            raise ConfigError(
+                f"data.val_tokens={self.val_tokens} leaves no training tokens of data.max_tokens="
+                f"{self.max_tokens}; raise max_tokens or lower val_tokens"
+            )
+
+    @property
+    def split_by_tokens(self) -> bool:
+        """Whether val is cut from the end of the kept tokens (else at a byte offset of the input)."""
+        return bool(self.max_tokens or self.val_tokens)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_iter_documents_file_dir_glob_and_jsonl(tmp_path):
     (tmp_path / "b" / "d.jsonl").write_text('{"body": "third"}\n\n{"body": "fourth\\nline"}\n')
     (tmp_path / "b" / "ignored.md").write_text("not text input")
     assert list(iter_documents(str(tmp_path / "a.txt"))) == ["first doc\n"]
-    assert list(iter_documents(str(tmp_path), jsonl_field="body")) == [
+    assert list(iter_documents(str(tmp_path), text_field="body")) == [
         "first doc\n",
         "second doc",
         "third",
@@ -117,7 +117,7 @@ def test_directory_of_only_empty_files_and_no_text_files(tmp_path):
         list(iter_documents(str(tmp_path)))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "notes.md").write_text("not an input file")
-    with pytest.raises(DataError, match=r"no \.txt or \.jsonl files"):
+    with pytest.raises(DataError, match=r"no \.txt, \.jsonl .* or \.parquet files"):
         list(iter_documents(str(tmp_path / "sub")))
 
 

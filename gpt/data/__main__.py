@@ -5,10 +5,15 @@ cache entry and the training run starts at once:
     python -m gpt.data data/tinyshakespeare/input.txt data.tokenizer=char
     python -m gpt.data my_corpus/ data.tokenizer=bpe data.vocab_size=8192
     python -m gpt.data data=shakespeare                      # a shipped preset as it is
+    torchrun --standalone --nproc_per_node=8 -m gpt.data fineweb/ data.tokenizer=gpt2   # 8 processes
+
+Under ``torchrun`` the processes share the work (over a gloo process group) and give the same
+cache entry as one process would.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,23 @@ def job(cfg: dict[str, Any], given: frozenset[str]) -> None:
     data = dict(cfg["data"])
     if "data.name" not in given and "data" not in given:  # the cache folder is named after the input
         data["name"] = Path(str(data["path"]).rstrip("/")).stem or "data"
-    prepared = prepare(from_dict(DataConfig, data, prefix="data."), block_size=cfg["block_size"])
-    print(f"prepared {prepared.directory}")
-    print(f"  tokenizer {prepared.tokenizer.kind}, vocab_size {prepared.tokenizer.vocab_size}")
-    print(f"  train: {prepared.train_tokens:,} tokens in {len(prepared.train_shards)} shard(s)")
-    print(f"  val:   {prepared.val_tokens:,} tokens in {len(prepared.val_shards)} shard(s)")
+    data_cfg = from_dict(DataConfig, data, prefix="data.")
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if joined:  # under torchrun: the CPU-only gloo group is all that preparation needs
+        import torch.distributed as dist  # only then: one process does not pay torch's start-up memory
+
+        dist.init_process_group("gloo")
+    try:
+        rank = int(os.environ.get("RANK", "0")) if joined else 0
+        prepared = prepare(data_cfg, block_size=cfg["block_size"], show_progress=rank == 0, distributed=True)
+        if rank == 0:
+            print(f"prepared {prepared.directory}")
+            print(f"  tokenizer {prepared.tokenizer.kind}, vocab_size {prepared.tokenizer.vocab_size}")
+            print(f"  train: {prepared.train_tokens:,} tokens in {len(prepared.train_shards)} shard(s)")
+            print(f"  val:   {prepared.val_tokens:,} tokens in {len(prepared.val_shards)} shard(s)")
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def run(argv: Sequence[str] | None = None) -> None:

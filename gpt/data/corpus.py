@@ -1,12 +1,15 @@
-"""Reading the user's text: files, directories and globs of .txt and .jsonl, streamed in pieces.
+"""Reading the user's text: files, directories and globs of .txt, .jsonl (either also as .gz or .zst)
+and .parquet files, streamed in pieces.
 
     from gpt.data.corpus import iter_documents
-    for text in iter_documents("my_corpus/", jsonl_field="text"):
+    for text in iter_documents("my_corpus/", text_field="text"):
         ...
 
-A .txt file is one document, a .jsonl line is one document (``obj[jsonl_field]``). Large files come
-in pieces of about ``CHUNK_BYTES`` (never whole in memory), cut where BPE pre-tokenization is not
-affected. Missing, empty, binary and non-UTF-8 inputs raise ``DataError`` naming the file (and line).
+A .txt file is one document, a .jsonl line is one document (``obj[text_field]``), a Parquet row is one
+document (its ``text_field`` column). Large files come in pieces of about ``CHUNK_BYTES`` (never whole
+in memory), cut where BPE pre-tokenization is not affected. The input is a list of ``Unit``s (a file,
+or one row group of a Parquet file) that data preparation shares out between processes. Missing,
+empty, binary, corrupt and non-UTF-8 inputs raise ``DataError`` naming the file (and line or row group).
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from gpt.config import resolve_path
+from gpt.data.readers import (
+    corrupt,
+    file_kind,
+    open_stream,
+    parquet_documents,
+    parquet_row_groups,
+    stream_errors,
+)
 from gpt.errors import DataError
 
 CHUNK_BYTES = 1 << 20  # text is read and tokenized in pieces of about this many bytes
@@ -30,11 +41,19 @@ class Piece(NamedTuple):
     text: str
     nbytes: int  # the input-file bytes it came from (the val split and the progress bar count these)
     doc_end: bool  # the last piece of its document (an eot follows it)
-    splittable: bool  # .txt text, which the train/val split may cut at a line start; JSONL: False
+    splittable: bool  # .txt text, which the train/val split may cut at a line start; documents: False
+
+
+class Unit(NamedTuple):
+    """The smallest piece of input one process prepares: a file, or one row group of a Parquet file."""
+
+    file: Path
+    row_group: int | None  # Parquet: the row group; None: the whole file
+    nbytes: int  # its bytes in the file (a Parquet row group: compressed), what progress counts
 
 
 def input_files(path: str | Path) -> list[Path]:
-    """The files behind a user path: a file, a directory (*.txt, *.jsonl, recursively) or a glob."""
+    """The files behind a user path: a file, a directory (its input files, recursively) or a glob."""
     p = resolve_path(path)
     if any(ch in str(p) for ch in "*?["):
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
@@ -42,9 +61,12 @@ def input_files(path: str | Path) -> list[Path]:
             raise DataError(f"no files match {path}; check the pattern (data.path)")
         return [f for m in matches for f in (input_files(m) if m.is_dir() else [m])]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".txt", ".jsonl") and f.is_file())
+        files = sorted(f for f in p.rglob("*") if file_kind(f) is not None and f.is_file())
         if not files:
-            raise DataError(f"no .txt or .jsonl files under {p}; point data.path at your text files")
+            raise DataError(
+                f"no .txt, .jsonl (or .gz/.zst of them) or .parquet files under {p}; point data.path "
+                f"at your text files"
+            )
         return files
     if not p.is_file():
         raise DataError(f"{path} not found; data.path must be a file, a directory or a glob")
@@ -83,13 +105,22 @@ def _cut_point(text: str, chunk: int, force: bool) -> int:
     return len(text) if force else 0  # no line break at all: wait for more text, up to a bound
 
 
+def _read(stream, n: int, path: Path, line: int) -> bytes:
+    try:
+        return stream.read(n)
+    except stream_errors() as e:  # a compressed file cut short or damaged
+        raise corrupt(path, f":{line}", e) from None
+
+
 def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
-    """A .txt file as pieces of about ``chunk`` bytes (never the whole file in memory)."""
+    """A .txt file (plain or compressed) as pieces of about ``chunk`` bytes (never the whole file in
+    memory). A compressed file's pieces count the compressed bytes read for them."""
     decoder = codecs.getincrementaldecoder("utf-8")()  # holds a character split across two reads
     text, offset, line, eof = "", 0, 1, False
-    with open(path, "rb") as f:
+    with open_stream(path) as (f, raw_file):
+        plain, counted = f is raw_file, 0
         while not eof:
-            raw = f.read(chunk)
+            raw = _read(f, chunk, path, line)
             eof, held = not raw, len(decoder.getstate()[0])
             try:
                 new = decoder.decode(raw, final=eof)
@@ -103,29 +134,49 @@ def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
                 if cut == 0:
                     break
                 piece, text = text[:cut], text[cut:]
-                yield Piece(piece, len(piece.encode("utf-8")), eof and not text, True)
+                if plain:
+                    yield Piece(piece, len(piece.encode("utf-8")), eof and not text, True)
+                else:
+                    nbytes, counted = raw_file.tell() - counted, raw_file.tell()
+                    yield Piece(piece, nbytes, eof and not text, True)
 
 
-def _jsonl_pieces(path: Path, jsonl_field: str) -> Iterator[Piece]:
+def _lines(f, path: Path) -> Iterator[bytes]:
+    it, ln = iter(f), 0
+    while True:
+        ln += 1
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except stream_errors() as e:
+            raise corrupt(path, f":{ln}", e) from None
+
+
+def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
     """One document per JSON line; blank lines are skipped (their bytes counted with the next one)."""
-    with open(path, "rb") as f:
-        pending, offset = 0, 0
-        for ln, raw in enumerate(f, 1):
+    with open_stream(path) as (f, raw_file):
+        plain, pending, offset, counted = f is raw_file, 0, 0, 0
+        for ln, raw in enumerate(_lines(f, path), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise _bad_utf8(path, ln, offset + e.start) from None
-            offset, pending = offset + len(raw), pending + len(raw)
+            offset = offset + len(raw)
+            if plain:
+                pending += len(raw)
+            else:  # compressed: the file bytes read so far (the reader reads ahead in blocks)
+                pending, counted = pending + raw_file.tell() - counted, raw_file.tell()
             if not line.strip():
                 continue
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{ln}: not valid JSON ({e.msg}); fix or remove that line") from None
-            doc = doc.get(jsonl_field) if isinstance(doc, dict) else None
+            doc = doc.get(text_field) if isinstance(doc, dict) else None
             if not isinstance(doc, str):
                 raise DataError(
-                    f'{path}:{ln}: no text field "{jsonl_field}" (a JSON string); set data.jsonl_field '
+                    f'{path}:{ln}: no text field "{text_field}" (a JSON string); set data.text_field '
                     f"to the key that holds each document's text"
                 )
             if doc:
@@ -133,33 +184,60 @@ def _jsonl_pieces(path: Path, jsonl_field: str) -> Iterator[Piece]:
                 pending = 0
 
 
-def iter_pieces(
-    path: str | Path, jsonl_field: str = "text", chunk_bytes: int | None = None
-) -> Iterator[Piece]:
-    """Stream the input as ``Piece``s: a JSONL document is one piece; a .txt file larger than
-    ``chunk_bytes`` (default ``CHUNK_BYTES``) comes as several, each ending at a line break followed
-    by non-space text, so tokenizing the pieces one by one gives the tokens of the whole file."""
-    files, found = input_files(path), False
+def input_units(files: list[Path], text_field: str = "text") -> list[Unit]:
+    """The units of ``files`` in order: one per non-empty file, one per non-empty Parquet row group
+    (whose text column is checked here, before anything is prepared)."""
+    units = []
     for file in files:
-        if file.stat().st_size == 0:
-            continue  # one empty file among many is harmless; all of them empty is an error below
-        _check_binary(file)
-        if file.suffix.lower() == ".jsonl":
-            pieces = _jsonl_pieces(file, jsonl_field)
+        size = file.stat().st_size
+        if size == 0:
+            continue  # one empty file among many is harmless; all of them empty is an error later
+        if (file_kind(file) or (None, "txt"))[1] == "parquet":
+            units += [Unit(file, i, n) for i, n in parquet_row_groups(file, text_field)]
         else:
-            pieces = _txt_pieces(file, chunk_bytes or CHUNK_BYTES)
-        for piece in pieces:
+            units.append(Unit(file, None, size))
+    return units
+
+
+def unit_pieces(unit: Unit, text_field: str = "text", chunk_bytes: int | None = None) -> Iterator[Piece]:
+    """The pieces of one unit (see ``iter_pieces``)."""
+    container, content = file_kind(unit.file) or (None, "txt")
+    if content == "parquet":
+        for text, nbytes in parquet_documents(unit.file, unit.row_group or 0, text_field, unit.nbytes):
+            yield Piece(text, nbytes, True, False)
+        return
+    if container is None:
+        _check_binary(unit.file)
+    if content == "jsonl":
+        yield from _jsonl_pieces(unit.file, text_field)
+    else:
+        yield from _txt_pieces(unit.file, chunk_bytes or CHUNK_BYTES)
+
+
+def no_text(path: str | Path, files: list[Path]) -> DataError:
+    what = f"{files[0]} is empty" if len(files) == 1 else f"the {len(files)} files of {path} hold no text"
+    return DataError(f"{what}; data.path must point at some text")
+
+
+def iter_pieces(
+    path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
+) -> Iterator[Piece]:
+    """Stream the input as ``Piece``s: a JSONL or Parquet document is one piece; a .txt file larger
+    than ``chunk_bytes`` (default ``CHUNK_BYTES``) comes as several, each ending at a line break
+    followed by non-space text, so tokenizing the pieces one by one gives the tokens of the whole file."""
+    files, found = input_files(path), False
+    for unit in input_units(files, text_field):
+        for piece in unit_pieces(unit, text_field, chunk_bytes):
             found = True
             yield piece
     if not found:
-        what = f"{files[0]} is empty" if len(files) == 1 else f"the {len(files)} files of {path} hold no text"
-        raise DataError(f"{what}; data.path must point at some text")
+        raise no_text(path, files)
 
 
 def iter_documents(
-    path: str | Path, jsonl_field: str = "text", chunk_bytes: int | None = None
+    path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
 ) -> Iterator[str]:
     """Stream the documents of ``path`` (see ``input_files``); a large .txt document comes in pieces
     (see ``iter_pieces``) that join back to exactly the file's text."""
-    for piece in iter_pieces(path, jsonl_field, chunk_bytes):
+    for piece in iter_pieces(path, text_field, chunk_bytes):
         yield piece.text

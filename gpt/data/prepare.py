@@ -1,16 +1,21 @@
 """Data preparation: tokenize the user's text (read by ``gpt.data.corpus``) once into cached token
-shards (``gpt.data.shards``), streamed and in parallel.
+shards (``gpt.data.shards``), streamed, in parallel, and shared out between the ranks of a job.
 
-    python -m gpt.data data/tinyshakespeare/input.txt tokenizer=char   # prepare ahead of time
+    python -m gpt.data data/tinyshakespeare/input.txt data.tokenizer=char   # prepare ahead of time
+    torchrun --nproc_per_node=8 -m gpt.data fineweb/ data.tokenizer=gpt2  # 8 processes share the work
 
     from gpt.data.prepare import prepare
     data = prepare(cfg.data, block_size=256)             # cached under data/cache/<name>-<key>/
     train = TokenWindows(data.train_shards, 256, seed=1337)
 
-Input is a file, a directory (its .txt and .jsonl files, recursively) or a glob: a .txt file is one
-document, a .jsonl line is one document (``obj[jsonl_field]``). Every document is followed by the
-tokenizer's end-of-text id. The last ``val_fraction`` of the input bytes (cut at a line start) is the
-val split. The cache folder is keyed by the inputs and the tokenizer, so a second run starts at once.
+Input is a file, a directory (its .txt, .jsonl, .gz/.zst of those and .parquet files, recursively) or
+a glob: a .txt file is one document, a .jsonl line or a Parquet row is one document (its
+``text_field``). Every document is followed by the tokenizer's end-of-text id. The last
+``val_fraction`` of the input bytes (cut at a line start) is the val split; with ``max_tokens`` or
+``val_tokens`` the cuts are by tokens instead (the first ``max_tokens``, the last ``val_tokens`` of
+them val). The input is cut into parts (``gpt.data.parts``) that the ranks of a ``torchrun`` job
+tokenize side by side, each into its own shards: the result is the same whatever the number of
+processes. The cache folder is keyed by the inputs and the tokenizer, so a second run starts at once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from gpt.atomic import atomic_write
 from gpt.config import DataConfig, resolve_path
-from gpt.data.corpus import CHUNK_BYTES, input_files, iter_documents, iter_pieces
+from gpt.data.corpus import CHUNK_BYTES, input_files, input_units, iter_documents, no_text, unit_pieces
+from gpt.data.parts import PART_BYTES, Part, Progress, Ranks, finish, plan_parts
 from gpt.data.shards import HEADER_BYTES, REDO, VERSION, shard_header, token_dtype
 from gpt.data.tokenizers import build_tokenizer
-from gpt.errors import DataError
+from gpt.errors import DataError, UserError
 from gpt.tokenizer import Tokenizer, load_tokenizer
 
 PARALLEL_MIN_BYTES = 4 << 20  # smaller inputs are tokenized in-process (no worker start-up cost)
@@ -49,6 +54,7 @@ class _ShardWriter:
         self.directory, self.prefix, self.limit = directory, prefix, max(1, shard_tokens)
         self.vocab_size, self.dtype = vocab_size, token_dtype(vocab_size)
         self.names: list[str] = []
+        self.counts: list[int] = []  # tokens of each closed shard
         self.total, self._n, self._f = 0, 0, None
 
     def add(self, tokens: np.ndarray) -> None:
@@ -71,6 +77,7 @@ class _ShardWriter:
             self._f.seek(0)
             self._f.write(shard_header(self._n, self.dtype, self.vocab_size))
             self._f.close()
+            self.counts.append(self._n)
             self._f, self._n = None, 0
 
 
@@ -104,31 +111,34 @@ def load_prepared(directory: str | Path, tokenizer: Tokenizer | None = None) -> 
     return PreparedData(d, tok, shards["train"], shards["val"], meta["train_tokens"], meta["val_tokens"])
 
 
-def _tasks(cfg: DataConfig, src: Path, total: int) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:
-    """Group the pieces into ``(split, [(text, ends_document), ...], source_bytes)`` tasks of about a
-    chunk each. Val starts at the first line start at or after byte ``(1 - val_fraction) * total``."""
-    boundary = int(total * (1 - cfg.val_fraction)) if cfg.val_fraction > 0 else None
-    pos, split, items, nbytes = 0, "train", [], 0
-    for piece in iter_pieces(src, cfg.jsonl_field):
-        parts = [(piece.text, piece.doc_end)]
-        if split == "train" and boundary is not None and pos + piece.nbytes > boundary:
-            k = max(boundary - pos, 0)  # the boundary's byte offset in this piece
-            raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
-            cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
-            if k == 0 or 0 < cut < len(raw):  # else: the next piece starts val (at a line start)
-                if cut:  # the document goes on in val: no eot after its train part
-                    items.append((raw[:cut].decode("utf-8"), False))
-                    parts = [(raw[cut:].decode("utf-8"), piece.doc_end)]
-                if items:
-                    yield split, items, nbytes
-                    items, nbytes = [], 0
-                split = "val"
-        pos += piece.nbytes
-        items += parts
-        nbytes += piece.nbytes
-        if nbytes >= CHUNK_BYTES:
-            yield split, items, nbytes
-            items, nbytes = [], 0
+def _tasks(
+    cfg: DataConfig, part: Part, boundary: int | None
+) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:
+    """Group the part's pieces into ``(split, [(text, ends_document), ...], source_bytes)`` tasks of
+    about a chunk each. Val starts at the first line start at or after input byte ``boundary``."""
+    split, items, nbytes = "train", [], 0
+    for pos, unit in part.units:  # pos: the unit's byte offset in the whole input
+        for piece in unit_pieces(unit, cfg.text_field):
+            parts = [(piece.text, piece.doc_end)]
+            if split == "train" and boundary is not None and max(pos, pos + piece.nbytes - 1) >= boundary:
+                k = max(boundary - pos, 0)  # the boundary's input-byte offset in this piece
+                raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
+                k = k * len(raw) // piece.nbytes if raw else k  # in text bytes (compressed input: scaled)
+                cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
+                if k == 0 or 0 < cut < len(raw):  # else: the next piece starts val (at a line start)
+                    if cut:  # the document goes on in val: no eot after its train part
+                        items.append((raw[:cut].decode("utf-8"), False))
+                        parts = [(raw[cut:].decode("utf-8"), piece.doc_end)]
+                    if items:
+                        yield split, items, nbytes
+                        items, nbytes = [], 0
+                    split = "val"
+            pos += piece.nbytes
+            items += parts
+            nbytes += piece.nbytes
+            if nbytes >= CHUNK_BYTES:
+                yield split, items, nbytes
+                items, nbytes = [], 0
     if items:
         yield split, items, nbytes
 
@@ -153,21 +163,61 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _write(writers: dict[str, _ShardWriter], bar: tqdm, split: str, result: Any, nbytes: int) -> None:
-    writers[split].add(result if isinstance(result, np.ndarray) else result.get())
-    bar.update(nbytes)
+def _write(
+    writers: dict[str, _ShardWriter], progress: Progress, split: str, result: Any, nbytes: int
+) -> None:
+    tokens = result if isinstance(result, np.ndarray) else result.get()
+    writers[split].add(tokens)
+    progress.update(nbytes, len(tokens))
+
+
+def _tokenize_part(
+    cfg: DataConfig, part: Part, boundary: int | None, tok: Tokenizer, out: Path, pool: Any, workers: int,
+    progress: Progress, budget: int,
+) -> dict[str, list[tuple[str, int]]]:  # fmt: skip
+    """Tokenize one part into ``part<index>-train_*.bin`` / ``-val_*.bin`` in ``out`` (in the worker
+    ``pool`` when there is one), stopping once ``budget`` train tokens are written (0: no limit);
+    returns its shards as ``{split: [(name, tokens), ...]}``, also written to ``part<index>.json``."""
+    prefix = f"part{part.index:06d}"
+    writers = {
+        s: _ShardWriter(out, f"{prefix}-{s}", cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")
+    }
+    try:
+        pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
+        for split, items, nbytes in _tasks(cfg, part, boundary):
+            if pool is None:
+                pending.append((split, _encode(items, tok), nbytes))
+            else:
+                pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
+            while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
+                _write(writers, progress, *pending.popleft())
+            if budget and writers["train"].total >= budget:
+                break  # the rest of the part lies past data.max_tokens
+        while pending:
+            _write(writers, progress, *pending.popleft())
+    finally:
+        for w in writers.values():
+            w.close()
+    shards = {s: list(zip(w.names, w.counts, strict=True)) for s, w in writers.items()}
+    atomic_write(out / f"{prefix}.json", json.dumps(shards))
+    return shards
 
 
 def _tokenize(
-    cfg: DataConfig, src: Path, total: int, tok: Tokenizer, out: Path, show_progress: bool
-) -> tuple[_ShardWriter, _ShardWriter]:
-    """Tokenize the input into train_*.bin and val_*.bin in `out`, in worker processes for big inputs."""
-    writers = {s: _ShardWriter(out, s, cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")}
-    workers = min(cfg.num_workers or os.cpu_count() or 1, -(-total // CHUNK_BYTES))  # <= one per task
+    cfg: DataConfig, parts: list[Part], boundary: int | None, tok: Tokenizer, out: Path, ranks: Ranks,
+    show_progress: bool,
+) -> int:  # fmt: skip
+    """Tokenize the parts into ``out``: rank r takes parts r, r + N, ... in rounds of N parts (after each,
+    the ranks add up their tokens: with ``max_tokens``, the rounds stop once there are enough).
+    Returns how many parts were tokenized (the first ones)."""
+    total, largest = sum(p.nbytes for p in parts), max(p.nbytes for p in parts)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ranks.world > 1 else 1
+    workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // per_node)  # the node's cores, shared
+    workers = min(workers, -(-largest // CHUNK_BYTES))  # <= one per task
     if total < PARALLEL_MIN_BYTES:
         workers = 1
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
-    pool = None
+    progress = Progress(total, show_progress and ranks.is_main)
+    pool, done_tokens, done_bytes = None, 0, 0
     try:
         if workers > 1:
             # fork: workers start at once, share the tokenizer and do not re-run the main script (as
@@ -175,39 +225,57 @@ def _tokenize(
             # pickles the tokenizer through its state
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             pool = ctx.Pool(workers, _init_worker, (tok,))
-        pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
-        for split, items, nbytes in _tasks(cfg, src, total):
-            if pool is None:
-                pending.append((split, _encode(items, tok), nbytes))
-            else:
-                pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
-            while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
-                _write(writers, bar, *pending.popleft())
-        while pending:
-            _write(writers, bar, *pending.popleft())
+        for first in range(0, len(parts), ranks.world):
+            mine, error, counts = first + ranks.rank, None, [0, 0]
+            if mine < len(parts):
+                budget = cfg.max_tokens - done_tokens if cfg.max_tokens else 0
+                try:
+                    shards = _tokenize_part(
+                        cfg, parts[mine], boundary, tok, out, pool, workers, progress, budget
+                    )
+                    counts = [sum(n for ss in shards.values() for _, n in ss), parts[mine].nbytes]
+                except UserError as e:  # a corrupt file: every rank stops, the folder is removed
+                    error = e
+            ranks.agree(error)
+            tokens, nbytes = ranks.sum(counts)
+            done_tokens, done_bytes = done_tokens + tokens, done_bytes + nbytes
+            progress.set(done_bytes, done_tokens)
+            if cfg.max_tokens and done_tokens >= cfg.max_tokens:
+                return min(first + ranks.world, len(parts))
+        return len(parts)
     finally:
-        bar.close()
+        progress.close()
         if pool is not None:
             pool.terminate()
-        for w in writers.values():
-            w.close()
-    return writers["train"], writers["val"]
 
 
 def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
     """Hash of everything the shards depend on (the input files by name, size and mtime)."""
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    spec = [VERSION, stats, cfg.jsonl_field, cfg.val_fraction, tokenizer_id]
+    spec = [VERSION, stats, cfg.text_field, cfg.val_fraction, tokenizer_id]
+    spec += [cfg.max_tokens, cfg.val_tokens, PART_BYTES]  # the cuts, and where the shards break
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
+def summary(data: PreparedData) -> str:
+    """The one line that says the data is ready."""
+    n = len(data.train_shards) + len(data.val_shards)
+    return (
+        f"data: {data.train_tokens:,} train tokens, {data.val_tokens:,} val tokens in {n} shard"
+        f"{'s' if n != 1 else ''} (cache {data.directory})"
+    )
+
+
 def prepare(
-    cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None, show_progress: bool = True
-) -> PreparedData:
+    cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None, show_progress: bool = True,
+    distributed: bool = False, group: Any = None,
+) -> PreparedData:  # fmt: skip
     """Tokenize ``cfg.path`` into cached shards (or reuse them) and check they hold full windows.
 
     ``tokenizer`` (fine-tuning reuses the model's) is used as is; without one it is built from
-    ``cfg`` (char and bpe from the corpus itself)."""
+    ``cfg`` (char and bpe from the corpus itself). ``distributed``: every rank of the process group
+    (``group``: a gloo group, None = the default one) calls this together and they share the work."""
+    ranks = Ranks.current(group) if distributed else Ranks()
     src, cache = resolve_path(cfg.path), resolve_path(cfg.cache_dir)
     files = input_files(src)
     built_from_corpus = cfg.tokenizer in ("char", "bpe")
@@ -220,17 +288,31 @@ def prepare(
         keys.append(cache_key(cfg, files, recipe))
     fingerprint = tokenizer.fingerprint() if tokenizer else None
     found = _find_cached(cache, cfg.name, keys, fingerprint)
-    if found is not None:
+    target = cache / f"{cfg.name}-{keys[0]}"
+    if ranks.sum([found is not None])[0] == ranks.world:
         data = load_prepared(found, tokenizer)
     else:
-        data = _build(cfg, src, files, tokenizer, cache / f"{cfg.name}-{keys[0]}", show_progress)
+        built = _build(cfg, src, files, tokenizer, target, show_progress, ranks)
+        if built is None:  # the nodes do not share data.cache_dir: the first process of each prepares
+            error = None
+            if ranks.local_rank == 0:
+                try:
+                    built = _build(cfg, src, files, tokenizer, target, show_progress, Ranks())
+                except UserError as e:
+                    error = e
+            ranks.agree(error)
+            if built is None:
+                built = load_prepared(_find_cached(cache, cfg.name, keys, fingerprint) or target, tokenizer)
+        data = built
     need = block_size + 1
-    if data.train_tokens < need or (cfg.val_fraction > 0 and data.val_tokens < need):
+    if data.train_tokens < need or ((cfg.val_fraction > 0 or cfg.val_tokens) and data.val_tokens < need):
         raise DataError(
             f"{cfg.path}: {data.train_tokens} train and {data.val_tokens} val tokens, but one window "
             f"needs block_size + 1 = {need}; use a smaller model.block_size, a smaller "
-            f"data.val_fraction, or more text"
+            f"data.val_fraction or data.val_tokens, or more text"
         )
+    if show_progress and ranks.is_main:
+        print(summary(data), file=sys.stderr, flush=True)
     return data
 
 
@@ -249,44 +331,60 @@ def _find_cached(cache: Path, name: str, keys: list[str], fingerprint: str | Non
 
 
 def _build(
-    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer | None, target: Path, show_progress: bool
-) -> PreparedData:
-    """Prepare into a temp folder, then rename it into place: a half-built folder never looks complete."""
-    if tok is None:
-        texts = lambda: iter_documents(src, cfg.jsonl_field)  # build_tokenizer stops at bpe_train_bytes
-        tok = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        total = sum(f.stat().st_size for f in files)
-        train, val = _tokenize(cfg, src, total, tok, tmp, show_progress)
-        tok.save(tmp)
-        meta = {
-            "format_version": VERSION,
-            "name": cfg.name,
-            "source": str(src),
-            "files": [str(f) for f in files],
-            "tokenizer": tok.kind,
-            "tokenizer_fingerprint": tok.fingerprint(),
-            "vocab_size": tok.vocab_size,
-            "train_tokens": train.total,
-            "val_tokens": val.total,
-            "train_shards": train.names,
-            "val_shards": val.names,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks it complete
-        if target.exists() and not (target / "meta.json").is_file():
-            shutil.rmtree(target)  # the leftover of an interrupted run
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "meta.json").is_file():
-                raise
-            # another process finished the same folder first: theirs is identical, use it
-    finally:
+    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer | None, target: Path, show_progress: bool,
+    ranks: Ranks,
+) -> PreparedData | None:  # fmt: skip
+    """Prepare into a temp folder, then rename it into place: a half-built folder never looks complete.
+    With several ranks, all write into rank 0's temp folder; None when some rank cannot see it (the
+    nodes have their own disks)."""
+    units = input_units(files, cfg.text_field)  # checks every Parquet file's column before any work
+    if not units:
+        raise no_text(src, files)
+    tmp = target.with_name(f".tmp-{target.name}-{ranks.broadcast(os.getpid())}")
+    if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    if ranks.sum([int(tmp.is_dir())])[0] < ranks.world:
+        ranks.barrier()  # everyone has looked before it goes
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    try:
+        error = None
+        if ranks.is_main:
+            try:
+                if tok is None:  # char/bpe: rank 0 builds it (bpe reads at most bpe_train_bytes)
+                    texts = lambda: iter_documents(src, cfg.text_field)
+                    tok = build_tokenizer(
+                        cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes
+                    )
+                tok.save(tmp)
+            except UserError as e:
+                error = e
+        ranks.agree(error)
+        if tok is None:
+            tok = load_tokenizer(tmp / "tokenizer.json")  # the one rank 0 built
+        parts = plan_parts(units, PART_BYTES)
+        total = sum(u.nbytes for u in units)
+        by_bytes = cfg.val_fraction > 0 and not cfg.split_by_tokens
+        boundary = int(total * (1 - cfg.val_fraction)) if by_bytes else None
+        n_parts = _tokenize(cfg, parts, boundary, tok, tmp, ranks, show_progress)
+        if ranks.is_main:
+            val_writer = _ShardWriter(tmp, "val", cfg.shard_tokens, tok.vocab_size)  # for the token cuts
+            finish(cfg, src, files, tok, tmp, n_parts, val_writer)
+            if target.exists() and not (target / "meta.json").is_file():
+                shutil.rmtree(target)  # the leftover of an interrupted run
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "meta.json").is_file():
+                    raise
+                # another process finished the same folder first: theirs is identical, use it
+        ranks.barrier()
+    finally:
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(target, tok)
 
 

@@ -71,23 +71,23 @@ class RunSetup:
 
 
 def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInfo):
-    """Prepare (rank 0 first, the others then hit its cache: see D.main_first) and return
-    (tokenizer, train, train_eval, val) batch sources."""
+    """Prepare and return (tokenizer, train, train_eval, val) batch sources: text is prepared by all
+    ranks together (each tokenizes its share of the corpus, see gpt.data.prepare); dialogs on rank 0
+    first, the others then hit its cache (see D.main_first)."""
     if cfg.data.format == "dialogs":
 
         def make():
             return dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
                                   batch_size=cfg.train.batch_size)  # fmt: skip
-    else:
 
-        def make():
-            prepared = prepare(cfg.data, block_size, tokenizer, show_progress=info.is_main)
-            train = TokenWindows(prepared.train_shards, block_size, cfg.seed)
-            train_eval = TokenWindows(prepared.train_shards, block_size, cfg.seed + 1)
-            val = TokenWindows(prepared.val_shards, block_size, cfg.seed + 2) if prepared.val_shards else None
-            return prepared.tokenizer, train, train_eval, val
-
-    return D.main_first(make, info)
+        return D.main_first(make, info)
+    prepared = prepare(
+        cfg.data, block_size, tokenizer, show_progress=info.is_main, distributed=True, group=info.control
+    )
+    train = TokenWindows(prepared.train_shards, block_size, cfg.seed)
+    train_eval = TokenWindows(prepared.train_shards, block_size, cfg.seed + 1)
+    val = TokenWindows(prepared.val_shards, block_size, cfg.seed + 2) if prepared.val_shards else None
+    return prepared.tokenizer, train, train_eval, val
 
 
 def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
