@@ -147,7 +147,9 @@ def dialog_sources(
     val_source = DialogBatches(val_ex, seed + 2, pad) if val_ex else None
     if show_progress:
         padding = f", padding {100 * sources[0].padding_fraction(batch_size):.0f}%" if batch_size else ""
-        print(f"dialogs: {len(train_ex)} train, {len(val_ex)} val from {cfg.path} ({skipped} malformed "
-              f"skipped; {cut + val_cut} cut at a turn boundary and {too_long + val_long} left out for "
-              f"block_size={block_size}){padding}", file=sys.stderr, flush=True)  # fmt: skip
+        formats = "/".join(sorted({d.format for d in dialogs}))
+        print(f"dialogs: {len(train_ex)} train, {len(val_ex)} val from {cfg.path}, format {formats} "
+              f"({skipped} malformed skipped; {cut + val_cut} cut at a turn boundary and "
+              f"{too_long + val_long} left out for block_size={block_size}){padding}",
+              file=sys.stderr, flush=True)  # fmt: skip
     return tokenizer, sources[0], sources[1], val_source
