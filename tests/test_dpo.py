@@ -3,13 +3,15 @@ their errors, the reference log-prob cache (reused, invalidated), LoRA-DPO, and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from gpt.config import DPOConfig, TrainRunConfig
+from gpt.config import REPO_ROOT, DPOConfig, TrainRunConfig
 from gpt.data.preference import read_pairs
 from gpt.errors import DataError
 from gpt.model import GPT, GPTConfig
@@ -63,6 +65,13 @@ def test_the_objective_scores_only_the_reply_tokens_of_each_row():
     assert loss.item() == pytest.approx((-torch.nn.functional.logsigmoid(h)).mean().item(), abs=1e-5)
 
 
+def make_dialogs_module():
+    spec = importlib.util.spec_from_file_location("make_dialogs", REPO_ROOT / "data" / "make_dialogs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def logged(capsys) -> str:
     out = capsys.readouterr()
     return out.out + out.err
@@ -114,7 +123,7 @@ def test_bad_pairs_are_named_with_file_and_line(tmp_path):
 def dpo_config(tmp_path, out, init_from, pairs_path, **sections) -> TrainRunConfig:
     d = {
         "out_dir": str(tmp_path / out), "seed": 3, "device": "cpu", "experiment": "dpo",
-        "init_from": str(init_from),
+        "init_from": str(init_from) if init_from else None,
         "data": dict(name="pairs", format="pairs", path=str(pairs_path), val_fraction=0.25,
                      cache_dir=str(tmp_path / "cache")),
         "optim": dict(lr=3e-3, warmup_steps=2, weight_decay=0.0),
@@ -159,8 +168,8 @@ def test_dpo_run_logs_preference_metrics_and_reuses_its_reference_cache(sft_run,
     for split in ("train", "val"):
         for k in ("reward_acc", "margin", "chosen_logp", "rejected_logp"):
             assert math.isfinite(records[-1][f"{split}_{k}"])
-    assert records[0]["val_reward_acc"] == 0.0 and records[0]["val_margin"] == 0.0  # policy = reference
-    assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(records[0]["val_margin"]) < 1e-4  # policy = reference (up to float noise)
+    assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert records[-1]["train_margin"] > 0 and records[-1]["train_loss"] < math.log(2)
     cached = list((tmp_path / "cache").glob("pairs-reference-*.npy"))
     assert len(cached) == 1 and (tmp_path / "a" / "reference.npy").is_file()
@@ -178,6 +187,26 @@ def test_dpo_run_logs_preference_metrics_and_reuses_its_reference_cache(sft_run,
     assert "reference log-probs: computed" in logged(capsys)
     assert len(list((tmp_path / "cache").glob("pairs-reference-*.npy"))) == 3
 
+    # resume: the reference is the run's own copy (its initial weights are no longer at hand)
+    resumed = dpo_config(tmp_path, "a", None, pairs, resume=True, train=dict(max_steps=8))
+    train(resumed)
+    assert f"reference log-probs: from {tmp_path / 'a' / 'reference.npy'}" in logged(capsys)
+    assert read_metrics(tmp_path / "a")[-1]["step"] == 8
+
+
+def test_demo_pairs_prefer_the_right_answer(tmp_path):
+    gen = make_dialogs_module()
+    gen.main(["--pairs", "--dialogs", "200", "--out", str(tmp_path / "pairs.jsonl")])
+    pairs, skipped = read_pairs(tmp_path / "pairs.jsonl")
+    assert len(pairs) == 200 and skipped == 0
+    for p in pairs:
+        assert p.chosen != p.rejected and p.prompt[-1]["role"] == "user"
+        found = re.search(r"(\d+) ([+-]) (\d+)", p.prompt[-1]["content"])
+        if found and "so " in p.chosen:
+            a, op, b = found.groups()
+            right = int(a) + int(b) if op == "+" else int(a) - int(b)
+            assert p.chosen.endswith(f"so {right}") and not p.rejected.endswith(f"so {right}")
+
 
 def test_lora_dpo_keeps_the_base_frozen_and_caches_nothing(sft_run, tmp_path, capsys):
     base, pairs = sft_run
@@ -188,5 +217,5 @@ def test_lora_dpo_keeps_the_base_frozen_and_caches_nothing(sft_run, tmp_path, ca
     state = torch.load(tmp_path / "lora" / "ckpt.pt", weights_only=True)
     assert set(state["model"]) and all(k.endswith((".lora_A", ".lora_B")) for k in state["model"])
     records = read_metrics(tmp_path / "lora")
-    assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy = base
+    assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # B = 0: policy = base
     assert records[-1]["train_margin"] > 0
