@@ -115,10 +115,12 @@ def pack_rows(
 
 class PackedDialogBatches(DialogBatches):
     """SFT batches of packed rows: epoch ``e`` shuffles the dialogs with an RNG seeded by
-    ``(seed, e)``, fills rows of ``block_size`` positions with them in that order (a dialog that
-    does not fit starts the next row), and cuts the rows into ``rows // batch_size`` batches in a
+    ``(seed, e)``, fills rows of ``block_size`` positions with them in that order (each into the
+    first of the last few rows with room for it), and cuts the rows into ``rows // batch_size`` batches in a
     shuffled order (the remainder waits for a later epoch). A pure function of (seed, step,
     position), like ``DialogBatches``; every row of a global batch is padded to its longest."""
+
+    OPEN_ROWS = 16  # rows a dialog may still be packed into (see _pack)
 
     def __init__(
         self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, block_size: int
@@ -130,14 +132,21 @@ class PackedDialogBatches(DialogBatches):
 
     def _pack(self, epoch: int, batch_size: int) -> tuple[list[list[int]], np.ndarray]:
         rng = np.random.default_rng([self.seed % (1 << 63), epoch])
-        rows: list[list[int]] = [[]]
-        used = 0
+        # first fit over the OPEN_ROWS most recent rows: a dialog goes into the first of them with
+        # room for it (a new row if none has), so short dialogs fill the gaps long ones leave
+        rows: list[list[int]] = []
+        open_rows: list[tuple[list[int], list[int]]] = []  # (dialogs, [positions used])
         for i in rng.permutation(self.n):
-            if rows[-1] and used + self.lengths[i] > self.block_size:
-                rows.append([])
-                used = 0
-            rows[-1].append(int(i))
-            used += int(self.lengths[i])
+            n = int(self.lengths[i])
+            row = next((r for r in open_rows if r[1][0] + n <= self.block_size), None)
+            if row is None:
+                row = ([], [0])
+                open_rows.append(row)
+                if len(open_rows) > self.OPEN_ROWS:
+                    rows.append(open_rows.pop(0)[0])
+            row[0].append(int(i))
+            row[1][0] += n
+        rows += [r[0] for r in open_rows]
         per_epoch = max(1, len(rows) // batch_size)
         picked = np.resize(np.arange(len(rows)), per_epoch * batch_size)  # repeats if rows < batch_size
         return rows, picked.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)]
