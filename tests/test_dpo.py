@@ -219,3 +219,15 @@ def test_lora_dpo_keeps_the_base_frozen_and_caches_nothing(sft_run, tmp_path, ca
     records = read_metrics(tmp_path / "lora")
     assert records[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # B = 0: policy = base
     assert records[-1]["train_margin"] > 0
+
+
+def test_dpo_steps_do_not_depend_on_the_micro_batch_split(sft_run, tmp_path):
+    base, pairs = sft_run
+    cfgs = [dpo_config(tmp_path, name, base, pairs, train=dict(max_steps=4, eval_interval=2, **mbs))
+            for name, mbs in (("one", {}), ("micro", {"micro_batch_size": 1}))]  # fmt: skip
+    for cfg in cfgs:
+        train(cfg)
+    a, b = (read_metrics(cfg.out_dir) for cfg in cfgs)
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_loss", "val_loss", "train_margin", "val_chosen_logp"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5)  # metrics are rounded to 1e-6

@@ -81,6 +81,9 @@ def _hh_pair(obj: dict[str, Any]) -> tuple[Pair | None, list[str]]:
                       "their last Assistant: turn"]  # fmt: skip
     if not chosen[-1]["content"] or not rejected[-1]["content"]:
         return None, ['"chosen" or "rejected" ends with an empty Assistant: reply']
+    found = check_messages(chosen[:-1], final_role="user")  # the shared conversation: turns in order
+    if found:
+        return None, [f"turn {i + 1}: {text}" for i, text in found]
     return Pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], ""), []
 
 
