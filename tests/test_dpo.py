@@ -13,7 +13,7 @@ import torch
 
 from gpt.config import REPO_ROOT, DPOConfig, TrainRunConfig
 from gpt.data.preference import read_pairs
-from gpt.errors import DataError
+from gpt.errors import ConfigError, DataError
 from gpt.model import GPT, GPTConfig
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
@@ -231,3 +231,24 @@ def test_dpo_steps_do_not_depend_on_the_micro_batch_split(sft_run, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for k in ("train_loss", "val_loss", "train_margin", "val_chosen_logp"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5)  # metrics are rounded to 1e-6
+
+
+def test_the_dpo_preset_is_the_whole_command():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        composed = compose(
+            config_name="train", overrides=["experiment=dpo", "init_from=out/chat", "data.path=p.jsonl"]
+        )
+    given = frozenset({"experiment", "init_from", "data.path"})
+    cfg = TrainRunConfig.from_command_line(OmegaConf.to_container(composed, resolve=True), given)
+    assert (cfg.experiment, cfg.data.format, cfg.data.path, cfg.init_from) == (
+        "dpo",
+        "pairs",
+        "p.jsonl",
+        "out/chat",
+    )
+    assert cfg.model.given() == {} and cfg.dpo.loss == "sigmoid" and cfg.dpo.beta == 0.1
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        DPOConfig(beta=0.0)
