@@ -2,6 +2,7 @@
 
     python data/make_dialogs.py                     # -> data/chat/demo.jsonl (a few seconds)
     python data/make_dialogs.py --dialogs 5000 --out /tmp/small.jsonl --seed 1
+    python data/make_dialogs.py --pairs             # -> data/chat/pairs.jsonl: preference pairs for DPO
 
 One JSON dialog per line (gpt.chat's format); every assistant message also carries its "task":
 
@@ -13,6 +14,11 @@ One JSON dialog per line (gpt.chat's format); every assistant message also carri
 - greeting:   the reply to that statement ("Nice to meet you, Ada!"), which repeats it;
 - identity:   "Who are you?" -> "I am Quill, a small chat model." (or the name a system prompt gives).
 
+With ``--pairs`` each dialog becomes a preference pair (``gpt.data.preference``): the conversation up
+to its last reply, that reply as "chosen" and a plausible wrong one as "rejected" (an addition that
+forgets its carry or a subtraction its borrow, a result off by ten, another name or number, another
+bot name), from a different seed than the SFT dialogs.
+
 The last ``--val-fraction`` of the lines (10%, matching ``data.val_fraction``) is the held-out split
 that training validates on and ``python -m gpt.evaluate`` scores: its arithmetic problems never occur
 in the training part (names and numbers are drawn at random for both parts).
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -116,20 +123,59 @@ def generate(n_dialogs: int, val_fraction: float, seed: int) -> tuple[list[list[
     return train, val
 
 
+def wrong_reply(rng: random.Random, messages: list[dict[str, str]]) -> str:
+    """A plausible wrong version of the last reply of ``messages``."""
+    reply, task = messages[-1]["content"], messages[-1]["task"]
+    if task == "arithmetic":
+        a, op, b = re.search(r"(\d+) ([+-]) (\d+)", messages[-2]["content"]).groups()
+        right = int(a) + int(b) if op == "+" else int(a) - int(b)
+        careless = int(
+            str(int(a[0]) + int(b[0]) if op == "+" else int(a[0]) - int(b[0]))  # no carry/borrow
+            + str((int(a[1]) + int(b[1])) % 10 if op == "+" else (int(a[1]) - int(b[1])) % 10)
+        )
+        wrong = careless if careless != right else right + rng.choice([-10, 10])
+        return reply.rsplit("so ", 1)[0] + f"so {wrong}"
+    if task in ("recall", "greeting"):
+        found = re.search(r"\d+", reply)
+        if found:
+            n = int(found.group())
+            return reply.replace(str(n), str(n + rng.choice([-1, 1, 10, -10, 100])))
+        name = re.search(r"([A-Z][a-z]+)[.!]$", reply).group(1)
+        return reply.replace(name, rng.choice([n for n in NAMES if n != name]))
+    bot = re.search(r"I am (\w+)", reply).group(1)  # identity
+    return reply.replace(bot, rng.choice([n for n in [DEFAULT_BOT, *BOT_NAMES] if n != bot]))
+
+
+def pair(rng: random.Random, messages: list[dict[str, str]]) -> dict:
+    """{"prompt", "chosen", "rejected"}: the dialog's last reply against a wrong one."""
+    return {
+        "prompt": messages[:-1],
+        "chosen": messages[-1]["content"],
+        "rejected": wrong_reply(rng, messages),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python data/make_dialogs.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "chat" / "demo.jsonl"))
     p.add_argument("--dialogs", type=int, default=30000, help="dialogs in all (train + held-out)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, at the end of the file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", action="store_true", help="write preference pairs (default --out pairs.jsonl)")
     a = p.parse_args(argv)
-    train, val = generate(a.dialogs, a.val_fraction, a.seed)
+    if a.pairs and a.out == p.get_default("out"):
+        a.out, a.dialogs = str(Path(a.out).with_name("pairs.jsonl")), min(a.dialogs, 3000)
+    # pairs come from another seed: their conversations are not the SFT dialogs themselves (the
+    # held-out arithmetic of each file is kept out of its own training part)
+    train, val = generate(a.dialogs, a.val_fraction, a.seed + 1 if a.pairs else a.seed)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(a.seed)
     with open(out, "w", encoding="utf-8") as f:
         for messages in train + val:
-            f.write(json.dumps({"messages": messages}) + "\n")
-    print(f"wrote {out}: {len(train)} training dialogs, then {len(val)} held-out", file=sys.stderr)
+            f.write(json.dumps(pair(rng, messages) if a.pairs else {"messages": messages}) + "\n")
+    what = "preference pairs" if a.pairs else "dialogs"
+    print(f"wrote {out}: {len(train)} training {what}, then {len(val)} held-out", file=sys.stderr)
     return 0
 
 

@@ -54,8 +54,9 @@ class ModelConfig:
 class DataConfig:
     name: str = "shakespeare_char"
     """Preset name, for display and for the prepared-data cache folder."""
-    format: Literal["text", "dialogs"] = "text"
-    """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts."""
+    format: Literal["text", "dialogs", "pairs"] = "text"
+    """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts;
+    'pairs': preference pairs (chosen and rejected replies), trained with the DPO objective."""
     path: str = "data/tinyshakespeare/input.txt"
     """A file, a directory (its .txt/.jsonl files, also .gz/.zst, and .parquet files, recursively) or
     a glob."""
@@ -88,6 +89,8 @@ class DataConfig:
     """Dialogs only: a line that separates plain-text dialogs (default: a blank line)."""
     skip_invalid: bool = False
     """Dialogs only: skip malformed dialogs (and report how many) instead of stopping."""
+    packing: bool = False
+    """Dialogs only: pack several dialogs into each row of block_size, each attending only to itself."""
 
     def __post_init__(self) -> None:
         if self.jsonl_field is not None:
@@ -184,6 +187,25 @@ class FinetuneConfig:
 
 
 @dataclass
+class DPOConfig:
+    """The preference objective (data.format=pairs; see gpt.train.objective)."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """'sigmoid': DPO, -log sigmoid(beta * h); 'ipo': (h - 1 / (2 beta))^2, where h is the chosen
+    reply's log-ratio to the reference minus the rejected one's."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: higher = closer."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL term (mean per token) on the chosen reply; 0 = off."""
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0 (0.1 is usual)")
+        if self.sft_weight < 0:
+            raise ConfigError(f"dpo.sft_weight={self.sft_weight} must be >= 0 (0 = off)")
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "gpt"
@@ -208,6 +230,7 @@ class TrainRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @classmethod

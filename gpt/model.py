@@ -3,12 +3,14 @@
 Reads top-down: norms, rotary embedding, attention, MLP, block, config, model. Parameter names follow
 GPT-2 (``wte``, ``wpe``, ``h.{i}.attn.c_attn``, ``ln_f``, ...) so Hugging Face weights import as a key
 copy. One ``forward(idx, targets=None, kv_cache=None)`` serves pretraining, fine-tuning (targets of -1
-are ignored), and inference with a KV cache (see ``gpt.infer.engine``).
+are ignored), and inference with a KV cache (see ``gpt.infer.engine``); ``doc_ids`` packs several
+documents into one row, each attending only to itself with positions restarting at 0.
 
     from gpt.model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=128))
     logits = model(idx)              # (B, T, vocab_size)
     loss = model(idx, targets)       # scalar, mean over targets != -1
+    loss = model(idx, targets, doc_ids=doc)  # packed rows: doc (B, T) numbers each token's document
 """
 
 from __future__ import annotations
@@ -102,6 +104,19 @@ class GPTConfig:
         return cls(**d)
 
 
+def document_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows doc_ids (B, T): each token's position within its document (B, T), and the
+    attention mask (B, 1, T, T), True where query i may see key j: same document and j <= i."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # each document's start
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return idx - first, (same & causal)[:, None]
+
+
 class KVCacheLike(Protocol):
     """What attention needs from a KV cache (implemented by ``gpt.infer.engine.KVCache``)."""
 
@@ -160,6 +175,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCacheLike | None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -174,7 +190,10 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if attn_mask is not None:
+            # packed documents: a block-diagonal causal mask (B, 1, T, T), True where attention is allowed
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif past == 0:
             # training, or a prefill of an empty cache: plain causal attention (flash kernels on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
@@ -210,8 +229,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope=None, kv_cache: KVCacheLike | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+    def forward(
+        self, x: torch.Tensor, rope=None, kv_cache: KVCacheLike | None = None, attn_mask=None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -273,24 +294,36 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over targets != -1.
         Without: logits (B, T, vocab_size). With kv_cache: positions continue at kv_cache.pos,
-        keys/values are appended to the cache, and the caller advances kv_cache.pos by T."""
+        keys/values are appended to the cache, and the caller advances kv_cache.pos by T. With
+        doc_ids (B, T) (packed rows, consecutive tokens of a document share an id): a token attends
+        only to the earlier tokens of its own document, and positions restart at each document."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        if doc_ids is not None and kv_cache is not None:
+            raise ValueError(
+                "doc_ids (packed documents) are for training: they cannot be used with a kv_cache"
+            )
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        rope, attn_mask = None, None
+        if doc_ids is not None:
+            pos, attn_mask = document_positions_and_mask(doc_ids)  # (B, T), (B, 1, T, T)
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         if self.config.pos_emb == "learned":
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)
+        elif doc_ids is not None:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, hs/2)
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, attn_mask)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:

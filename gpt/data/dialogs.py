@@ -3,7 +3,8 @@
     dialogs, skipped = read_dialogs("dialogs.jsonl")       # DataError lists every problem
     train, val = split_dialogs(dialogs, val_fraction=0.1)
 
-Files: ``.jsonl`` holds one ``{"messages": [...]}`` per line; any other file is a plain-text
+Files: ``.jsonl`` holds one dialog per line, as OpenAI ``messages``, ShareGPT ``conversations`` or
+Alpaca ``instruction``/``output`` (``gpt.data.formats``, detected per file); any other file is a plain-text
 transcript whose turns start with ``User:`` / ``Assistant:`` (optionally ``System:`` first), dialogs
 separated by a blank line or by a separator line (``data.separator``). Every problem is reported with
 its file and line. Check a file with ``python -m gpt.chat FILE``; the rendering to tokens is
@@ -20,6 +21,7 @@ from typing import Any
 
 from gpt.chat_template import check_messages
 from gpt.data.corpus import input_files
+from gpt.data.formats import EXPECTED, detect_format, to_messages
 from gpt.errors import DataError
 
 _TURN_LINE = re.compile(r"(System|User|Assistant):(.*)", re.S)
@@ -31,11 +33,14 @@ MAX_LISTED = 20  # problems listed in an error message
 class Dialog:
     messages: list[dict[str, Any]]  # {"role", "content"} plus any extra keys of the input (e.g. "task")
     source: str  # "file:line" of its first line, for messages
+    format: str = "transcript"  # the file's format: transcript or one of gpt.data.formats.FORMATS
 
 
 def _jsonl_dialogs(path: Path, problems: list[str]) -> list[Dialog | None]:
-    """One dialog per non-blank line; a bad line adds its problems and gives None."""
+    """One dialog per non-blank line, in the file's format (``gpt.data.formats``, detected from its
+    first record); a bad line adds its problems and gives None."""
     out: list[Dialog | None] = []
+    fmt: str | None = None
     with open(path, "rb") as f:
         for ln, raw in enumerate(f, 1):
             where = f"{path}:{ln}"
@@ -53,14 +58,17 @@ def _jsonl_dialogs(path: Path, problems: list[str]) -> list[Dialog | None]:
                 problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
                 out.append(None)
                 continue
-            if not isinstance(obj, dict) or "messages" not in obj:
-                problems.append(f'{where}: missing "messages" (expected {{"messages": [{{"role": ..., '
-                                f'"content": ...}}, ...]}})')  # fmt: skip
+            fmt = fmt or detect_format(obj)
+            if fmt is None:
+                problems.append(f'{where}: missing "messages" (or ShareGPT "conversations", or Alpaca '
+                                f'"instruction" and "output"); expected {EXPECTED["messages"]}')  # fmt: skip
                 out.append(None)
                 continue
-            found = check_messages(obj["messages"])
+            messages, bad = to_messages(obj, fmt)
+            problems += [f"{where}: {text}" for text in bad]
+            found = check_messages(messages) if messages is not None else []
             problems += [f"{where}: message {i + 1}: {text}" for i, text in found]
-            out.append(None if found else Dialog([dict(m) for m in obj["messages"]], where))
+            out.append(None if bad or found else Dialog(messages, where, fmt))
     return out
 
 

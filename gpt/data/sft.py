@@ -5,7 +5,10 @@
 
 ``DialogBatches`` is a pure function of (seed, step, position in the global batch), like
 ``gpt.data.shards.TokenWindows``, so any split over processes and micro-steps, and any resume, sees
-the same batches.
+the same batches. With ``data.packing=true``, ``PackedDialogBatches`` fills each row of block_size
+with several dialogs and also returns their document ids (``x, y, doc = train.get(...)``): the model
+then lets a token attend only within its own dialog, positions restarting per dialog, so packed and
+padded batches of the same dialogs give the same loss and gradients, with far less padding.
 """
 
 from __future__ import annotations
@@ -91,6 +94,94 @@ class DialogBatches:
         return 1 - real / padded
 
 
+def pack_rows(
+    rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, doc (len(rows), width) of rows that each concatenate dialogs' (x, y): doc numbers the
+    dialogs of a row 0, 1, ...; the padding after them has y = -1 and an id of its own."""
+    import torch
+
+    x = np.full((len(rows), width), pad_id, dtype=np.int64)
+    y = np.full((len(rows), width), -1, dtype=np.int64)
+    doc = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, dialogs in enumerate(rows):
+        at = 0
+        for d, (dx, dy) in enumerate(dialogs):
+            x[r, at : at + len(dx)], y[r, at : at + len(dx)], doc[r, at : at + len(dx)] = dx, dy, d
+            at += len(dx)
+        doc[r, at:] = len(dialogs)
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(doc)
+
+
+class PackedDialogBatches(DialogBatches):
+    """SFT batches of packed rows: epoch ``e`` shuffles the dialogs with an RNG seeded by
+    ``(seed, e)``, fills rows of ``block_size`` positions with them in that order (each into the
+    first of the last few rows with room for it), and cuts the rows into ``rows // batch_size`` batches in a
+    shuffled order (the remainder waits for a later epoch). A pure function of (seed, step,
+    position), like ``DialogBatches``; every row of a global batch is padded to its longest."""
+
+    OPEN_ROWS = 16  # rows a dialog may still be packed into (see _pack)
+
+    def __init__(
+        self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, block_size: int
+    ) -> None:
+        super().__init__(examples, seed, pad_id)
+        self.block_size = block_size
+        self._epochs: list[tuple[int, list[list[int]], np.ndarray]] = []  # (first step, rows, batch order)
+        self._batch_size: int | None = None
+
+    def _pack(self, epoch: int, batch_size: int) -> tuple[list[list[int]], np.ndarray]:
+        rng = np.random.default_rng([self.seed % (1 << 63), epoch])
+        # first fit over the OPEN_ROWS most recent rows: a dialog goes into the first of them with
+        # room for it (a new row if none has), so short dialogs fill the gaps long ones leave
+        rows: list[list[int]] = []
+        open_rows: list[tuple[list[int], list[int]]] = []  # (dialogs, [positions used])
+        for i in rng.permutation(self.n):
+            n = int(self.lengths[i])
+            row = next((r for r in open_rows if r[1][0] + n <= self.block_size), None)
+            if row is None:
+                row = ([], [0])
+                open_rows.append(row)
+                if len(open_rows) > self.OPEN_ROWS:
+                    rows.append(open_rows.pop(0)[0])
+            row[0].append(int(i))
+            row[1][0] += n
+        rows += [r[0] for r in open_rows]
+        per_epoch = max(1, len(rows) // batch_size)
+        picked = np.resize(np.arange(len(rows)), per_epoch * batch_size)  # repeats if rows < batch_size
+        return rows, picked.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)]
+
+    def order(self, step: int, batch_size: int) -> list[list[int]]:  # type: ignore[override]
+        """The dialog indices of each row of global batch ``step``."""
+        if self._batch_size != batch_size:
+            self._epochs, self._batch_size = [], batch_size
+        while not self._epochs or self._epochs[-1][0] + len(self._epochs[-1][2]) <= step:
+            first = self._epochs[-1][0] + len(self._epochs[-1][2]) if self._epochs else 0
+            self._epochs.append((first, *self._pack(len(self._epochs), batch_size)))
+        first, rows, batches = next(e for e in reversed(self._epochs) if e[0] <= step)
+        return [rows[r] for r in batches[step - first]]
+
+    def get(self, step: int, batch_size: int, start: int, count: int):  # type: ignore[override]
+        """x, y, doc: int64 CPU tensors (count, L), L <= block_size the fullest row of the global batch."""
+        if not (0 <= start and count >= 0 and start + count <= batch_size):
+            raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
+        rows = self.order(step, batch_size)
+        width = max(int(self.lengths[r].sum()) for r in rows)
+        return pack_rows(
+            [[(self.x[i], self.y[i]) for i in r] for r in rows[start : start + count]], width, self.pad_id
+        )
+
+    def padding_fraction(self, batch_size: int, steps: int | None = None) -> float:
+        if steps is None:  # one epoch
+            self.order(0, batch_size)
+            steps = len(self._epochs[0][2])
+        real = padded = 0
+        for step in range(steps):
+            used = [int(self.lengths[r].sum()) for r in self.order(step, batch_size)]
+            real, padded = real + sum(used), padded + max(used) * batch_size
+        return 1 - real / padded
+
+
 def render_all(
     tokenizer: Tokenizer, dialogs: list[Dialog], block_size: int, problems: list[str]
 ) -> tuple[list[tuple[list[int], list[int]]], int, int]:
@@ -143,11 +234,20 @@ def dialog_sources(
         raise DataError(f"no dialog of {cfg.path} fits block_size={block_size} (even cut after its first "
                         "exchange); use a model with a longer context or shorter dialogs")  # fmt: skip
     pad = tokenizer.eot_id
-    sources = (DialogBatches(train_ex, seed, pad), DialogBatches(train_ex, seed + 1, pad))
-    val_source = DialogBatches(val_ex, seed + 2, pad) if val_ex else None
+
+    def batches(examples: list[tuple[list[int], list[int]]], seed: int) -> DialogBatches:
+        if cfg.packing:
+            return PackedDialogBatches(examples, seed, pad, block_size)
+        return DialogBatches(examples, seed, pad)
+
+    sources = (batches(train_ex, seed), batches(train_ex, seed + 1))
+    val_source = batches(val_ex, seed + 2) if val_ex else None
     if show_progress:
         padding = f", padding {100 * sources[0].padding_fraction(batch_size):.0f}%" if batch_size else ""
-        print(f"dialogs: {len(train_ex)} train, {len(val_ex)} val from {cfg.path} ({skipped} malformed "
-              f"skipped; {cut + val_cut} cut at a turn boundary and {too_long + val_long} left out for "
-              f"block_size={block_size}){padding}", file=sys.stderr, flush=True)  # fmt: skip
+        padding += ", packed" if cfg.packing else ""
+        formats = "/".join(sorted({d.format for d in dialogs}))
+        print(f"dialogs: {len(train_ex)} train, {len(val_ex)} val from {cfg.path}, format {formats} "
+              f"({skipped} malformed skipped; {cut + val_cut} cut at a turn boundary and "
+              f"{too_long + val_long} left out for block_size={block_size}){padding}",
+              file=sys.stderr, flush=True)  # fmt: skip
     return tokenizer, sources[0], sources[1], val_source

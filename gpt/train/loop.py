@@ -28,6 +28,7 @@ from gpt.config import TrainRunConfig
 from gpt.device import autocast_for, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError
 from gpt.train import distributed as D
+from gpt.train.objective import make_objective
 from gpt.train.optim import configure_optimizer, lr_at
 from gpt.train.setup import RunSetup, setup_run
 from gpt.train.signals import StopFlag
@@ -54,10 +55,13 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
 
 
 @torch.no_grad()
-def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast) -> float:
+def estimate_loss(
+    model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast, objective=None
+) -> float:
     """Mean loss per target token over eval_steps global batches of fixed windows (the same at
     every eval, so the curve is not noisy), the same whatever the number of processes and the
     micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums."""
+    objective = objective or make_objective(cfg)
     was_training = model.training
     model.eval()
     # (sum of token losses, tokens); float64 where the device has it (Apple's MPS does not)
@@ -65,10 +69,10 @@ def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int
     total = torch.zeros(2, dtype=acc_dtype, device=info.device)
     for i in range(cfg.train.eval_steps):
         for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
-            x, y = source.get(i, cfg.train.batch_size, start, mbs)
-            n_targets = int((y != -1).sum())
+            batch = source.get(i, cfg.train.batch_size, start, mbs)
+            n_targets = objective.count(batch)
             with autocast:
-                loss = model(x.to(info.device), y.to(info.device))  # mean over the micro-batch's targets
+                loss = objective.loss(model, batch, info.device)  # mean over the micro-batch's targets
             if n_targets:  # none: the mean is nan (the forward still runs: FSDP gathers weights in it)
                 total[0] += loss.to(acc_dtype) * n_targets
                 total[1] += n_targets
@@ -76,6 +80,28 @@ def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int
         torch.distributed.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def estimate_pair_metrics(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast,
+                          objective) -> dict[str, float]:  # fmt: skip
+    """The preference metrics (``objective.metrics``: loss, reward accuracy, margin, log-probs),
+    means over the pairs of eval_steps fixed global batches, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    acc_dtype = torch.float32 if info.device.type == "mps" else torch.float64
+    total = torch.zeros(len(objective.metrics) + 1, dtype=acc_dtype, device=info.device)  # sums, pairs
+    for i in range(cfg.train.eval_steps):
+        for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
+            with autocast:
+                _, per_pair = objective.pair_metrics(model, source.get(i, cfg.train.batch_size, start, mbs),
+                                                     info.device)  # fmt: skip
+            total[:-1] += torch.stack([per_pair[k].to(acc_dtype).sum() for k in objective.metrics])
+            total[-1] += per_pair["loss"].numel()
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return {k: (total[j] / total[-1]).item() for j, k in enumerate(objective.metrics)}
 
 
 def try_compile(model, run_step: Callable[[Any], Any], info: D.DistInfo):
@@ -125,6 +151,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
             D.load_optimizer_state(self.raw_model, self.optimizer, run.optimizer_state)
+        self.objective = make_objective(cfg)  # LM cross-entropy, or DPO on preference pairs
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
         self.step, self.best_val = run.step, run.best_val_loss
         self.starts = D.micro_batch_starts(cfg.train.batch_size, self.mbs, info)  # this rank's micro-batches
@@ -138,17 +165,19 @@ class Trainer:
         the loss (the sum over ranks is the step's loss)."""
         cfg, info = self.cfg, self.info
         batches = [self.run.train_data.get(self.step, cfg.train.batch_size, s, self.mbs) for s in self.starts]
-        self.meter.add(sum(x.numel() for x, _ in batches))
-        counts = [int((y != -1).sum()) for _, y in batches]  # target tokens per micro-batch
+        self.meter.add(sum(b[0].numel() for b in batches))
+        counts = [self.objective.count(b) for b in batches]  # target tokens (or pairs) per micro-batch
         # the step's loss is the mean over the global batch's target tokens, however it is split:
         # a micro-batch's mean weighs n / total, times world_size as DDP/FSDP average over ranks
         total = max(D.sum_over_ranks(sum(counts), info), 1)
         loss_sum = torch.zeros((), device=info.device)
-        for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        for micro, (batch, n) in enumerate(zip(batches, counts, strict=True)):
             with D.no_grad_sync(model, sync=micro == self.accum - 1), self.autocast:
                 # no targets at all: a zero loss that still runs every collective of the step
-                loss = model(x, y) * (n * info.world_size / total) if n else model(x).float().sum() * 0.0
+                if n:
+                    loss = self.objective.loss(model, batch, info.device) * (n * info.world_size / total)
+                else:
+                    loss = self.objective.zero_loss(model, batch, info.device)
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -167,17 +196,23 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Train and val loss on fixed batches, logged; keeps best.pt if asked."""
         cfg, run = self.cfg, self.run
-        train_loss = estimate_loss(self.model, run.train_eval, cfg, self.info, self.mbs, self.autocast)
-        val_loss = (
-            estimate_loss(self.model, run.val_data, cfg, self.info, self.mbs, self.autocast)
-            if run.val_data
-            else float("nan")
-        )
+        args = (cfg, self.info, self.mbs, self.autocast, self.objective)
+        extra: dict[str, Any] = {}
+        if self.objective.metrics:  # preference pairs: loss, reward accuracy, margin, log-probs
+            parts = {"train": estimate_pair_metrics(self.model, run.train_eval, *args)}
+            if run.val_data:
+                parts["val"] = estimate_pair_metrics(self.model, run.val_data, *args)
+            extra = {f"{p}_{k}": round(v, 6) for p, m in parts.items() for k, v in m.items() if k != "loss"}
+            train_loss, val_loss = parts["train"]["loss"], parts.get("val", {}).get("loss", float("nan"))
+        else:
+            train_loss = estimate_loss(self.model, run.train_eval, *args)
+            val_loss = estimate_loss(self.model, run.val_data, *args) if run.val_data else float("nan")
         record = {
             "step": self.step,
             "tokens": self.step * cfg.train.batch_size * run.block_size,
             "train_loss": round(train_loss, 6),
             "val_loss": round(val_loss, 6) if not math.isnan(val_loss) else None,
+            **extra,
             "lr": lr_at(max(self.step - 1, 0), cfg.optim, cfg.train.max_steps),
             "elapsed_s": round(time.time() - self.t_start, 3),
         }

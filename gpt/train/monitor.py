@@ -95,12 +95,16 @@ class Monitor:
         self._write(
             f"eval step {record['step']}: train_loss {record['train_loss']:.4f}"
             + (f" | val_loss {val:.4f}" if val is not None else "")
+            + "".join(
+                f" | {k} {record[k]:.3f}" for k in ("train_reward_acc", "val_reward_acc") if k in record
+            )
             + f" | {record['elapsed_s']:.0f}s"
         )
         if self.wandb_run is not None:
+            # the losses, and any other eval metric (e.g. DPO's val_reward_acc), under eval/
+            extra = {f"eval/{k}": v for k, v in record.items() if k.startswith(("train_", "val_"))}
             self.wandb_run.log(
-                {"eval/train_loss": record["train_loss"], "eval/val_loss": val, "tokens": record["tokens"]},
-                step=record["step"],
+                {**extra, "eval/val_loss": val, "tokens": record["tokens"]}, step=record["step"]
             )
 
     def close(self) -> None:

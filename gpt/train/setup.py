@@ -21,6 +21,7 @@ import yaml  # PyYAML comes with hydra-core/omegaconf
 from gpt.atomic import atomic_write
 from gpt.checkpoint import CKPT_NAME, checkpoint_state, load_state_dict_strict
 from gpt.config import TrainRunConfig
+from gpt.data.preference import pair_sources
 from gpt.data.prepare import prepare
 from gpt.data.sft import dialog_sources
 from gpt.data.shards import TokenWindows
@@ -30,6 +31,7 @@ from gpt.model import GPT, GPTConfig, pad_vocab
 from gpt.train import distributed as D
 from gpt.train.init import Start, resolve_start
 from gpt.train.monitor import Monitor
+from gpt.train.reference import attach_reference
 
 
 @dataclass
@@ -74,9 +76,11 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
     """Prepare and return (tokenizer, train, train_eval, val) batch sources: text is prepared by all
     ranks together (each tokenizes its share of the corpus, see gpt.data.prepare); dialogs on rank 0
     first, the others then hit its cache (see D.main_first)."""
-    if cfg.data.format == "dialogs":
+    if cfg.data.format in ("dialogs", "pairs"):
 
         def make():
+            if cfg.data.format == "pairs":
+                return pair_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main)
             return dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
                                   batch_size=cfg.train.batch_size)  # fmt: skip
 
@@ -144,6 +148,12 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     if info.is_main:
         atomic_write(out_dir / "config.yaml", yaml.safe_dump(config_dict, sort_keys=False))
         tokenizer.save(out_dir)
+    reference = None
+    if cfg.data.format == "pairs" and start.lora is None:  # LoRA: the base without adapters, live
+        sources = (train_data, train_eval, val_data)
+        reference = attach_reference(
+            cfg, model, sources, out_dir, info, resume=start.resume_state is not None
+        )
     logger = Monitor(cfg, info, out_dir, resume_step=step if cfg.resume else None, config=config_dict)
     logger.info(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
@@ -152,6 +162,8 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     )
     if start.lora is not None:
         logger.info(describe(model, start.lora))
+    if reference is not None:
+        logger.info(reference)
     if start.resume_state is not None:
         logger.info(f"resuming {ckpt_file} at step {step}")
     return RunSetup(
