@@ -5,10 +5,14 @@ weights: speed does not depend on them).
     python bench/bench_generate.py                                   # both models on this CPU
     python bench/bench_generate.py --models gpt2 --device cuda --dtype bf16
     python bench/bench_generate.py --threads 1 --repeats 5 --json results.jsonl
+    python bench/bench_generate.py --models gpt2 --dtype auto --new-tokens 64   # the dtype policy
 
 Each run: a 256-token prompt, then 512 new tokens sampled with sample.py's defaults (temperature 0.8,
 top_k 200). Reported, as medians over --repeats runs (each run measures all of them in turn):
-- ttft_ms: prompt -> first sampled token (one prefill forward of the whole prompt);
+- ttft_ms: prompt -> first sampled token (one prefill forward of the whole prompt, logits for its
+  last position only: ``GPT.forward(last_only=True)``);
+- ttft_all_logits_ms: the same when the prefill computes logits for every prompt position (what the
+  engine did before ``last_only``), timed in the same runs for a side-by-side comparison;
 - cached tok/s: the 511 following tokens, one single-token forward each (gpt.generate.Decoder);
 - recompute tok/s: the same tokens when every step re-runs the model over the whole context (the last
   block_size tokens, as nanoGPT does). The baseline computes logits for the last position only, as
@@ -36,7 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
 from gpt.config import REPO_ROOT, GenerationConfig  # noqa: E402
-from gpt.generate import Decoder, choose_next, generate  # noqa: E402
+from gpt.device import pick_device, resolve_dtype  # noqa: E402
+from gpt.infer.engine import Decoder, KVCache, choose_next  # noqa: E402
+from gpt.infer.generate import generate  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 
 MODELS = {
@@ -63,11 +69,6 @@ def tokenizer_for(name: str):
     return char_tokenizer([(REPO_ROOT / "data" / "tinyshakespeare" / "input.txt").read_text()])
 
 
-def last_position_logits(model: GPT):
-    """Make lm_head see only the last position (what an uncached loop needs); returns the handle."""
-    return model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-
-
 @torch.inference_mode()
 def time_cached(model: GPT, prompt: torch.Tensor, new_tokens: int, vocab: int) -> tuple[float, float]:
     """(seconds to the first token, seconds for the remaining new_tokens - 1) with the KV cache."""
@@ -87,6 +88,21 @@ def time_cached(model: GPT, prompt: torch.Tensor, new_tokens: int, vocab: int) -
 
 
 @torch.inference_mode()
+def time_first_token_all_logits(model: GPT, prompt: torch.Tensor, vocab: int) -> float:
+    """Seconds to the first token when the prefill computes logits for every prompt position."""
+    device = prompt.device
+    gen = torch.Generator(device=device).manual_seed(SETTINGS.seed)
+    weight = model.lm_head.weight
+    cache = KVCache(model.config, 1, weight.device, weight.dtype)
+    sync(device)
+    start = time.perf_counter()
+    logits = model(prompt, kv_cache=cache)[:, -1]  # (1, T, vocab) computed, the last row used
+    choose_next(logits[:, :vocab].float(), SETTINGS, gen).tolist()
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
 def time_recompute(model: GPT, prompt: torch.Tensor, new_tokens: int, vocab: int, points: int) -> float:
     """Seconds for new_tokens - 1 steps that each re-run the last block_size tokens of the context."""
     device, block_size = prompt.device, model.config.block_size
@@ -97,7 +113,7 @@ def time_recompute(model: GPT, prompt: torch.Tensor, new_tokens: int, vocab: int
     def step(length: int) -> float:
         sync(device)
         start = time.perf_counter()
-        choose_next(model(context[:, :length])[:, -1, :vocab].float(), SETTINGS, gen).tolist()
+        choose_next(model(context[:, :length], last_only=True)[:, -1, :vocab].float(), SETTINGS, gen).tolist()
         sync(device)
         return time.perf_counter() - start
 
@@ -124,9 +140,8 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, args) -> di
     # (on a shared machine the load drifts between runs)
     for _ in range(args.repeats):
         ttft, decode = time_cached(model, prompt, args.new_tokens, vocab)
-        handle = last_position_logits(model)
+        ttft_all = time_first_token_all_logits(model, prompt, vocab)
         recompute = time_recompute(model, prompt, args.new_tokens, vocab, args.recompute_points)
-        handle.remove()
         sync(device)
         start = time.perf_counter()
         generate(model, tok, prompt_ids, cfg)
@@ -134,6 +149,7 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, args) -> di
         end_to_end = time.perf_counter() - start
         runs.append({
             "ttft_ms": ttft * 1000,
+            "ttft_all_logits_ms": ttft_all * 1000,
             "cached_tok_s": steps / decode,
             "recompute_tok_s": steps / recompute,
             "speedup": recompute / decode,
@@ -165,7 +181,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="shakespeare_char,gpt2", help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights' dtype; auto = the policy of sample.py (gpt.device.resolve_dtype)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -176,12 +197,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from gpt.distributed import pick_device
-
     device = pick_device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"device {device} ({hw}), {args.dtype}, torch {torch.__version__}, "
+    print(f"device {device} ({hw}), {args.dtype} = {str(dtype).removeprefix('torch.')}, "
+          f"torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}")  # fmt: skip
     for name in args.models.split(","):
         result = bench_model(name, device, dtype, args)

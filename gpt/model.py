@@ -273,10 +273,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over targets != -1.
-        Without: logits (B, T, vocab_size). With kv_cache: positions continue at kv_cache.pos,
-        keys/values are appended to the cache, and the caller advances kv_cache.pos by T."""
+        Without: logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position alone with
+        ``last_only`` (a prefill needs no more: the head is the largest matmul for a big vocabulary).
+        With kv_cache: positions continue at kv_cache.pos, keys/values are appended to the cache,
+        and the caller advances kv_cache.pos by T."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -291,6 +294,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
