@@ -155,7 +155,7 @@ class Trainer:
 
     def optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at muon_lr
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient
