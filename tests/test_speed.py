@@ -1,0 +1,188 @@
+"""Speed features that must not change results: the dtype policy (bf16 on CPUs that have it tracks
+fp32), Muon (parameter split, its own LR on the schedule, exact resume), the last-position-only
+prefill, and the CPU-safe parts of the GPU check."""
+
+import pytest
+import torch
+
+from gpt import device as device_mod
+from gpt.checkpoint import load_checkpoint
+from gpt.config import OptimConfig
+from gpt.device import resolve_dtype
+from gpt.errors import ConfigError
+from gpt.infer.engine import Decoder
+from gpt.model import GPT, GPTConfig
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
+from gpt.train.optim import Optimizers, configure_optimizer, lr_at
+
+CPU = torch.device("cpu")
+
+
+def small_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    shape = dict(
+        block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True, tie_embeddings=False
+    )
+    return GPT(GPTConfig(**{**shape, **kw}))
+
+
+# --------------------------------------------------------------------------------------- dtype policy
+
+
+def test_auto_dtype_follows_the_cpu_bf16_capability(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_bf16_native", lambda: True)
+    assert resolve_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(device_mod, "cpu_bf16_native", lambda: False)
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("fp32", CPU) == torch.float32 and resolve_dtype("bf16", CPU) == torch.bfloat16
+    with pytest.raises(ConfigError, match="train.dtype=fp16"):
+        resolve_dtype("fp16", CPU, key="train.dtype")
+
+
+def test_cpu_capability_probe_agrees_with_the_cpu_flags():
+    flags = set()
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    assert device_mod.cpu_bf16_native() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def test_bf16_training_tracks_fp32(make_cfg, one_thread):
+    runs = {}
+    for name in ("fp32", "bf16"):
+        cfg = make_cfg(name, train=dict(dtype=name, max_steps=40, eval_interval=20))
+        train(cfg)
+        runs[name] = read_metrics(cfg.out_dir)
+    first, last = runs["fp32"][0]["val_loss"], runs["fp32"][-1]["val_loss"]
+    assert last < first - 0.5  # it learned something for the comparison to mean anything
+    for a, b in zip(runs["fp32"], runs["bf16"], strict=True):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=0.03), (a, b)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=0.03), (a, b)
+
+
+# ----------------------------------------------------------------------------------------------- Muon
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = small_model()
+    opt = configure_optimizer(model, OptimConfig(name="muon", lr=1e-3, muon_lr=0.02), "cpu")
+    assert isinstance(opt, Optimizers)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert muon_names == {
+        n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2
+    }
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= adamw_names
+    assert not muon_names & adamw_names and len(muon_names | adamw_names) == len(names)
+    # each part on the one schedule at its own peak LR
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
+    assert all(g["lr_scale"] == 1.0 for g in adamw.param_groups)
+    with pytest.raises(ConfigError, match="optim.muon_lr"):
+        configure_optimizer(model, OptimConfig(name="muon", muon_lr=0.0), "cpu")
+
+
+def test_muon_steps_lower_the_loss_and_adamw_is_unchanged_by_default():
+    model = small_model()
+    assert isinstance(configure_optimizer(model, OptimConfig(), "cpu"), torch.optim.AdamW)
+    cfg = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, warmup_steps=0, schedule="constant")
+    opt = configure_optimizer(model, cfg, "cpu")
+    x = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for step in range(15):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, 15) * g["lr_scale"]
+        loss = model(x, x)  # learn to copy: easy, so a working optimizer drops the loss fast
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert opt.state and all("momentum_buffer" in opt.optimizers[0].state[p] for p in opt.optimizers[0].state)
+
+
+def test_muon_run_resumes_exactly(make_cfg):
+    sections = dict(optim=dict(name="muon", muon_lr=0.02), model=dict(dropout=0.1))
+    full = make_cfg("full", **sections, train=dict(max_steps=20, eval_interval=10))
+    train(full)
+    part = make_cfg("part", **sections, train=dict(max_steps=20, eval_interval=10))
+    train(part, should_stop=lambda step: step == 7)
+    state = load_checkpoint(part.out_dir)
+    assert state["step"] == 7
+    # one name-keyed state for both optimizers: Muon's momentum and AdamW's moments
+    assert "momentum_buffer" in state["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]
+    assert "exp_avg" in state["optimizer"]["state"]["transformer.wte.weight"]
+    train(make_cfg("part", **sections, train=dict(max_steps=20, eval_interval=10), resume=True))
+    a, b = read_metrics(full.out_dir), read_metrics(part.out_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 10, 20]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
+    assert a[-1]["val_loss"] < a[0]["val_loss"] - 0.5
+
+
+# -------------------------------------------------------------------------------------------- prefill
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_last_only_logits_equal_the_last_row_of_all_logits(pos_emb):
+    model = small_model(pos_emb=pos_emb).eval()
+    idx = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, last = model(idx), model(idx, last_only=True)
+    assert last.shape == (3, 1, 64)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    # targets: the loss over every position, whatever last_only says
+    assert model(idx, idx, last_only=True).shape == ()
+
+
+def test_prefill_returns_the_logits_of_the_whole_prompt_forward():
+    model = small_model().eval()
+    prompt = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(prompt)[:, -1]
+        decoder = Decoder(model, batch_size=2)
+        got = decoder.prefill(prompt)
+        nxt = decoder.step(torch.tensor([5, 6]))
+        ref = model(torch.cat([prompt.expand(2, -1), torch.tensor([[5], [6]])], dim=1))[:, -1]
+    torch.testing.assert_close(got, want.expand(2, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nxt, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- the GPU check
+
+
+def load_gpu_check():
+    import importlib.util
+
+    from gpt.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_peaks_and_table():
+    gc = load_gpu_check()
+    assert gc.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert gc.datasheet_peak("NVIDIA H100 PCIe") == 756e12
+    assert gc.datasheet_peak("NVIDIA H200") == 989e12 and gc.datasheet_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gc.datasheet_peak("Some Future GPU") is None
+    table = gc.format_table([("a", "pass", "x"), ("b", "FAIL", "y")]).splitlines()
+    assert table[0] == "| check | result | detail |" and table[-1] == "| b | FAIL | y |"
+
+
+def test_gpu_check_flow_runs_on_the_cpu_with_tiny_shapes(one_thread):
+    gc = load_gpu_check()
+    rows = gc.run_checks(CPU, tiny=True, log=lambda s: None)
+    results = {name.split(" (")[0].split(",")[0]: (result, detail) for name, result, detail in rows}
+    assert results["bf16"][0] == "pass", results["bf16"]
+    assert results["SDPA kernel"][0] == "pass" and "flash" in results["SDPA kernel"][1]
+    assert results["DDP"][0] == "pass" and results["FSDP2"][0] == "pass", results
+    assert "tok/s" in results["tiny GPT train"][0] and "MFU" in results["tiny GPT train"][1]
+    assert {"KV decode"} <= set(results) and sum(name.startswith("KV decode") for name, _, _ in rows) == 2
+    assert not torch.distributed.is_initialized()  # the one-process group is gone again
