@@ -156,14 +156,7 @@ def test_prefill_returns_the_logits_of_the_whole_prompt_forward():
 
 
 def load_gpu_check():
-    import importlib.util
-
-    from gpt.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_check")
 
 
 def test_gpu_check_peaks_and_table():
@@ -186,3 +179,54 @@ def test_gpu_check_flow_runs_on_the_cpu_with_tiny_shapes(one_thread):
     assert "tok/s" in results["tiny GPT train"][0] and "MFU" in results["tiny GPT train"][1]
     assert {"KV decode"} <= set(results) and sum(name.startswith("KV decode") for name, _, _ in rows) == 2
     assert not torch.distributed.is_initialized()  # the one-process group is gone again
+
+
+# ------------------------------------------------------------------------- the nanoGPT side-by-side
+
+
+def load_bench(name: str):
+    import importlib.util
+
+    from gpt.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gpt.config import REPO_ROOT, TrainRunConfig
+
+    vs = load_bench("vs_nanogpt")
+    nano_log = (
+        "step 0: train loss 4.2, val loss 4.2\niter 0: loss 4.2, time 900.0ms, mfu -100.00%\n"
+        + "".join(f"iter {i}: loss 3.{i}, time {30 + i}.5ms, mfu 1.00%\n" for i in range(1, 8))
+    )
+    assert vs.step_times(nano_log, vs.NANO_LINE, skip=5) == [36.5, 37.5]
+    ours_log = "".join(
+        f"step {i:>6}/8 | loss 3.0 | lr 1.00e-03 | 1,000 tok/s | mfu 1.0% | {20 + i}.0 ms/step\n"
+        for i in range(1, 9)
+    )
+    assert vs.step_times(ours_log, vs.OURS_LINE, skip=6) == [27.0, 28.0]
+    s = vs.summary("cpu", vs.SHAPES["cpu"], [40.0, 30.0, 50.0], [20.0, 25.0])
+    assert s["tokens_per_step"] == 768 and s["speedup"] == round(40.0 / 22.5, 2) and s["ours_tok_s"] == 34133
+    # every override of our command is a real key, giving nanoGPT's shape
+    cmd = vs.ours_command(vs.SHAPES["6x384"], 10, tmp_path / "o", "auto")
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        d = OmegaConf.to_container(compose(config_name="train", overrides=cmd[2:]), resolve=True)
+    cfg = TrainRunConfig.from_dict(d)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.train.batch_size) == (
+        6,
+        384,
+        256,
+        8,
+    )
+    assert cfg.train.eval_interval == 0 and cfg.train.dtype == "auto"
+    nano = vs.nanogpt_command(tmp_path, vs.SHAPES["cpu"], 10, tmp_path / "n")
+    assert "--compile=False" in nano and "--block_size=64" in nano and "--batch_size=12" in nano
+    with pytest.raises(SystemExit, match="not a nanoGPT checkout"):
+        vs.main([str(tmp_path)])
