@@ -230,3 +230,41 @@ def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
     assert "--compile=False" in nano and "--block_size=64" in nano and "--batch_size=12" in nano
     with pytest.raises(SystemExit, match="not a nanoGPT checkout"):
         vs.main([str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_muon_on_two_ranks_matches_one_process(tmp_path, corpus, parallel):
+    """Muon under DDP and FSDP2 (2 gloo ranks) gives the one-process losses; FSDP2's Newton-Schulz
+    runs on the sharded matrices as DTensors (global math, bf16 rounding in another order)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gpt.config import REPO_ROOT
+
+    def args(out: str) -> list[str]:
+        return [
+            "model=tiny", "data=text", f"data.path={corpus}", "data.name=small", "data.tokenizer=char",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "device=cpu", "seed=7",
+            "optim=muon", "optim.warmup_steps=1", "optim.grad_clip=0.05", "train.max_steps=4",
+            "train.batch_size=8", "train.eval_interval=1", "train.eval_steps=1", "train.ckpt_interval=0",
+            "train.progress=false", "train.peak_flops=1e12", "train.dtype=fp32", "wandb.mode=disabled",
+            f"train.parallel={parallel}", f"out_dir={tmp_path / out}",
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    train_py = str(REPO_ROOT / "train.py")
+    one = subprocess.run([sys.executable, train_py, *args("one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", train_py,
+         *args("two")], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-4), (ra, rb)
+    assert a[-1]["val_loss"] < a[0]["val_loss"] - 0.1
