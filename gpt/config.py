@@ -100,7 +100,7 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    muon_lr: float = 0.02
+    muon_lr: float = 0.05
     """name=muon: peak learning rate of the Muon part (the blocks' matrices)."""
     muon_momentum: float = 0.95
     """name=muon: Muon's (Nesterov) momentum."""
