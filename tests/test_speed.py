@@ -9,7 +9,7 @@ from gpt import device as device_mod
 from gpt.checkpoint import load_checkpoint
 from gpt.config import OptimConfig
 from gpt.device import resolve_dtype
-from gpt.errors import ConfigError
+from gpt.errors import CheckpointError, ConfigError
 from gpt.infer.engine import Decoder
 from gpt.model import GPT, GPTConfig
 from gpt.runs.metrics import read_metrics
@@ -122,6 +122,8 @@ def test_muon_run_resumes_exactly(make_cfg):
     for ra, rb in zip(a, b, strict=True):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
     assert a[-1]["val_loss"] < a[0]["val_loss"] - 0.5
+    with pytest.raises(CheckpointError, match="optim=adamw or optim=muon"):  # not silently mixed
+        train(make_cfg("part", model=dict(dropout=0.1), train=dict(max_steps=25), resume=True))
 
 
 # -------------------------------------------------------------------------------------------- prefill
