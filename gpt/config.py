@@ -114,8 +114,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """'adamw'; 'muon': torch.optim.Muon for the blocks' 2-D weights (at muon_lr), AdamW for the
+    embeddings, the head, norms and biases (at lr); both follow the one schedule."""
     lr: float = 1e-3
-    """Peak learning rate, reached after warmup."""
+    """Peak learning rate, reached after warmup (with name=muon: the AdamW part's)."""
     min_lr_ratio: float = 0.1
     """The schedule ends at lr * min_lr_ratio."""
     weight_decay: float = 0.1
@@ -128,6 +131,12 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 = off)."""
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    muon_lr: float = 0.05
+    """name=muon: peak learning rate of the Muon part (the blocks' matrices)."""
+    muon_momentum: float = 0.95
+    """name=muon: Muon's (Nesterov) momentum."""
+    muon_weight_decay: float = 0.0
+    """name=muon: decoupled weight decay of the Muon part (each step: w -= muon_lr * this * w)."""
 
 
 @dataclass
@@ -144,7 +153,8 @@ class TrainConfig:
     ckpt_interval: int = 1000
     compile: bool = False
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """'auto': bf16 autocast on GPUs that have it (else fp16 + GradScaler), fp32 on CPU."""
+    """'auto': bf16 autocast on GPUs that have it (else fp16 + GradScaler), on CPUs with native bf16
+    (AVX512-BF16/AMX) too, fp32 elsewhere (gpt.device.resolve_dtype)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: 'ddp' replicates the model on every rank, 'fsdp' shards it (FSDP2)."""
     activation_checkpointing: bool = False
@@ -413,7 +423,8 @@ class SampleConfig(GenerationConfig):
     """mode=chat: the system prompt (kept when old turns are dropped to fit the context)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, fp32 elsewhere."""
+    """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16
+    (AVX512-BF16/AMX), fp32 elsewhere."""
     echo_prompt: bool = True
     """mode=generate: print the prompt before each sample's continuation."""
     history_file: str | None = "~/.gpt_history"

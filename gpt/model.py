@@ -295,12 +295,15 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
         doc_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over targets != -1.
-        Without: logits (B, T, vocab_size). With kv_cache: positions continue at kv_cache.pos,
-        keys/values are appended to the cache, and the caller advances kv_cache.pos by T. With
-        doc_ids (B, T) (packed rows, consecutive tokens of a document share an id): a token attends
-        only to the earlier tokens of its own document, and positions restart at each document."""
+        Without: logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position alone with
+        ``last_only`` (a prefill needs no more: the head is the largest matmul for a big vocabulary).
+        With kv_cache: positions continue at kv_cache.pos, keys/values are appended to the cache,
+        and the caller advances kv_cache.pos by T. With doc_ids (B, T) (packed rows, consecutive
+        tokens of a document share an id): a token attends only to the earlier tokens of its own
+        document, and positions restart at each document."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -324,6 +327,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, attn_mask)
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:

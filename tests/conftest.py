@@ -57,6 +57,7 @@ def make_cfg(tmp_path, corpus):
                 ckpt_interval=0,
                 progress=False,
                 peak_flops=1e12,
+                dtype="fp32",  # the same math on every machine (auto is bf16 on CPUs with AVX512-BF16)
             ),
             "wandb": dict(mode="disabled"),
         }

@@ -77,7 +77,9 @@ def overrides(corpus: Path, cache: Path, out_dir: Path, *extra: str) -> list[str
         "optim.lr=1e-2", "optim.warmup_steps=1", "optim.grad_clip=0.05",  # clipping active at every step
         f"train.max_steps={MAX_STEPS}", "train.batch_size=8", "train.eval_interval=1", "train.eval_steps=1",
         "train.log_interval=1", "train.ckpt_interval=2", "train.progress=false", "train.peak_flops=1e12",
-        "train.timeout_s=300", "wandb.mode=disabled", *extra,
+        "train.timeout_s=300", "wandb.mode=disabled",
+        "train.dtype=fp32",  # exact agreement is a property of fp32: bf16 rounding depends on the split
+        *extra,
     ]  # fmt: skip
 
 

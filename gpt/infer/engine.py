@@ -84,10 +84,10 @@ class Decoder:
         self.context[:, :length] = ids
         self.length = length
         if self.cache is None:
-            logits = self.model(ids)[:, -1]  # (rows, vocab)
+            logits = self.model(ids, last_only=True)[:, -1]  # (rows, vocab)
         else:
             self.cache.pos = 0
-            logits = self.model(ids, kv_cache=self.cache)[:, -1]
+            logits = self.model(ids, kv_cache=self.cache, last_only=True)[:, -1]
             self.cache.pos = length
             if rows < self.batch_size:
                 self.cache.fill_rows()
@@ -102,7 +102,7 @@ class Decoder:
         self.context[:, self.length] = next_ids
         self.length += 1
         if self.cache is None:
-            return self.model(self.context[:, : self.length])[:, -1]
+            return self.model(self.context[:, : self.length], last_only=True)[:, -1]
         logits = self.model(next_ids[:, None], kv_cache=self.cache)[:, -1]
         self.cache.pos += 1
         return logits

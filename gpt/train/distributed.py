@@ -254,6 +254,13 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
     if not state or not state.get("state"):  # saved before the first optimizer step: nothing to load
         return
+    saved, have = len(state.get("param_groups", [])), len(optimizer.param_groups)
+    if saved and saved != have:  # e.g. an AdamW run resumed with optim=muon (or the other way)
+        raise CheckpointError(
+            f"the checkpoint's optimizer state has {saved} parameter groups, this run's optimizer {have}: "
+            "resume with the optimizer the run was trained with (optim=adamw or optim=muon), or start a "
+            "new run from its weights with init_from"
+        )
     if any(isinstance(k, int) for k in state.get("state", {})):  # written before names were used
         if is_fsdp(model):
             raise CheckpointError(

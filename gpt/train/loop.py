@@ -147,6 +147,9 @@ class Trainer:
         self.raw_model = run.model
         self.dtype = resolve_dtype(cfg.train.dtype, info.device, key="train.dtype")
         self.autocast = autocast_for(info.device, self.dtype)
+        weights = "fp32 weights, " if self.dtype != torch.float32 else ""
+        run.logger.info(f"precision: {str(self.dtype).removeprefix('torch.')} ({weights}train.dtype="
+                        f"{cfg.train.dtype}); optimizer: {cfg.optim.name}")  # fmt: skip
         self.model = D.prepare_model(run.model, info, cfg.train, self.dtype)
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
@@ -184,7 +187,7 @@ class Trainer:
 
     def optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at muon_lr
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient

@@ -1,0 +1,149 @@
+"""Training speed side by side with nanoGPT (Karpathy's), at nanoGPT's shapes, in one run.
+
+nanoGPT is not a dependency: give the path of a nanoGPT checkout whose Shakespeare data is prepared
+(``python data/shakespeare_char/prepare.py`` inside it). Both trainers run as subprocesses, in
+turns (nanoGPT, ours, nanoGPT, ours, ...), so that a drifting load on a shared machine hits both
+alike; each turn runs --iters optimizer steps, the first --skip of which are not timed (start-up,
+allocator warm-up). Printed per shape: median ms/step and tokens/s of each, and ours / nanoGPT.
+
+    python bench/vs_nanogpt.py ~/src/nanoGPT                       # both shapes, 3 rounds
+    python bench/vs_nanogpt.py ~/src/nanoGPT --shapes cpu --rounds 5 --iters 60
+    python bench/vs_nanogpt.py ~/src/nanoGPT --ours-dtype fp32     # same precision as nanoGPT's CPU run
+
+Shapes (nanoGPT's): ``cpu`` is the README's CPU recipe (4 layers, 4 heads, width 128, block 64,
+batch 12), ``6x384`` its Shakespeare model (6 layers, 6 heads, width 384, block 256, batch 8).
+Dropout is 0 for both. nanoGPT runs as its README says for CPUs (``--device=cpu --compile=False``,
+fp32 there); ours runs ``train.py`` with the same shape and batch and its default precision policy
+(``train.dtype=auto``: bf16 on CPUs with AVX512-BF16/AMX), or ``--ours-dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "6x384": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
+}
+NANO_LINE = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+OURS_LINE = re.compile(r"^step +(\d+)/\d+ \|.*\| ([\d.]+) ms/step")
+
+
+def nanogpt_command(nanogpt: Path, shape: dict, iters: int, out_dir: Path) -> list[str]:
+    """nanoGPT's CPU command line for ``shape``; evaluation and checkpoints pushed out of the way
+    (it evaluates once at iteration 0, on one batch)."""
+    return [
+        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+        f"--n_layer={shape['n_layer']}", f"--n_head={shape['n_head']}", f"--n_embd={shape['n_embd']}",
+        f"--block_size={shape['block_size']}", f"--batch_size={shape['batch_size']}", "--dropout=0.0",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--eval_iters=1", "--eval_interval=100000",
+        "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False", f"--out_dir={out_dir}",
+    ]  # fmt: skip
+
+
+def ours_command(shape: dict, iters: int, out_dir: Path, dtype: str) -> list[str]:
+    """Our train.py at the same shape and batch, logging every step, no evals or checkpoints."""
+    return [
+        sys.executable, str(REPO / "train.py"), f"model.n_layer={shape['n_layer']}",
+        f"model.n_head={shape['n_head']}", f"model.n_embd={shape['n_embd']}",
+        f"model.block_size={shape['block_size']}", f"train.batch_size={shape['batch_size']}",
+        "model.dropout=0.0", f"train.max_steps={iters}", "train.eval_interval=0", "train.log_interval=1",
+        "train.ckpt_interval=0", "train.progress=false", f"train.dtype={dtype}", "wandb.mode=disabled",
+        "device=cpu", f"out_dir={out_dir}", "overwrite=true",
+    ]  # fmt: skip
+
+
+def step_times(output: str, pattern: re.Pattern, skip: int) -> list[float]:
+    """Milliseconds per step from a trainer's log lines, without the first ``skip`` steps."""
+    times = []
+    for line in output.splitlines():
+        m = pattern.match(line.strip())
+        if m and int(m.group(1)) > skip:
+            times.append(float(m.group(2)))
+    return times
+
+
+def run(cmd: list[str], cwd: Path, timeout: float) -> str:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise SystemExit(
+            f"error: {' '.join(cmd[:3])} ... failed (exit {p.returncode}):\n"
+            f"{p.stdout[-2000:]}{p.stderr[-2000:]}"
+        )
+    return p.stdout + p.stderr
+
+
+def summary(name: str, shape: dict, nano: list[float], ours: list[float]) -> dict:
+    """Median ms/step and tokens/s of each trainer, and our speed over nanoGPT's."""
+    tokens = shape["batch_size"] * shape["block_size"]
+    n_ms, o_ms = statistics.median(nano), statistics.median(ours)
+    return {
+        "shape": name,
+        "tokens_per_step": tokens,
+        "nanogpt_ms": round(n_ms, 1),
+        "ours_ms": round(o_ms, 1),
+        "nanogpt_tok_s": round(tokens / n_ms * 1000),
+        "ours_tok_s": round(tokens / o_ms * 1000),
+        "speedup": round(n_ms / o_ms, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("nanogpt", type=Path, help="path of a nanoGPT checkout (data/shakespeare_char prepared)")
+    p.add_argument("--shapes", default="cpu,6x384", help=f"comma-separated: {', '.join(SHAPES)}")
+    p.add_argument("--rounds", type=int, default=3, help="turns of each trainer per shape")
+    p.add_argument("--iters", type=int, default=40, help="optimizer steps per turn")
+    p.add_argument("--skip", type=int, default=5, help="first steps of a turn not timed")
+    p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--timeout", type=float, default=900, help="seconds per turn")
+    args = p.parse_args(argv)
+    nanogpt = args.nanogpt.expanduser().resolve()
+    if not (nanogpt / "train.py").is_file() or not (nanogpt / "model.py").is_file():
+        raise SystemExit(f"error: {nanogpt} is not a nanoGPT checkout (no train.py and model.py there)")
+    if not (nanogpt / "data" / "shakespeare_char" / "train.bin").is_file():
+        raise SystemExit(
+            f"error: nanoGPT's data is not prepared; run: "
+            f"cd {nanogpt} && python data/shakespeare_char/prepare.py"
+        )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.shapes.split(","):
+            shape, nano, ours = SHAPES[name], [], []
+            for r in range(args.rounds):
+                out = run(
+                    nanogpt_command(nanogpt, shape, args.iters, Path(tmp) / "nano"), nanogpt, args.timeout
+                )
+                nano += step_times(out, NANO_LINE, args.skip)
+                out = run(
+                    ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype), REPO, args.timeout
+                )
+                ours += step_times(out, OURS_LINE, args.skip)
+                print(f"{name} round {r + 1}/{args.rounds}: nanoGPT {statistics.median(nano):.1f} ms, "
+                      f"ours {statistics.median(ours):.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
+            results.append(summary(name, shape, nano, ours))
+    print(
+        f"cpus {os.cpu_count()}, ours train.dtype={args.ours_dtype}, "
+        f"{args.rounds} rounds x {args.iters} steps"
+    )
+    print(
+        "| shape | tokens/step | nanoGPT ms/step | ours ms/step | nanoGPT tok/s | ours tok/s "
+        "| ours / nanoGPT |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in results:
+        print(f"| {s['shape']} | {s['tokens_per_step']} | {s['nanogpt_ms']} | {s['ours_ms']} | "
+              f"{s['nanogpt_tok_s']:,} | {s['ours_tok_s']:,} | {s['speedup']}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
