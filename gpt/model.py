@@ -106,6 +106,8 @@ class KVCacheLike(Protocol):
     """What attention needs from a KV cache (implemented by ``gpt.infer.engine.KVCache``)."""
 
     pos: int  # number of positions already cached; new tokens sit at pos, pos+1, ...
+    # optional, a batch of rows with their own cache lengths (``gpt.infer.engine.RaggedKVCache``):
+    # positions (B, T) of the new tokens and attn_mask (B, 1, T, pos + T); pos is then the longest row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all cached keys and values so far."""
@@ -174,7 +176,11 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        ragged_mask = getattr(kv_cache, "attn_mask", None)
+        if ragged_mask is not None:
+            # a batch whose rows have their own cache lengths: (B, 1, T, past + T), which keys each query sees
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ragged_mask)
+        elif past == 0:
             # training, or a prefill of an empty cache: plain causal attention (flash kernels on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
@@ -283,7 +289,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.config.pos_emb == "learned":
+        positions = getattr(kv_cache, "positions", None)  # (B, T): rows with their own cache lengths
+        if positions is not None:
+            if self.config.pos_emb == "learned":
+                x = x + self.transformer.wpe(positions)
+            else:  # (B, 1, T, hs/2): broadcast over heads
+                rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        elif self.config.pos_emb == "learned":
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)
         else:
