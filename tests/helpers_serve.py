@@ -7,6 +7,7 @@ with live_server(model, tokenizer, ServeConfig(max_batch=8)) as server:
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -39,6 +40,13 @@ DIALOGS = [
 def tiny_run(directory: Path, block_size: int = 128, pos_emb: str = "rope", steps: int = 150) -> Path:
     """A run directory with a tiny char-level model trained for a moment on TEXT and DIALOGS (so that
     greedy text varies with the prompt and replies end their turn); a chat-trained run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(directory / "ckpt.pt", _trained(block_size, pos_emb, steps))
+    return directory
+
+
+@functools.lru_cache
+def _trained(block_size: int, pos_emb: str, steps: int) -> dict:
     torch.manual_seed(0)
     tok = char_tokenizer([TEXT, "System: User: Assistant:", *(m["content"] for d in DIALOGS for m in d)])
     config = GPTConfig(
@@ -63,11 +71,8 @@ def tiny_run(directory: Path, block_size: int = 128, pos_emb: str = "rope", step
         opt.zero_grad()
         loss.backward()
         opt.step()
-    directory.mkdir(parents=True, exist_ok=True)
     run_config = {"data": {"format": "dialogs"}}
-    state = checkpoint_state(model.state_dict(), config, tok.to_state(), config=run_config)
-    save_checkpoint(directory / "ckpt.pt", state)
-    return directory
+    return checkpoint_state(model.state_dict(), config, tok.to_state(), config=run_config)
 
 
 def free_port() -> int:

@@ -151,8 +151,7 @@ class Batcher:
         self.wake = threading.Condition()
         self.stats = Stats()
         self._stopping = False
-        self._running = threading.Event()  # cleared: decoding pauses between steps (see pause)
-        self._running.set()
+        self._paused = False  # decoding holds between steps (see pause)
         self._thread = threading.Thread(target=self._run, name="gpt-serve-model", daemon=True)
 
     # ------------------------------------------------------------------ the server's side (any thread)
@@ -164,15 +163,17 @@ class Batcher:
         with self.wake:
             self._stopping = True
             self.wake.notify()
-        self._running.set()
         self._thread.join(timeout)
 
     def pause(self) -> None:
         """Hold the model thread between steps (requests queue up meanwhile) until ``resume``."""
-        self._running.clear()
+        with self.wake:
+            self._paused = True
 
     def resume(self) -> None:
-        self._running.set()
+        with self.wake:
+            self._paused = False
+            self.wake.notify()
 
     def submit(self, request: Request) -> None:
         if request.n > self.max_batch:
@@ -200,9 +201,8 @@ class Batcher:
     # ----------------------------------------------------------------------------- the model thread
     def _run(self) -> None:
         while True:
-            self._running.wait()
             with self.wake:
-                while not self._stopping and not self.rows and not self.pending:
+                while not self._stopping and (self._paused or not (self.rows or self.pending)):
                     self.wake.wait()
                 if self._stopping:
                     break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,4 +103,9 @@ def serve(cfg: ServeConfig) -> None:
         file=sys.stderr,
         flush=True,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again to its previous
+    # handler: a no-op one lets the process end normally, with status 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
+    print("server stopped", file=sys.stderr)
