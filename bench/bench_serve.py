@@ -52,8 +52,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_client(client, prompt: list[int], new_tokens: int) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "stream": True,
-            "temperature": 0.8, "top_k": 200, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "stream": True,
+        "temperature": 0.8,
+        "top_k": 200,
+        "stream_options": {"include_usage": True},
+    }
     sent = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -83,9 +90,16 @@ async def measure(url: str, n: int, prompt_len: int, new_tokens: int, vocab: int
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]  # a stream may end before any text
     gaps = [gap for r in results for gap in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": n, "tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
-            "ttft_p50_ms": round(1e3 * percentile(ttft, 50), 1), "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1),
-            "tpot_p50_ms": round(1e3 * percentile(gaps, 50), 1), "tpot_p99_ms": round(1e3 * percentile(gaps, 99), 1)}  # fmt: skip
+    return {
+        "clients": n,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1e3 * percentile(ttft, 50), 1),
+        "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1),
+        "tpot_p50_ms": round(1e3 * percentile(gaps, 50), 1),
+        "tpot_p99_ms": round(1e3 * percentile(gaps, 99), 1),
+    }
 
 
 def main() -> None:
@@ -110,9 +124,12 @@ def main() -> None:
     tok = gpt2_tokenizer() if args.model == "gpt2" else char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,"])
     cfg = ServeConfig(max_batch=max(args.clients), max_queue=max(args.clients), device=args.device)
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
-    print(f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype)[6:]}, "
-          f"{torch.get_num_threads()} threads, {machine}; prompts of {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens each", flush=True)  # fmt: skip
+    print(
+        f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype)[6:]}, "
+        f"{torch.get_num_threads()} threads, {machine}; prompts of {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens each",
+        flush=True,
+    )
     rows = []
     with live_server(model, tok, cfg, name="bench") as server:
         asyncio.run(measure(server.url, 1, args.prompt_tokens, 4, tok.vocab_size, seed=99))  # warm-up
@@ -120,13 +137,17 @@ def main() -> None:
             row = asyncio.run(measure(server.url, n, args.prompt_tokens, args.new_tokens, tok.vocab_size, n))
             row["speedup"] = round(row["tok_s"] / rows[0]["tok_s"], 2) if rows else 1.0
             rows.append(row)
-            print(f"N={n:>3}  {row['tok_s']:>8.1f} tok/s  x{row['speedup']:<5}  TTFT p50 {row['ttft_p50_ms']:>7.1f} "
-                  f"p99 {row['ttft_p99_ms']:>7.1f} ms  per-token p50 {row['tpot_p50_ms']:>6.1f} "
-                  f"p99 {row['tpot_p99_ms']:>6.1f} ms  ({row['tokens']} tokens in {row['wall_s']} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"N={n:>3}  {row['tok_s']:>8.1f} tok/s  x{row['speedup']:<5}  TTFT p50 {row['ttft_p50_ms']:>7.1f} "
+                f"p99 {row['ttft_p99_ms']:>7.1f} ms  per-token p50 {row['tpot_p50_ms']:>6.1f} "
+                f"p99 {row['tpot_p99_ms']:>6.1f} ms  ({row['tokens']} tokens in {row['wall_s']} s)",
+                flush=True,
+            )
         occupancy = server.service.batcher.stats
-        print(f"mean batch occupancy {occupancy.step_rows / max(occupancy.steps, 1):.2f} rows over "
-              f"{occupancy.steps} steps")  # fmt: skip
+        print(
+            f"mean batch occupancy {occupancy.step_rows / max(occupancy.steps, 1):.2f} rows over "
+            f"{occupancy.steps} steps"
+        )
     if args.json:
         with open(args.json, "a") as f:
             for row in rows:
