@@ -138,7 +138,8 @@ def main() -> None:
             row["speedup"] = round(row["tok_s"] / rows[0]["tok_s"], 2) if rows else 1.0
             rows.append(row)
             print(
-                f"N={n:>3}  {row['tok_s']:>8.1f} tok/s  x{row['speedup']:<5}  TTFT p50 {row['ttft_p50_ms']:>7.1f} "
+                f"N={n:>3}  {row['tok_s']:>8.1f} tok/s  x{row['speedup']:<5}  "
+                f"TTFT p50 {row['ttft_p50_ms']:>7.1f} "
                 f"p99 {row['ttft_p99_ms']:>7.1f} ms  per-token p50 {row['tpot_p50_ms']:>6.1f} "
                 f"p99 {row['tpot_p99_ms']:>6.1f} ms  ({row['tokens']} tokens in {row['wall_s']} s)",
                 flush=True,
