@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 from helpers_serve import live_server, tiny_run  # noqa: E402
 
@@ -21,6 +23,7 @@ from gpt.config import GenerationConfig, ServeConfig  # noqa: E402
 from gpt.infer.engine import KVCache, RaggedKVCache  # noqa: E402
 from gpt.infer.generate import generate  # noqa: E402
 from gpt.infer.sample import sample  # noqa: E402
+from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,10 +60,14 @@ def test_models_lists_the_served_model(client, served):
     assert [m.id for m in client.models.list().data] == [served.name] == ["tiny"]
 
 
-def test_ragged_cache_gives_the_logits_of_one_row_decoding(served):
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_ragged_cache_gives_the_logits_of_one_row_decoding(pos_emb):
     """Rows of different lengths decoded together: each row's logits equal its own forward's."""
-    model = served.model
-    prompts = [torch.tensor([served.tokenizer.encode(p)]) for p in PROMPTS[:3]]
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64, pos_emb=pos_emb)
+    ).eval()
+    prompts = [torch.randint(0, 64, (1, n)) for n in (3, 9, 5)]
     one = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
     cache = RaggedKVCache(model.config, 4, torch.device("cpu"), torch.float32)
     with torch.no_grad():
@@ -117,8 +124,6 @@ def test_stream_equals_non_stream_and_ends_with_done(server, client):
         reasons.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == full.choices[0].text
     assert reasons[-1] == "length" and set(reasons[:-1]) == {None}
-    import httpx
-
     body = {"model": "tiny", "prompt": "soft", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         lines = [line for line in response.iter_lines() if line]
@@ -279,8 +284,6 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch(client, server):
 
     with ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(ask, i) for i in range(10)]
-        import time
-
         deadline = time.monotonic() + 10
         while server.service.batcher.queue_depth < 10 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -291,8 +294,6 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch(client, server):
 
 
 def test_metrics_and_health(server, client):
-    import httpx
-
     client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
     for name in (
