@@ -120,18 +120,21 @@ class Stats:
         self.steps = 0
         self.step_rows = 0  # sum over steps of rows in the batch (mean occupancy = step_rows / steps)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 10 s
+        self._lock = threading.Lock()  # the server thread reads _recent while the model thread appends
 
     def count(self, tokens: int) -> None:
         now = time.monotonic()
         self.completion_tokens += tokens
-        self._recent.append((now, tokens))
-        while self._recent and self._recent[0][0] < now - 10.0:
-            self._recent.popleft()
+        with self._lock:
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - 10.0:
+                self._recent.popleft()
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last 10 seconds."""
         now = time.monotonic()
-        recent = [n for t, n in list(self._recent) if t >= now - 10.0]
+        with self._lock:
+            recent = [n for t, n in self._recent if t >= now - 10.0]
         return sum(recent) / 10.0
 
 
