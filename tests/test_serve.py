@@ -61,8 +61,10 @@ def test_models_lists_the_served_model(client, served):
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_ragged_cache_gives_the_logits_of_one_row_decoding(pos_emb):
-    """Rows of different lengths decoded together: each row's logits equal its own forward's."""
+@pytest.mark.parametrize("batched_prefill", [False, True])
+def test_ragged_cache_gives_the_logits_of_one_row_decoding(pos_emb, batched_prefill):
+    """Rows of different lengths (prefilled one by one, or as one right-padded batch) decoded
+    together: each row's logits equal those of its own forward over its whole sequence."""
     torch.manual_seed(0)
     model = GPT(
         GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64, pos_emb=pos_emb)
@@ -71,17 +73,31 @@ def test_ragged_cache_gives_the_logits_of_one_row_decoding(pos_emb):
     one = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
     cache = RaggedKVCache(model.config, 4, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        for p in prompts:
-            one.pos = 0
-            model(p, kv_cache=one)
-            one.pos = p.size(1)
-            cache.load_row(one)
-        nxt = torch.tensor([[3], [4], [5]])
-        cache.begin(1)
-        batched = model(nxt, kv_cache=cache)[:, -1]
-        for i, p in enumerate(prompts):
-            alone = model(torch.cat([p, nxt[i : i + 1]], dim=1))[:, -1]
-            torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+        if batched_prefill:
+            padded = torch.zeros(3, 9, dtype=torch.long)
+            for i, p in enumerate(prompts):
+                padded[i, : p.size(1)] = p[0]
+            cache.add_rows(3)
+            cache.begin(9)
+            first = model(padded, kv_cache=cache)
+            cache.advance([p.size(1) for p in prompts])
+            for i, p in enumerate(prompts):
+                torch.testing.assert_close(first[i, p.size(1) - 1], model(p)[0, -1], rtol=1e-5, atol=1e-5)
+        else:
+            for p in prompts:
+                one.pos = 0
+                model(p, kv_cache=one)
+                one.pos = p.size(1)
+                cache.load_row(one)
+        for step in range(3):
+            nxt = torch.tensor([[3 + step], [4], [5 + step]])
+            cache.begin(1)
+            batched = model(nxt, kv_cache=cache)[:, -1]
+            cache.advance(1)
+            prompts = [torch.cat([p, nxt[i : i + 1]], dim=1) for i, p in enumerate(prompts)]
+            for i, p in enumerate(prompts):
+                torch.testing.assert_close(batched[i], model(p)[0, -1], rtol=1e-5, atol=1e-5)
+    assert cache.lengths[:3] == [p.size(1) for p in prompts]
 
 
 def test_completion_usage_and_length(client, served):
@@ -260,6 +276,7 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch(client, server):
         client.completions.create(model="tiny", prompt=p, max_tokens=25, temperature=0).choices[0].text
         for p in PROMPTS
     ]
+    prefills_before = server.service.batcher.stats.prefill_forwards
     server.service.batcher.pause()  # every request joins before the first step, then they run together
 
     def ask(i):
@@ -290,6 +307,7 @@ def test_greedy_output_is_the_same_alone_or_in_a_batch(client, server):
         server.service.batcher.resume()
         batched = [f.result() for f in futures]
     assert batched[0::2] == alone
+    assert server.service.batcher.stats.prefill_forwards - prefills_before < 10, "prompts prefilled together"
     assert server.service.batcher.stats.step_rows / server.service.batcher.stats.steps > 1
 
 

@@ -56,11 +56,12 @@ class KVCache:
 
 class RaggedKVCache:
     """A KV cache whose rows have their own lengths: a batch of independent requests (the server's
-    continuous batching). Rows ``[0, rows)`` take part in a forward; ``begin(T)`` prepares it (the
-    new tokens' positions (rows, T) and the attention mask (rows, 1, T, pos + T) that the model reads),
-    ``advance(T)`` records them. A row is filled with ``load_row`` from a one-row ``KVCache`` (the
-    prefill) and freed with ``drop_row``, which moves the last row into its place so that the rows in
-    use stay ``[0, rows)``."""
+    continuous batching). Rows ``[start, rows)`` take part in a forward (all rows in use for a decode
+    step; the new ones for a batched prefill, see ``add_rows``); ``begin(T)`` prepares it (the new
+    tokens' positions (b, T) and the attention mask (b, 1, T, pos + T) that the model reads),
+    ``advance`` records them. A row is filled with ``load_row`` from a one-row ``KVCache`` or by
+    ``add_rows`` and a forward, copied with ``copy_row``, and freed with ``drop_row``, which moves the
+    last row into its place so that the rows in use stay ``[0, rows)``."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         shape = (batch_size, config.n_head, config.block_size, config.head_size)
@@ -68,37 +69,60 @@ class RaggedKVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.batch_size, self.device = batch_size, device
         self.lengths = [0] * batch_size  # cached positions of each row
-        self.rows = 0
-        self.pos = 0  # the longest row among those in use (the model checks pos + T <= block_size)
+        self.start = self.rows = 0
+        self.pos = 0  # the longest row of the forward (the model checks pos + T <= block_size)
         self.positions: torch.Tensor | None = None
         self.attn_mask: torch.Tensor | None = None
 
     def begin(self, T: int) -> None:
-        lengths = torch.tensor(self.lengths[: self.rows], device=self.device)
-        self.pos = max(self.lengths[: self.rows])
-        self.positions = lengths[:, None] + torch.arange(T, device=self.device)  # (rows, T)
+        lengths = torch.tensor(self.lengths[self.start : self.rows], device=self.device)
+        self.pos = max(self.lengths[self.start : self.rows])
+        self.positions = lengths[:, None] + torch.arange(T, device=self.device)  # (b, T)
         keys = torch.arange(self.pos + T, device=self.device)
         # query t of row b sees the row's cached keys and the new ones up to itself: key j <= positions[b, t]
-        self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (rows, 1, T, pos + T)
+        self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, pos + T)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (rows, nh, T, hs) at each row's own positions; return (rows, nh, pos + T, hs)."""
-        rows = torch.arange(self.rows, device=self.device)[:, None]  # (rows, 1) with positions (rows, T)
-        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # indexed as (rows, T, nh, hs)
+        """Store k, v (b, nh, T, hs) at each row's own positions; return (b, nh, pos + T, hs)."""
+        rows = torch.arange(self.start, self.rows, device=self.device)[
+            :, None
+        ]  # (b, 1) with positions (b, T)
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # indexed as (b, T, nh, hs)
         self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
         end = self.pos + k.size(2)
-        return self.k[layer][: self.rows, :, :end], self.v[layer][: self.rows, :, :end]
+        return self.k[layer][self.start : self.rows, :, :end], self.v[layer][self.start : self.rows, :, :end]
 
-    def advance(self, T: int) -> None:
-        for row in range(self.rows):
-            self.lengths[row] += T
+    def advance(self, T: int | list[int]) -> None:
+        """The forward's rows hold T more positions (or T[i] for row start + i: a padded prefill);
+        the next forward is a decode step over every row."""
+        for i, row in enumerate(range(self.start, self.rows)):
+            self.lengths[row] += T if isinstance(T, int) else T[i]
         self.positions = self.attn_mask = None
+        self.start = 0
+
+    def add_rows(self, count: int) -> int:
+        """Take ``count`` empty rows; the next forward runs over them alone (a batched prefill of
+        right-padded prompts: the padding's keys lie beyond each row's length, never attended)."""
+        self.start = self.rows
+        for row in range(self.rows, self.rows + count):
+            self.lengths[row] = 0
+        self.rows += count
+        return self.start
 
     def load_row(self, source: KVCache) -> int:
         """Take the next free row, fill it with row 0 of ``source`` (its ``pos`` positions); its index."""
         row, length = self.rows, source.pos
         for own, other in zip((*self.k, *self.v), (*source.k, *source.v)):
             own[row, :, :length] = other[0, :, :length]
+        self.lengths[row] = length
+        self.rows += 1
+        return row
+
+    def copy_row(self, source: int) -> int:
+        """Take the next free row as a copy of row ``source``; its index."""
+        row, length = self.rows, self.lengths[source]
+        for t in (*self.k, *self.v):
+            t[row, :, :length] = t[source, :, :length]
         self.lengths[row] = length
         self.rows += 1
         return row

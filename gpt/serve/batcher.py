@@ -1,8 +1,9 @@
 """Continuous batching: one model thread decodes every running request together.
 
 A request (a prompt, its sampling settings, ``n`` choices) waits in a bounded queue until ``n`` rows
-of the batch are free; then its prompt is prefilled once (a one-row forward, exactly as
-``gpt.infer.generate`` does it) and copied into ``n`` rows of a ``RaggedKVCache``. Every step runs
+of the batch are free; then its prompt is prefilled once and copied into ``n`` rows of a
+``RaggedKVCache`` (alone, the prefill is a one-row forward exactly as ``gpt.infer.generate`` runs
+it; requests that wait together are prefilled as one right-padded batch). Every step runs
 one single-token forward over all rows in use, each at its own position with its own attention
 mask, and each row picks its next token with its own settings and its own seeded generator (so a
 request's output does not depend on what else is running). A row leaves the batch as soon as it is
@@ -118,6 +119,7 @@ class Stats:
         self.completion_tokens = 0
         self.requests_finished = 0
         self.steps = 0
+        self.prefill_forwards = 0  # prefills run (one may hold several prompts)
         self.step_rows = 0  # sum over steps of rows in the batch (mean occupancy = step_rows / steps)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 10 s
         self._lock = threading.Lock()  # the server thread reads _recent while the model thread appends
@@ -141,9 +143,11 @@ class Stats:
 class Batcher:
     """The scheduler and the model thread (see the module docstring)."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(
+        self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 1024
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         weight = model.lm_head.weight
         self.device = weight.device
         self.cache = RaggedKVCache(model.config, max_batch, weight.device, weight.dtype)
@@ -219,42 +223,84 @@ class Batcher:
                 for request in {id(r.request): r.request for r in self.rows}.values():
                     request.emit(Failed(f"internal error: {type(e).__name__}: {e}"))
                 self.rows.clear()
-                self.cache.rows = 0
+                self.cache.rows = self.cache.start = 0
         for request in [*{id(r.request): r.request for r in self.rows}.values(), *self.pending]:
             request.emit(Failed("the server is shutting down"))
         self.rows.clear()
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows, first come first served."""
-        while True:
-            with self.wake:
-                while self.pending and self.pending[0].cancelled:
+        """Move waiting requests into free rows, first come first served. The prompts of requests
+        that wait together are prefilled as one batch (right-padded, at most ``prefill_tokens``)."""
+        batch: list[Request] = []
+        with self.wake:
+            free = self.max_batch - len(self.rows)
+            while self.pending:
+                request = self.pending[0]
+                if request.cancelled:
                     self.pending.popleft()
-                if not self.pending or self.pending[0].n > self.max_batch - len(self.rows):
-                    return
-                request = self.pending.popleft()
-            self._prefill(request)
+                    continue
+                longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in batch)])
+                if request.n > free or (batch and longest * (len(batch) + 1) > self.prefill_tokens):
+                    break
+                batch.append(self.pending.popleft())
+                free -= request.n
+        if len(batch) == 1:
+            self._prefill_one(batch[0])
+        elif batch:
+            self._prefill_batch(batch)
 
-    def _prefill(self, request: Request) -> None:
-        cfg = request.config
+    def _prefill_one(self, request: Request) -> None:
+        """A one-row prefill, exactly as ``gpt.infer.generate`` runs it, copied into n rows."""
         ids = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
+        self.stats.prefill_forwards += 1
         self.prefill_cache.pos = 0
         logits = self.model(ids, kv_cache=self.prefill_cache)[0, -1]  # (V,)
         self.prefill_cache.pos = ids.size(1)
-        self.stats.prompt_tokens += ids.size(1)
-        counts = None
-        if cfg.repetition_penalty != 1.0 or cfg.frequency_penalty or cfg.presence_penalty:
-            counts = torch.bincount(ids[0], minlength=self.vocab_size)[: self.vocab_size].float()
+        counts = self._counts(request)
         for choice in range(request.n):
-            generator = None
-            if cfg.temperature > 0:
-                generator = torch.Generator(device=self.device)
-                # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
-                generator.manual_seed(cfg.seed + choice) if cfg.seed is not None else generator.seed()
             self.cache.load_row(self.prefill_cache)
-            stream = TextStream(self.tokenizer, cfg.stop)
-            row_counts = None if counts is None else counts.clone()
-            self.rows.append(Row(request, choice, stream, generator, row_counts, logits))
+            self._add_row(request, choice, logits, counts)
+
+    def _prefill_batch(self, batch: list[Request]) -> None:
+        """One forward over the right-padded prompts (b, T) in new rows; extra choices are copies."""
+        lengths = [len(r.prompt_ids) for r in batch]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long, device=self.device)
+        for i, request in enumerate(batch):
+            ids[i, : lengths[i]] = torch.tensor(list(request.prompt_ids), device=self.device)
+        self.stats.prefill_forwards += 1
+        first = self.cache.add_rows(len(batch))
+        self.cache.begin(ids.size(1))
+        logits = self.model(ids, kv_cache=self.cache)  # (b, T, V)
+        self.cache.advance(lengths)
+        counts = [self._counts(r) for r in batch]
+        for i, request in enumerate(batch):
+            self._add_row(request, 0, logits[i, lengths[i] - 1], counts[i])
+        for i, request in enumerate(batch):
+            for choice in range(1, request.n):
+                self.cache.copy_row(first + i)
+                self._add_row(request, choice, logits[i, lengths[i] - 1], counts[i])
+
+    def _counts(self, request: Request) -> torch.Tensor | None:
+        """Token counts (V,) of the prompt, when a penalty needs them."""
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        cfg = request.config
+        if cfg.repetition_penalty == 1.0 and not cfg.frequency_penalty and not cfg.presence_penalty:
+            return None
+        ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=self.device)
+        return torch.bincount(ids, minlength=self.vocab_size)[: self.vocab_size].float()
+
+    def _add_row(
+        self, request: Request, choice: int, logits: torch.Tensor, counts: torch.Tensor | None
+    ) -> None:
+        """The batch's next row (already filled in the cache) decodes this choice of the request."""
+        cfg, generator = request.config, None
+        if cfg.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
+            generator.manual_seed(cfg.seed + choice) if cfg.seed is not None else generator.seed()
+        stream = TextStream(self.tokenizer, cfg.stop)
+        row_counts = None if counts is None else counts.clone()
+        self.rows.append(Row(request, choice, stream, generator, row_counts, logits))
 
     def _step(self) -> None:
         """Pick every row's next token, emit text, retire finished rows, run one forward for the rest."""
