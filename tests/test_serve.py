@@ -19,12 +19,17 @@ httpx = pytest.importorskip("httpx")
 from helpers_serve import live_server, tiny_run  # noqa: E402
 
 from gpt.chat_template import render_prompt  # noqa: E402
+from gpt.checkpoint import checkpoint_state, save_checkpoint  # noqa: E402
 from gpt.config import GenerationConfig, ServeConfig  # noqa: E402
 from gpt.infer.engine import KVCache, RaggedKVCache  # noqa: E402
 from gpt.infer.generate import generate  # noqa: E402
 from gpt.infer.sample import sample  # noqa: E402
+from gpt.interop.hf import export_hf  # noqa: E402
+from gpt.lora import adapter_weights, apply_lora  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.runs.load import base_location, load_model, weights_fingerprint  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
+from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["ROMEO:", "JULIET: Ay", "soft", "w", "But soft, what light"]
@@ -328,3 +333,46 @@ def test_metrics_and_health(server, client):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["running"] == 0
     assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["max_model_len"] == 128
+
+
+def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
+    """A LoRA run is served with its adapters applied; an hf:DIR directory as exported."""
+    base_model, tok, _ = load_model(run_dir)
+    lora_model, _, _ = load_model(run_dir)
+    spec = {
+        "rank": 2,
+        "alpha": 4.0,
+        "dropout": 0.0,
+        "targets": ["c_attn"],
+        "base": str(run_dir),
+        "base_path": base_location(str(run_dir)),
+        "base_fingerprint": weights_fingerprint(base_model.state_dict()),
+    }
+    apply_lora(lora_model, 2, 4.0, 0.0, ["c_attn"])
+    with torch.no_grad():
+        for name, p in lora_model.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.5)  # adapters that change the output
+    state = checkpoint_state(
+        adapter_weights(lora_model.state_dict()), lora_model.config, tok.to_state(), lora=spec
+    )
+    save_checkpoint(tmp_path / "lora" / "ckpt.pt", state)
+    served = load_for_serving(ServeConfig(ckpt=str(tmp_path / "lora"), device="cpu"))
+    ids = torch.tensor([tok.encode("ROMEO: But")])
+    with torch.no_grad():
+        expected = lora_model.eval()(ids)
+        torch.testing.assert_close(served.model(ids), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(base_model.eval()(ids), expected, atol=1e-3)
+    assert served.name == "lora"
+
+    torch.manual_seed(0)
+    gpt2 = gpt2_tokenizer()
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50304)).eval()
+    export_hf(model, gpt2, tmp_path / "hfmodel")
+    served = load_for_serving(ServeConfig(ckpt=f"hf:{tmp_path / 'hfmodel'}", device="cpu"))
+    assert served.name == "hfmodel" and not served.chat_trained
+    ids = torch.tensor([gpt2.encode("Hello, world")])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served.model(ids)[..., :50257], model(ids)[..., :50257], rtol=1e-4, atol=1e-4
+        )
