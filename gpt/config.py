@@ -401,7 +401,7 @@ class ServeConfig:
     max_tokens: int | None = None
     """The most tokens a request may ask for; None = the context length. Also the default."""
     max_n: int = 8
-    """The most choices (``n``) one request may ask for."""
+    """The most choices (``n``) one request may ask for (at most max_batch)."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted (413 beyond)."""
     shutdown_timeout: float = 30.0
@@ -414,13 +414,14 @@ class ServeConfig:
             ("max_batch", self.max_batch >= 1, "must be >= 1"),
             ("max_queue", self.max_queue >= 0, "must be >= 0"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1 or null"),
-            ("max_n", 1 <= self.max_n <= self.max_batch, "must be in [1, max_batch]"),
+            ("max_n", self.max_n >= 1, "must be >= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, "must be >= 1024"),
             ("shutdown_timeout", self.shutdown_timeout >= 0, "must be >= 0"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
+        self.max_n = min(self.max_n, self.max_batch)  # n choices take n rows of the batch
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServeConfig:

@@ -5,6 +5,7 @@ mid-stream free their rows (nothing leaks), and SIGTERM lets a running stream fi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -19,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 from helpers_serve import free_port, live_server, tiny_run  # noqa: E402
 
 from gpt.config import REPO_ROOT, ServeConfig  # noqa: E402
+from gpt.serve.__main__ import run  # noqa: E402
 from gpt.serve.server import is_loopback, load_for_serving  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,3 +261,29 @@ def test_a_chat_request_to_a_model_without_chat_training_warns(served, caplog):
             assert httpx.post(server.url + "/v1/completions", json=COMPLETION).status_code == 200
     warnings = [rec for rec in caplog.records if "without chat training" in rec.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_serve_yaml_documents_every_key_of_serve_config():
+    text = (REPO_ROOT / "conf" / "serve.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    keys = [k for k in cfg if k not in ("defaults", "hydra")]
+    assert keys == [f.name for f in dataclasses.fields(ServeConfig)]
+    assert ServeConfig.from_dict({k: cfg[k] for k in keys}) == ServeConfig()
+    for key in keys:
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+        assert "#" in line, f"{key} has no comment"
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(capsys):
+    for argv, says in (
+        (["port=99999"], "port=99999"),
+        (["ckpt=/no/such/run"], "no checkpoint at"),
+        (["max_batch=0"], "max_batch=0"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err
+    assert ServeConfig(max_batch=2).max_n == 2
