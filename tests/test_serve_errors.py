@@ -65,6 +65,7 @@ def error(response, status: int, param: str | None = None) -> dict:
         ("/v1/completions", {**COMPLETION, "stop": 5}, "stop"),
         ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
         ("/v1/completions", {**COMPLETION, "seed": -1}, "seed"),
+        ("/v1/completions", {**COMPLETION, "seed": 2**64}, "seed"),
         ("/v1/completions", {**COMPLETION, "logprobs": 9}, "logprobs"),
         ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], 3]}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": [10**6]}, "prompt"),
@@ -95,6 +96,14 @@ def test_bad_json_and_a_body_that_is_not_an_object(server):
             server.url + "/v1/completions", content=content, headers={"content-type": "application/json"}
         )
         error(r, 400)
+
+
+def test_nan_is_not_a_temperature(server):
+    content = b'{"model": "tiny", "prompt": "x", "temperature": NaN}'
+    r = httpx.post(
+        server.url + "/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
+    error(r, 400, "temperature")
 
 
 def test_context_error_has_its_code(server):

@@ -55,7 +55,7 @@ COMMON = {
     "stream": (lambda x: isinstance(x, bool), "a boolean", None, ""),
     "stream_options": (lambda x: isinstance(x, dict), "an object", None, ""),
     "stop": (_stop, "a string or a list of at most 16 strings", None, ""),
-    "seed": (_integer, "an integer", lambda x: x >= 0, ">= 0"),
+    "seed": (_integer, "an integer", lambda x: 0 <= x < 2**63 - 64, "in [0, 2**63 - 64)"),
     "presence_penalty": (_number, "a number", lambda x: -2 <= x <= 2, "in [-2, 2]"),
     "frequency_penalty": (_number, "a number", lambda x: -2 <= x <= 2, "in [-2, 2]"),
     "user": (lambda x: isinstance(x, str), "a string", None, ""),
