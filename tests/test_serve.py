@@ -28,6 +28,7 @@ from gpt.interop.hf import export_hf  # noqa: E402
 from gpt.lora import adapter_weights, apply_lora  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.runs.load import base_location, load_model, weights_fingerprint  # noqa: E402
+from gpt.serve.batcher import Batcher, Done, Failed, Piece, Request  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
 from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
@@ -376,3 +377,28 @@ def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
         torch.testing.assert_close(
             served.model(ids)[..., :50257], model(ids)[..., :50257], rtol=1e-4, atol=1e-4
         )
+
+
+def test_a_failing_prefill_fails_its_request_only(served):
+    """The batcher without HTTP: a prompt the model cannot take fails alone; a request decoding
+    meanwhile finishes with the same text as generate()."""
+    tok = served.tokenizer
+    batcher = Batcher(served.model, tok, max_batch=4)
+    ok_events, bad_events = [], []
+    settings = GenerationConfig(max_new_tokens=30, temperature=0.0, top_k=0)
+    batcher.start()
+    try:
+        batcher.submit(Request(tok.encode("ROMEO:"), settings, emit=ok_events.append))
+        batcher.submit(Request([1] * 500, settings, emit=bad_events.append))  # longer than the context
+        deadline = time.monotonic() + 30
+        while not (ok_events and isinstance(ok_events[-1], Done)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        batcher.stop()
+    assert (
+        len(bad_events) == 1 and isinstance(bad_events[0], Failed) and "block_size" in bad_events[0].message
+    )
+    text = "".join(e.text for e in ok_events if isinstance(e, Piece))
+    ids = greedy_ids(served, tok.encode("ROMEO:"), 30)
+    assert text == tok.decode(ids).split("<|endoftext|>")[0]
+    assert batcher.occupancy == 0 and batcher.cache.rows == 0

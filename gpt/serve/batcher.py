@@ -244,10 +244,25 @@ class Batcher:
                     break
                 batch.append(self.pending.popleft())
                 free -= request.n
-        if len(batch) == 1:
-            self._prefill_one(batch[0])
-        elif batch:
-            self._prefill_batch(batch)
+        if len(batch) > 1 and self._guarded(batch, self._prefill_batch):
+            return
+        for request in batch:  # alone, or one by one after a batch failed: only a bad one fails
+            self._guarded([request], lambda b: self._prefill_one(b[0]))
+
+    def _guarded(self, batch: list[Request], prefill: Callable[[list[Request]], None]) -> bool:
+        """Run ``prefill``; on an error, undo its rows (the rows already decoding go on), fail a lone
+        request, and say so."""
+        before = len(self.rows)
+        try:
+            prefill(batch)
+            return True
+        except Exception as e:
+            log.exception("prefill failed")
+            del self.rows[before:]
+            self.cache.rows, self.cache.start = before, 0
+            if len(batch) == 1:
+                batch[0].emit(Failed(f"the prompt could not be prefilled: {type(e).__name__}: {e}"))
+            return False
 
     def _prefill_one(self, request: Request) -> None:
         """A one-row prefill, exactly as ``gpt.infer.generate`` runs it, copied into n rows."""
