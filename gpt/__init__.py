@@ -13,6 +13,7 @@ wings below it (``tests/test_layering.py`` enforces the arrows):
 - ``gpt.train``: the one loop, run setup, where weights start, optimizer, distributed, monitor.
 - ``gpt.infer``: the generation engine, the REPLs, ``sample.py``'s job.
 - ``gpt.eval``: evaluation.
+- ``gpt.serve``: the OpenAI-compatible HTTP server (continuous batching) and its chat page.
 - commands on top: ``cli`` (the command-line convention), ``commands``, ``chat``, ``evaluate``,
   ``export``, ``bench``, ``__main__``, and each wing's ``__main__``.
 """

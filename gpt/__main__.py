@@ -10,6 +10,7 @@ script or module (``gpt VERB --help`` shows the Hydra help where the verb has a 
     gpt export ckpt=out/finetune out=out/hf       # = python -m gpt.export ...
     gpt merge ckpt=out/lora out=out/merged        # = python -m gpt.lora merge ...
     gpt bench models=[gpt2]                       # = python -m gpt.bench ...
+    gpt serve ckpt=out/chat port=8000             # = python -m gpt.serve ...
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ VERBS = {
     "export": ("gpt.export", "export_main", "write a Hugging Face GPT-2 directory (python -m gpt.export)"),
     "merge": ("gpt.export", "merge_main", "fold LoRA adapters into the weights (python -m gpt.lora merge)"),
     "bench": ("gpt.bench", "run", "training throughput benchmark (python -m gpt.bench)"),
+    "serve": ("gpt.serve.__main__", "run", "OpenAI-compatible HTTP API and chat page (python -m gpt.serve)"),
 }
 
 

@@ -440,6 +440,56 @@ class SampleConfig(GenerationConfig):
         return GenerationConfig(**{name: getattr(self, name) for name in names})
 
 
+@dataclass
+class ServeConfig:
+    """``python -m gpt.serve``'s configuration (conf/serve.yaml): the model, the address and the limits
+    of the OpenAI-compatible server (``gpt.serve``)."""
+
+    ckpt: str = "out/shakespeare_char"
+    """Run directory, checkpoint file, LoRA run (adapters applied) or hf:DIR to serve."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback is reachable from other machines (a warning says so)."""
+    port: int = 8000
+    model_name: str | None = None
+    """The name clients give as ``model``; None = the checkpoint directory's name."""
+    api_key: str | None = None
+    """When set, /v1/* requires ``Authorization: Bearer <api_key>`` (401 otherwise)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_batch: int = 16
+    """Rows decoded together (a request with n choices takes n rows)."""
+    max_queue: int = 64
+    """Requests that may wait for rows; beyond that a request gets 429."""
+    max_tokens: int | None = None
+    """The most tokens a request may ask for; None = the context length. Also the default."""
+    max_n: int = 8
+    """The most choices (``n``) one request may ask for (at most max_batch)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted (413 beyond)."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM: seconds granted to in-flight requests before the server exits."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("port", 0 <= self.port <= 65535, "must be in [0, 65535] (0 = any free port)"),
+            ("max_batch", self.max_batch >= 1, "must be >= 1"),
+            ("max_queue", self.max_queue >= 0, "must be >= 0"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1 or null"),
+            ("max_n", self.max_n >= 1, "must be >= 1"),
+            ("max_body_bytes", self.max_body_bytes >= 1024, "must be >= 1024"),
+            ("shutdown_timeout", self.shutdown_timeout >= 0, "must be >= 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} {why}")
+        self.max_n = min(self.max_n, self.max_batch)  # n choices take n rows of the batch
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServeConfig:
+        return from_dict(cls, d)
+
+
 def unescape(text: str) -> str:
     r"""Turn the two-character sequences \n, \t and \\ into a newline, a tab and a backslash."""
     import re

@@ -121,6 +121,8 @@ class KVCacheLike(Protocol):
     """What attention needs from a KV cache (implemented by ``gpt.infer.engine.KVCache``)."""
 
     pos: int  # number of positions already cached; new tokens sit at pos, pos+1, ...
+    # optional, a batch of rows with their own cache lengths (``gpt.infer.engine.RaggedKVCache``):
+    # positions (B, T) of the new tokens and attn_mask (B, 1, T, pos + T); pos is then the longest row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all cached keys and values so far."""
@@ -190,9 +192,13 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.pos
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
+        ragged_mask = getattr(kv_cache, "attn_mask", None)
         if attn_mask is not None:
             # packed documents: a block-diagonal causal mask (B, 1, T, T), True where attention is allowed
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        elif ragged_mask is not None:
+            # a batch whose rows have their own cache lengths: (B, 1, T, past + T), which keys each query sees
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ragged_mask)
         elif past == 0:
             # training, or a prefill of an empty cache: plain causal attention (flash kernels on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -314,14 +320,17 @@ class GPT(nn.Module):
             )
         x = self.transformer.wte(idx)  # (B, T, C)
         rope, attn_mask = None, None
+        ragged = getattr(kv_cache, "positions", None)  # (B, T): rows with their own cache lengths
         if doc_ids is not None:
             pos, attn_mask = document_positions_and_mask(doc_ids)  # (B, T), (B, 1, T, T)
+        elif ragged is not None:
+            pos = ragged
         else:
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
-        elif doc_ids is not None:
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, hs/2)
+        elif pos.dim() == 2:  # per-row positions: (B, 1, T, hs/2), broadcast over heads
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.transformer.drop(x)

@@ -54,6 +54,91 @@ class KVCache:
             live.copy_(live.index_select(0, index))
 
 
+class RaggedKVCache:
+    """A KV cache whose rows have their own lengths: a batch of independent requests (the server's
+    continuous batching). Rows ``[start, rows)`` take part in a forward (all rows in use for a decode
+    step; the new ones for a batched prefill, see ``add_rows``); ``begin(T)`` prepares it (the new
+    tokens' positions (b, T) and the attention mask (b, 1, T, pos + T) that the model reads),
+    ``advance`` records them. A row is filled with ``load_row`` from a one-row ``KVCache`` or by
+    ``add_rows`` and a forward, copied with ``copy_row``, and freed with ``drop_row``, which moves the
+    last row into its place so that the rows in use stay ``[0, rows)``."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.batch_size, self.device = batch_size, device
+        self.lengths = [0] * batch_size  # cached positions of each row
+        self.start = self.rows = 0
+        self.pos = 0  # the longest row of the forward (the model checks pos + T <= block_size)
+        self.positions: torch.Tensor | None = None
+        self.attn_mask: torch.Tensor | None = None
+
+    def begin(self, T: int) -> None:
+        lengths = torch.tensor(self.lengths[self.start : self.rows], device=self.device)
+        self.pos = max(self.lengths[self.start : self.rows])
+        self.positions = lengths[:, None] + torch.arange(T, device=self.device)  # (b, T)
+        keys = torch.arange(self.pos + T, device=self.device)
+        # query t of row b sees the row's cached keys and the new ones up to itself: key j <= positions[b, t]
+        self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, pos + T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (b, nh, T, hs) at each row's own positions; return (b, nh, pos + T, hs)."""
+        rows = torch.arange(self.start, self.rows, device=self.device)[
+            :, None
+        ]  # (b, 1) with positions (b, T)
+        self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # indexed as (b, T, nh, hs)
+        self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+        end = self.pos + k.size(2)
+        return self.k[layer][self.start : self.rows, :, :end], self.v[layer][self.start : self.rows, :, :end]
+
+    def advance(self, T: int | list[int]) -> None:
+        """The forward's rows hold T more positions (or T[i] for row start + i: a padded prefill);
+        the next forward is a decode step over every row."""
+        for i, row in enumerate(range(self.start, self.rows)):
+            self.lengths[row] += T if isinstance(T, int) else T[i]
+        self.positions = self.attn_mask = None
+        self.start = 0
+
+    def add_rows(self, count: int) -> int:
+        """Take ``count`` empty rows; the next forward runs over them alone (a batched prefill of
+        right-padded prompts: the padding's keys lie beyond each row's length, never attended)."""
+        self.start = self.rows
+        for row in range(self.rows, self.rows + count):
+            self.lengths[row] = 0
+        self.rows += count
+        return self.start
+
+    def load_row(self, source: KVCache) -> int:
+        """Take the next free row, fill it with row 0 of ``source`` (its ``pos`` positions); its index."""
+        row, length = self.rows, source.pos
+        for own, other in zip((*self.k, *self.v), (*source.k, *source.v)):
+            own[row, :, :length] = other[0, :, :length]
+        self.lengths[row] = length
+        self.rows += 1
+        return row
+
+    def copy_row(self, source: int) -> int:
+        """Take the next free row as a copy of row ``source``; its index."""
+        row, length = self.rows, self.lengths[source]
+        for t in (*self.k, *self.v):
+            t[row, :, :length] = t[source, :, :length]
+        self.lengths[row] = length
+        self.rows += 1
+        return row
+
+    def drop_row(self, row: int) -> None:
+        """Free ``row``: the last row in use moves into its place (callers renumber it)."""
+        last = self.rows - 1
+        if row != last:
+            length = self.lengths[last]
+            for t in (*self.k, *self.v):
+                t[row, :, :length] = t[last, :, :length]
+            self.lengths[row] = length
+        self.lengths[last] = 0
+        self.rows -= 1
+
+
 class Decoder:
     """Runs the model over a growing context: ``prefill`` a prompt, then ``step`` one token at a time;
     both return the next-token logits (B, vocab). With ``use_cache=False`` every step re-runs the whole
@@ -147,4 +232,11 @@ def choose_next(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if cfg.min_p > 0:
         probs = probs.masked_fill(probs < cfg.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # needs no normalising
+    # inverse-CDF sampling, one uniform draw per row: the same distribution as torch.multinomial,
+    # ~10x faster over a 50k vocabulary on the CPU (where multinomial takes ~2 ms a row); float64
+    # sums (MPS has none: float32), so that 50k small probabilities add up without drift
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(wide).cumsum(dim=-1)  # (B, V), not normalised
+    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device, dtype=wide)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first token whose cdf exceeds u
+    return index.squeeze(-1).clamp_(max=probs.size(-1) - 1)

@@ -19,6 +19,7 @@ text always equals the final text. The console front end (``sample.py``) is ``gp
 
 from __future__ import annotations
 
+import bisect
 import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +68,11 @@ class TextStream:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def shown_tokens(self) -> int:
+        """How many of ``ids`` the text returned so far covers entirely (per-token logprobs follow it)."""
+        return bisect.bisect_right(self._ends, self._shown)
 
     def push(self, token: int) -> str:
         if self.finished:

@@ -1,0 +1,159 @@
+"""Serving benchmark: N concurrent streaming clients against ``gpt.serve`` (continuous batching), for
+the GPT-2-124M shape (random weights: speed does not depend on them) on this machine's CPU.
+
+    python bench/bench_serve.py                              # N = 1, 4, 16; 16-token prompts, 48 new tokens
+    python bench/bench_serve.py --clients 1 8 --new-tokens 64 --device cuda --dtype bf16
+    python bench/bench_serve.py --model tiny --json results.jsonl
+
+The server runs in this process (uvicorn on a free 127.0.0.1 port, the model on its own thread);
+the clients are asyncio ``httpx`` streams of ``POST /v1/completions`` with ``stream: true`` and
+sample.py-like settings (temperature 0.8, top_k 200), each with its own random prompt, all sent at
+once. Reported per N:
+- aggregate tok/s: generated tokens of all clients / wall time from the first request to the last
+  ``[DONE]``;
+- TTFT p50/p99 (ms): request sent -> first text chunk (includes the wait for a batch row, the prefill);
+- per-token latency p50/p99 (ms): gaps between a stream's successive text chunks (one token each,
+  but for a character split across tokens);
+- speedup: aggregate tok/s over N=1's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from gpt.config import ServeConfig  # noqa: E402
+from gpt.device import resolve_dtype  # noqa: E402
+from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.tokenizer import char_tokenizer, gpt2_tokenizer  # noqa: E402
+
+SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=256, vocab_size=128),  # a smoke test
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+async def one_client(client, prompt: list[int], new_tokens: int) -> dict:
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "stream": True,
+        "temperature": 0.8,
+        "top_k": 200,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    stamps, tokens = [], 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - sent if stamps else None, "gaps": gaps, "tokens": tokens}
+
+
+async def measure(url: str, n: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    import httpx
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
+    limits = httpx.Limits(max_connections=n + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_client(client, p, new_tokens) for p in prompts))
+        wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]  # a stream may end before any text
+    gaps = [gap for r in results for gap in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "clients": n,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1e3 * percentile(ttft, 50), 1),
+        "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1),
+        "tpot_p50_ms": round(1e3 * percentile(gaps, 50), 1),
+        "tpot_p99_ms": round(1e3 * percentile(gaps, 99), 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(SHAPES), default="gpt2")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
+    args = p.parse_args()
+    from helpers_serve import live_server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SHAPES[args.model])).to(device=device, dtype=dtype).eval()
+    tok = gpt2_tokenizer() if args.model == "gpt2" else char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,"])
+    cfg = ServeConfig(max_batch=max(args.clients), max_queue=max(args.clients), device=args.device)
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    print(
+        f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype)[6:]}, "
+        f"{torch.get_num_threads()} threads, {machine}; prompts of {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens each",
+        flush=True,
+    )
+    rows = []
+    with live_server(model, tok, cfg, name="bench") as server:
+        asyncio.run(measure(server.url, 1, args.prompt_tokens, 4, tok.vocab_size, seed=99))  # warm-up
+        for n in args.clients:
+            row = asyncio.run(measure(server.url, n, args.prompt_tokens, args.new_tokens, tok.vocab_size, n))
+            row["speedup"] = round(row["tok_s"] / rows[0]["tok_s"], 2) if rows else 1.0
+            rows.append(row)
+            print(
+                f"N={n:>3}  {row['tok_s']:>8.1f} tok/s  x{row['speedup']:<5}  "
+                f"TTFT p50 {row['ttft_p50_ms']:>7.1f} "
+                f"p99 {row['ttft_p99_ms']:>7.1f} ms  per-token p50 {row['tpot_p50_ms']:>6.1f} "
+                f"p99 {row['tpot_p99_ms']:>6.1f} ms  ({row['tokens']} tokens in {row['wall_s']} s)",
+                flush=True,
+            )
+        occupancy = server.service.batcher.stats
+        print(
+            f"mean batch occupancy {occupancy.step_rows / max(occupancy.steps, 1):.2f} rows over "
+            f"{occupancy.steps} steps"
+        )
+    if args.json:
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"model": args.model, "device": str(device), **row}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Continuous batching: one model thread decodes every running request together.
+
+A request (a prompt, its sampling settings, ``n`` choices) waits in a bounded queue until ``n`` rows
+of the batch are free; then its prompt is prefilled once and copied into ``n`` rows of a
+``RaggedKVCache`` (alone, the prefill is a one-row forward exactly as ``gpt.infer.generate`` runs
+it; requests that wait together are prefilled as one right-padded batch). Every step runs
+one single-token forward over all rows in use, each at its own position with its own attention
+mask, and each row picks its next token with its own settings and its own seeded generator (so a
+request's output does not depend on what else is running). A row leaves the batch as soon as it is
+done or its client is gone, and a waiting request takes its place at the next step.
+
+    batcher = Batcher(model, tokenizer, max_batch=16, max_queue=64)
+    batcher.start()
+    batcher.submit(Request(prompt_ids, GenerationConfig(temperature=0), n=1, emit=print))
+    ...
+    batcher.stop()
+
+Results travel as events through ``Request.emit`` (called on the model thread): ``Piece`` (new text
+of one choice, never half a character and never past a stop string, with its tokens' logprobs),
+``Finish`` (a choice is done, ``finish_reason`` 'stop' or 'length') and, last, ``Done`` (usage) or
+``Failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpt.config import GenerationConfig
+from gpt.infer.engine import KVCache, RaggedKVCache, apply_penalties, choose_next
+from gpt.infer.generate import TextStream
+from gpt.model import GPT
+
+log = logging.getLogger("gpt.serve")
+
+
+class QueueFull(Exception):
+    """More requests wait than ``max_queue`` allows (the server answers 429)."""
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, log-probability and the most likely alternatives (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Piece:
+    choice: int
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Finish:
+    choice: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class Done:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Request:
+    """One prompt to continue ``n`` times. ``emit`` receives the events, on the model thread."""
+
+    prompt_ids: Sequence[int]
+    config: GenerationConfig
+    n: int = 1
+    emit: Callable[[Any], None] = lambda event: None
+    stop_token_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
+    cancelled: bool = False
+    completion_tokens: int = 0
+    finished_choices: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Row:
+    """A choice of a request being decoded: row ``i`` of the batch is ``rows[i]``."""
+
+    request: Request
+    choice: int
+    stream: TextStream
+    generator: torch.Generator | None
+    counts: torch.Tensor | None  # (V,) occurrences so far, for the penalties
+    logits: torch.Tensor  # (V,) the next position's logits
+    generated: int = 0
+    last: int = 0  # the token fed at the next step
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent: int = 0  # logprobs already emitted
+
+
+class Stats:
+    """Counters for /metrics (written by the model thread, read by the server)."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.requests_finished = 0
+        self.steps = 0
+        self.prefill_forwards = 0  # prefills run (one may hold several prompts)
+        self.step_rows = 0  # sum over steps of rows in the batch (mean occupancy = step_rows / steps)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 10 s
+        self._lock = threading.Lock()  # the server thread reads _recent while the model thread appends
+
+    def count(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.completion_tokens += tokens
+        with self._lock:
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - 10.0:
+                self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last 10 seconds."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [n for t, n in self._recent if t >= now - 10.0]
+        return sum(recent) / 10.0
+
+
+class Batcher:
+    """The scheduler and the model thread (see the module docstring)."""
+
+    def __init__(
+        self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 1024
+    ):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        weight = model.lm_head.weight
+        self.device = weight.device
+        self.cache = RaggedKVCache(model.config, max_batch, weight.device, weight.dtype)
+        self.prefill_cache = KVCache(model.config, 1, weight.device, weight.dtype)
+        self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.rows: list[Row] = []
+        self.pending: deque[Request] = deque()
+        self.wake = threading.Condition()
+        self.stats = Stats()
+        self._stopping = False
+        self._paused = False  # decoding holds between steps (see pause)
+        self._thread = threading.Thread(target=self._run, name="gpt-serve-model", daemon=True)
+
+    # ------------------------------------------------------------------ the server's side (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is left and end the model thread."""
+        with self.wake:
+            self._stopping = True
+            self.wake.notify()
+        self._thread.join(timeout)
+
+    def pause(self) -> None:
+        """Hold the model thread between steps (requests queue up meanwhile) until ``resume``."""
+        with self.wake:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self.wake:
+            self._paused = False
+            self.wake.notify()
+
+    def submit(self, request: Request) -> None:
+        if request.n > self.max_batch:
+            raise ValueError(f"n={request.n} exceeds the batch of {self.max_batch} rows")
+        with self.wake:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"{len(self.pending)} requests are waiting already; try again later")
+            self.pending.append(request)
+            self.wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """The client is gone: its rows leave the batch at the next step."""
+        request.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.pending)
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.rows)
+
+    # ----------------------------------------------------------------------------- the model thread
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self._stopping and (self._paused or not (self.rows or self.pending)):
+                    self.wake.wait()
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.rows:
+                        self._step()
+            except Exception as e:  # a bug must not hang every client: fail what is running, go on
+                log.exception("model thread error")
+                for request in {id(r.request): r.request for r in self.rows}.values():
+                    request.emit(Failed(f"internal error: {type(e).__name__}: {e}"))
+                self.rows.clear()
+                self.cache.rows = self.cache.start = 0
+        for request in [*{id(r.request): r.request for r in self.rows}.values(), *self.pending]:
+            request.emit(Failed("the server is shutting down"))
+        self.rows.clear()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows, first come first served. The prompts of requests
+        that wait together are prefilled as one batch (right-padded, at most ``prefill_tokens``)."""
+        batch: list[Request] = []
+        with self.wake:
+            free = self.max_batch - len(self.rows)
+            while self.pending:
+                request = self.pending[0]
+                if request.cancelled:
+                    self.pending.popleft()
+                    continue
+                longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in batch)])
+                if request.n > free or (batch and longest * (len(batch) + 1) > self.prefill_tokens):
+                    break
+                batch.append(self.pending.popleft())
+                free -= request.n
+        if len(batch) > 1 and self._guarded(batch, self._prefill_batch):
+            return
+        for request in batch:  # alone, or one by one after a batch failed: only a bad one fails
+            self._guarded([request], lambda b: self._prefill_one(b[0]))
+
+    def _guarded(self, batch: list[Request], prefill: Callable[[list[Request]], None]) -> bool:
+        """Run ``prefill``; on an error, undo its rows (the rows already decoding go on), fail a lone
+        request, and say so."""
+        before = len(self.rows)
+        try:
+            prefill(batch)
+            return True
+        except Exception as e:
+            log.exception("prefill failed")
+            del self.rows[before:]
+            self.cache.rows, self.cache.start = before, 0
+            if len(batch) == 1:
+                batch[0].emit(Failed(f"the prompt could not be prefilled: {type(e).__name__}: {e}"))
+            return False
+
+    def _prefill_one(self, request: Request) -> None:
+        """A one-row prefill, exactly as ``gpt.infer.generate`` runs it, copied into n rows."""
+        ids = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
+        self.stats.prefill_forwards += 1
+        self.prefill_cache.pos = 0
+        logits = self.model(ids, kv_cache=self.prefill_cache)[0, -1]  # (V,)
+        self.prefill_cache.pos = ids.size(1)
+        counts = self._counts(request)
+        for choice in range(request.n):
+            self.cache.load_row(self.prefill_cache)
+            self._add_row(request, choice, logits, counts)
+
+    def _prefill_batch(self, batch: list[Request]) -> None:
+        """One forward over the right-padded prompts (b, T) in new rows; extra choices are copies."""
+        lengths = [len(r.prompt_ids) for r in batch]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long, device=self.device)
+        for i, request in enumerate(batch):
+            ids[i, : lengths[i]] = torch.tensor(list(request.prompt_ids), device=self.device)
+        self.stats.prefill_forwards += 1
+        first = self.cache.add_rows(len(batch))
+        self.cache.begin(ids.size(1))
+        logits = self.model(ids, kv_cache=self.cache)  # (b, T, V)
+        self.cache.advance(lengths)
+        counts = [self._counts(r) for r in batch]
+        for i, request in enumerate(batch):
+            self._add_row(request, 0, logits[i, lengths[i] - 1], counts[i])
+        for i, request in enumerate(batch):
+            for choice in range(1, request.n):
+                self.cache.copy_row(first + i)
+                self._add_row(request, choice, logits[i, lengths[i] - 1], counts[i])
+
+    def _counts(self, request: Request) -> torch.Tensor | None:
+        """Token counts (V,) of the prompt, when a penalty needs them."""
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        cfg = request.config
+        if cfg.repetition_penalty == 1.0 and not cfg.frequency_penalty and not cfg.presence_penalty:
+            return None
+        ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=self.device)
+        return torch.bincount(ids, minlength=self.vocab_size)[: self.vocab_size].float()
+
+    def _add_row(
+        self, request: Request, choice: int, logits: torch.Tensor, counts: torch.Tensor | None
+    ) -> None:
+        """The batch's next row (already filled in the cache) decodes this choice of the request."""
+        cfg, generator = request.config, None
+        if cfg.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
+            generator.manual_seed(cfg.seed + choice) if cfg.seed is not None else generator.seed()
+        stream = TextStream(self.tokenizer, cfg.stop)
+        row_counts = None if counts is None else counts.clone()
+        self.rows.append(Row(request, choice, stream, generator, row_counts, logits))
+
+    def _step(self) -> None:
+        """Pick every row's next token, emit text, retire finished rows, run one forward for the rest."""
+        scores = torch.stack([row.logits for row in self.rows])[:, : self.vocab_size].float()  # (B, V)
+        done = []
+        for i, row in enumerate(self.rows):
+            if row.request.cancelled:
+                done.append(i)
+                continue
+            self._choose(row, scores[i : i + 1])
+            if row.stream.finished:
+                done.append(i)
+        for i in reversed(done):  # the last row moves into a freed one: go from the end
+            row = self.rows[i]
+            self.cache.drop_row(i)
+            self.rows[i] = self.rows[-1]
+            self.rows.pop()
+            if not row.request.cancelled:
+                self._finish(row)
+        if not self.rows:
+            return
+        self.stats.steps += 1
+        self.stats.step_rows += len(self.rows)
+        tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long, device=self.device)
+        self.cache.begin(1)
+        logits = self.model(tokens[:, None], kv_cache=self.cache)[:, -1]  # (B, V)
+        self.cache.advance(1)
+        for row, row_logits in zip(self.rows, logits):
+            row.logits = row_logits
+
+    def _choose(self, row: Row, scores: torch.Tensor) -> None:
+        """Sample row's next token from scores (1, V), push it to its text stream, emit new text."""
+        request, cfg = row.request, row.request.config
+        penalised = scores if row.counts is None else apply_penalties(scores, row.counts[None], cfg)
+        token = int(choose_next(penalised, cfg, row.generator)[0])
+        if row.counts is not None:
+            row.counts[token] += 1
+        if request.logprobs is not None:
+            logprobs = F.log_softmax(scores[0], dim=-1)  # the model's distribution, before any control
+            top = logprobs.topk(request.logprobs) if request.logprobs else None
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            row.logprobs.append(TokenLogprob(token, float(logprobs[token]), alternatives))
+        row.generated += 1
+        row.last = token
+        request.completion_tokens += 1
+        self.stats.count(1)
+        stream = row.stream
+        text = stream.end("stop") if token in request.stop_token_ids else stream.push(token)
+        full = len(request.prompt_ids) + row.generated > self.model.config.block_size  # no room to feed it
+        if not stream.finished and (row.generated >= cfg.max_new_tokens or full):
+            text += stream.end("length")
+        shown = len(stream.ids) if stream.finished else stream.shown_tokens
+        new = row.logprobs[row.sent : shown]
+        row.sent = max(row.sent, shown)
+        if text or new:
+            request.emit(Piece(row.choice, text, new))
+
+    def _finish(self, row: Row) -> None:
+        request = row.request
+        request.emit(Finish(row.choice, row.stream.finish_reason or "length"))
+        request.finished_choices += 1
+        if request.finished_choices == request.n:
+            self.stats.requests_finished += 1
+            request.emit(Done(len(request.prompt_ids), request.completion_tokens))
