@@ -43,7 +43,7 @@ def run_dir(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def served(run_dir):
-    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu"))
+    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,7 @@ def test_temperature_zero_equals_sample_py(client, run_dir):
         "max_new_tokens": 30,
         "echo_prompt": False,
         "device": "cpu",
+        "dtype": "fp32",  # as the served fixture: the same precision, the same greedy text
         "seed": 5,
         "history_file": None,
     }
@@ -358,7 +359,7 @@ def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
         adapter_weights(lora_model.state_dict()), lora_model.config, tok.to_state(), lora=spec
     )
     save_checkpoint(tmp_path / "lora" / "ckpt.pt", state)
-    served = load_for_serving(ServeConfig(ckpt=str(tmp_path / "lora"), device="cpu"))
+    served = load_for_serving(ServeConfig(ckpt=str(tmp_path / "lora"), device="cpu", dtype="fp32"))
     ids = torch.tensor([tok.encode("ROMEO: But")])
     with torch.no_grad():
         expected = lora_model.eval()(ids)
@@ -370,7 +371,9 @@ def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
     gpt2 = gpt2_tokenizer()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50304)).eval()
     export_hf(model, gpt2, tmp_path / "hfmodel")
-    served = load_for_serving(ServeConfig(ckpt=f"hf:{tmp_path / 'hfmodel'}", device="cpu"))
+    served = load_for_serving(
+        ServeConfig(ckpt=f"hf:{tmp_path / 'hfmodel'}", device="cpu", dtype="fp32")
+    )
     assert served.name == "hfmodel" and not served.chat_trained
     ids = torch.tensor([gpt2.encode("Hello, world")])
     with torch.no_grad():

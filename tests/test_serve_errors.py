@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def served(run_dir):
-    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu"))
+    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
