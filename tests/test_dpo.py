@@ -128,7 +128,7 @@ def dpo_config(tmp_path, out, init_from, pairs_path, **sections) -> TrainRunConf
                      cache_dir=str(tmp_path / "cache")),
         "optim": dict(lr=3e-3, warmup_steps=2, weight_decay=0.0),
         "train": dict(max_steps=6, batch_size=4, eval_interval=6, eval_steps=1, log_interval=3,
-                      ckpt_interval=0, progress=False, peak_flops=1e12),
+                      ckpt_interval=0, progress=False, peak_flops=1e12, dtype="fp32"),
         "dpo": dict(beta=0.5),
         "wandb": dict(mode="disabled"),
     }  # fmt: skip
@@ -149,7 +149,7 @@ def sft_run(tmp_path_factory):
                       pos_emb="rope"),
         "data": dict(name="d", format="dialogs", path=str(dialogs), tokenizer="char", val_fraction=0.0),
         "train": dict(max_steps=3, batch_size=4, eval_interval=0, log_interval=3, ckpt_interval=0,
-                      progress=False, peak_flops=1e12),
+                      progress=False, peak_flops=1e12, dtype="fp32"),
         "wandb": dict(mode="disabled"),
     })  # fmt: skip
     train(cfg)
