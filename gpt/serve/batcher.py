@@ -269,7 +269,7 @@ class Batcher:
         ids = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
         self.stats.prefill_forwards += 1
         self.prefill_cache.pos = 0
-        logits = self.model(ids, kv_cache=self.prefill_cache)[0, -1]  # (V,)
+        logits = self.model(ids, kv_cache=self.prefill_cache, last_only=True)[0, -1]  # (V,)
         self.prefill_cache.pos = ids.size(1)
         counts = self._counts(request)
         for choice in range(request.n):
