@@ -185,7 +185,7 @@ def test_chat_repl_renders_as_training_keeps_history_and_saves(chat_run, tmp_pat
     assert [(m["role"], m["content"]) for m in first[0].messages] == [
         (m["role"], m["content"]) for m in DIALOGS[3]
     ]
-    second, _ = read_dialogs(tmp_path / "talk.txt")
+    second, _ = read_dialogs(tmp_path / "talk.txt.jsonl")  # always messages JSONL: the round trip is exact
     assert [m["content"] for m in second[0].messages] == ["You are Ada.", "Who are you?", "I am Ada."]
 
 

@@ -49,6 +49,8 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
     model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
     model.to(dtype).eval()
     prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
+    # likewise a batch that cannot fit in memory (checked by Generation before it allocates)
+    gen = Generation(model, tokenizer, prompt_ids, settings) if cfg.mode == "generate" else None
     print(
         f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
         f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}",
@@ -63,7 +65,7 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
                         system=cfg.system or None)  # fmt: skip
         chat.reply_once(text) if text else chat.run()
         return
-    gen = Generation(model, tokenizer, prompt_ids, settings)
+    assert gen is not None
     if gen.dropped:
         total, block_size = len(gen.prompt_ids) + gen.dropped, model.config.block_size
         print(f"note: the prompt has {total} tokens, more than the model's context of {block_size}; "
