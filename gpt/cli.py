@@ -111,6 +111,18 @@ def _explain(e: Exception, config_name: str) -> str:
     if "Missing mandatory value" in text:
         full = getattr(e, "full_key", None) or first.split(":")[-1].strip()
         return f"missing mandatory value {full}: set it on the command line ({full}=...)"
+    grammar = next((line.split()[1] for line in lines if "override_grammar" in line), "")
+    if grammar:  # a parse error: keep what Hydra points at (its caret) and where the grammar is
+        raw = text.strip().splitlines()
+        where, first = "", f"the overrides ({first})"
+        if len(raw) > 1 and raw[1].strip() == "^" and ": " in raw[0]:
+            column = len(raw[1]) - 1 - (raw[0].index(": ") + 2)
+            override = raw[0].split(": ", 1)[1]
+            if 0 <= column < len(override):
+                where = f" at {override[column]!r} (column {column + 1})"
+            first = f"the override {override}"
+        return (f"cannot parse {first}{where}: put a value holding quotes, commas or brackets in quotes "
+                f"of its own, e.g. 'key=\"it'\\''s, ok\"' in a shell (see {grammar})")  # fmt: skip
     hint = next((line for line in lines[1:] if "quot" in line.lower() or "escap" in line.lower()), "")
     return f"{first} ({hint})" if hint and hint not in first else first
 
