@@ -176,8 +176,10 @@ def choose_next(
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     # shift the best logit to 0 before dividing: a tiny temperature (1e-40) then gives 0 and -inf,
-    # never inf / inf = NaN; and the divisor stays a normal float32 (1e-300 would round to 0)
-    temperature = max(cfg.temperature, torch.finfo(logits.dtype).tiny)
+    # never inf / inf = NaN; and the divisor stays a finite normal float32 (1e-300 would round to 0,
+    # 1e300 to inf)
+    finfo = torch.finfo(logits.dtype)
+    temperature = min(max(cfg.temperature, finfo.tiny), finfo.max)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
