@@ -61,6 +61,9 @@ continue the message on the next one."""
         room = block_size - min(self.settings.max_new_tokens, block_size // 4)  # keep room to reply
         history = self.history() + [{"role": "user", "content": text}]
         ids, dropped = fit_history(self.tokenizer, history, room)
+        if dropped:  # drop down to 2/3 of the room: the next turns extend this prompt (and reuse its
+            # cache) instead of dropping one exchange, and so changing the prompt's start, every turn
+            ids, dropped = fit_history(self.tokenizer, history, room * 2 // 3)
         if len(ids) > room:
             raise DataError(
                 f"the message (with the system prompt) takes {len(ids)} tokens, more than the {room} "
