@@ -137,6 +137,9 @@ def test_chat_retry_undo_and_system(run_dir):
     replies = [line for line in out2.splitlines() if line.startswith("Assistant:")]
     assert chat2.messages[-1]["content"] == replies[2].removeprefix("Assistant:").strip()
     assert len(chat2.messages) == 4 and replies[2] != replies[1]
+    # a /retry that cannot render (the new system prompt has a character the vocabulary lacks)
+    chat3, _, err3 = session(run_dir, ChatRepl, ["ROMEO", "/system caf\u00e9", "/retry"])
+    assert "error: character" in err3 and len(chat3.messages) == 2 and len(chat3.transcript) == 1
 
 
 def test_ctrl_c_keeps_the_partial_reply_marked(run_dir, tmp_path):

@@ -85,12 +85,12 @@ continue the message on the next one."""
             self._decoder, self._decoder_shift = Decoder(self.model, 1, s.context_shift), s.context_shift
         return self._decoder
 
-    def on_reply(self, text: str, completions: list[Completion]) -> None:
+    def on_reply(self, text: str, completions: list[Completion]) -> bool:
         completion = completions[0]
         reply = completion.text.strip()
         if not reply:  # an empty turn cannot be rendered back: forget the unanswered message
             self.note("note: the reply was empty; the message is not kept in the conversation")
-            return
+            return False
         super().on_reply(text, completions)
         if self._dropping:
             self.start += self._dropping
@@ -100,6 +100,7 @@ continue the message on the next one."""
         if completion.finish_reason == "interrupted":
             message["interrupted"] = True  # a partial reply (Ctrl-C), kept as shown
         self.messages += [{"role": "user", "content": text}, message]
+        return True
 
     def reset(self) -> None:
         super().reset()

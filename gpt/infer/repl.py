@@ -144,9 +144,11 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         """A decoder kept across turns, whose cache the next prompt reuses (chat); None: a fresh one."""
         return None
 
-    def on_reply(self, text: str, completions: list[Completion]) -> None:
-        """Called after every turn, also an interrupted one (chat: append the reply to the history)."""
+    def on_reply(self, text: str, completions: list[Completion]) -> bool | None:
+        """Called after every turn, also an interrupted one (chat: append the reply to the history);
+        False: the turn is not kept (chat: an empty reply)."""
         self.transcript.append((text, completions))
+        return True
 
     def reset(self) -> None:
         self.transcript.clear()
@@ -177,6 +179,8 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
                         return
                 except Exception as e:  # any failure ends the turn, never the session or its history
                     self.note(f"error: {one_line(e)}")
+                except KeyboardInterrupt:  # Ctrl-C outside a reply (e.g. while a long prompt encodes)
+                    self.note("^C (Ctrl-D or /quit exits)")
         finally:
             self._save_history()
 
@@ -243,11 +247,14 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         if not self.transcript:
             self.note("nothing to retry")
             return
-        saved = self.snapshot()
+        saved, done = self.snapshot(), False
         text = self.undo()
         assert text is not None
-        if not self.turn(text):
-            self.restore(saved)
+        try:
+            done = self.turn(text)
+        finally:
+            if not done:
+                self.restore(saved)
 
     def snapshot(self) -> Any:
         """What a failed /retry restores (chat: the conversation too)."""
@@ -279,8 +286,7 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
                 stream.finish_reason = stream.finish_reason or "interrupted"
             self.out.write("\n")
             self.note("[stopped]")
-        self.on_reply(text, gen.completions)
-        return True
+        return self.on_reply(text, gen.completions) is not False
 
     def target(self, path: str, force: bool) -> Path | None:
         """The file /save writes, or None (with a note) when it would replace one without ``!``."""
