@@ -56,7 +56,12 @@ def split_args(argv: Sequence[str], command: Command) -> tuple[list[str], dict[s
     free: dict[str, Any] = {}
     given: set[str] = set()
     positional = list(command.positional)
+    previous = ""
     for arg in argv:
+        after_flag, previous = previous in FLAGS_WITH_VALUE, arg
+        if after_flag:  # the value of Hydra's flag: --cfg job, --package ...
+            overrides.append(arg)
+            continue
         key, eq, value = arg.partition("=")
         if eq and key in command.free_text:
             if key in command.repeatable:
@@ -252,10 +257,33 @@ def main(
     Hydra's own flags (--help, --cfg job, --multirun, ...) go to Hydra's regular command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with errors_as_exit():
-        if any(a.startswith("-") for a in split_args(argv, command)[0]):
+        flags = [a for a in argv if a.startswith("-")]  # before split_args: --key VALUE is a mistake
+        if flags:
+            _check_flags(flags, command)
             return _hydra_flags(job, command, argv)
         cfg, given = compose_config(command, argv)
         return _call(job, cfg, given)
+
+
+# Hydra's own command-line flags (hydra/_internal/utils.py get_args_parser), with and without a value
+FLAGS_WITH_VALUE = (
+    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+    "--config-dir", "--experimental-rerun", "-i", "--info", "-sc", "--shell-completion",
+)  # fmt: skip
+HYDRA_FLAGS = (*FLAGS_WITH_VALUE, "-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run",
+               "-m", "--multirun")  # fmt: skip
+
+
+def _check_flags(flags: list[str], command: Command) -> None:
+    """A flag Hydra does not know is one line (not argparse's usage): ``--show`` -> ``show=N``."""
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        if name in HYDRA_FLAGS:
+            continue
+        key = name.lstrip("-").replace("-", "_")
+        if key in _keys_under(command.config_name, "").split(", "):
+            raise UserError(f"{flag}: options are key=value here, e.g. {key}=..." + _usage(command))
+        raise UserError(f"unknown option {flag}: use key=value (see --help)" + _usage(command))
 
 
 def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
@@ -272,7 +300,13 @@ def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
         with errors_as_exit():
             return _call(job, plain, given)
 
-    return hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base=None)(task)()
+    entry = hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base=None)(task)
+    try:
+        return entry()
+    except ValueError as e:  # Hydra's check of its own flags ("Only one of --run, --multirun, ...")
+        if "can be specified" not in str(e):
+            raise
+        raise UserError(f"{e}{_usage(command)}") from None
 
 
 def conf_path(name: str) -> Path:

@@ -64,6 +64,9 @@ SAMPLE_CASES = [
     (["temperature=it's"], ["temperature=it's", "column 15", "override_grammar"]),
     (["prompt=\u00e9t\u00e9 \U0001f600"], ["character", "vocabulary"]),
     (["max_tokens=5"], ["unknown config key 'max_tokens'"]),
+    (["--num_samples", "3"], ["--num_samples: options are key=value here, e.g. num_samples="]),
+    (["--verbose"], ["unknown option --verbose", "key=value"]),
+    (["-m", "--cfg", "job"], ["Only one of --run, --multirun, --cfg"]),
 ]
 EVAL_CASES = [
     (["batch_size=0"], ["batch_size=0", ">= 1"]),
