@@ -204,3 +204,33 @@ def test_run_files_share_one_mode(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
     assert {"ckpt.pt", "best.pt", "config.yaml"} <= set(modes) and len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_is_noticed_once(tmp_path, corpus):
+    """Ctrl-C reaches every process of the group; the notice is printed once (rank 0), the run
+    checkpoints and says how to resume."""
+    import signal
+    import time
+
+    args = [f"out_dir={tmp_path}/out", "device=cpu", f"data.path={corpus}", f"data.cache_dir={tmp_path}/c",
+            "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16",
+            "train.max_steps=1000000", "train.batch_size=4", "train.eval_interval=0", "train.log_interval=20",
+            "wandb.mode=disabled", "train.progress=false", "train.peak_flops=1e12",
+            "data.num_workers=1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO_ROOT / "train.py"), *args]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # fmt: skip
+    try:
+        for line in p.stdout:  # wait until training is under way (the step lines go to stdout)
+            if line.startswith("step"):
+                break
+        time.sleep(1)
+        os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        err = p.communicate(timeout=120)[1]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert err.count("SIGINT received") == 1, err
+    assert "continue with resume=true" in err and (tmp_path / "out" / "ckpt.pt").is_file()
