@@ -24,6 +24,7 @@ Rebuilding a model from a run (LoRA bases, ``hf:DIR``, context cropping) is ``gp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with disallowed globals, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.split(r"(?<=\.)\s", first)[0]  # its first whole sentence (torch's advice follows)
         raise CheckpointError(
-            f"checkpoint {file} is corrupt or not a gpt checkpoint ({first[:200]}); "
+            f"checkpoint {file} is corrupt or not a gpt checkpoint ({first}); "
             "restore it from a backup or train again"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -56,7 +56,12 @@ def split_args(argv: Sequence[str], command: Command) -> tuple[list[str], dict[s
     free: dict[str, Any] = {}
     given: set[str] = set()
     positional = list(command.positional)
+    previous = ""
     for arg in argv:
+        after_flag, previous = previous in FLAGS_WITH_VALUE, arg
+        if after_flag:  # the value of Hydra's flag: --cfg job, --package ...
+            overrides.append(arg)
+            continue
         key, eq, value = arg.partition("=")
         if eq and key in command.free_text:
             if key in command.repeatable:
@@ -111,6 +116,18 @@ def _explain(e: Exception, config_name: str) -> str:
     if "Missing mandatory value" in text:
         full = getattr(e, "full_key", None) or first.split(":")[-1].strip()
         return f"missing mandatory value {full}: set it on the command line ({full}=...)"
+    grammar = next((line.split()[1] for line in lines if "override_grammar" in line), "")
+    if grammar:  # a parse error: keep what Hydra points at (its caret) and where the grammar is
+        raw = text.strip().splitlines()
+        where, first = "", f"the overrides ({first})"
+        if len(raw) > 1 and raw[1].strip() == "^" and ": " in raw[0]:
+            column = len(raw[1]) - 1 - (raw[0].index(": ") + 2)
+            override = raw[0].split(": ", 1)[1]
+            if 0 <= column < len(override):
+                where = f" at {override[column]!r} (column {column + 1})"
+            first = f"the override {override}"
+        return (f"cannot parse {first}{where}: put a value holding quotes, commas or brackets in quotes "
+                f"of its own, e.g. 'key=\"it'\\''s, ok\"' in a shell (see {grammar})")  # fmt: skip
     hint = next((line for line in lines[1:] if "quot" in line.lower() or "escap" in line.lower()), "")
     return f"{first} ({hint})" if hint and hint not in first else first
 
@@ -240,10 +257,33 @@ def main(
     Hydra's own flags (--help, --cfg job, --multirun, ...) go to Hydra's regular command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with errors_as_exit():
-        if any(a.startswith("-") for a in split_args(argv, command)[0]):
+        flags = [a for a in argv if a.startswith("-")]  # before split_args: --key VALUE is a mistake
+        if flags:
+            _check_flags(flags, command)
             return _hydra_flags(job, command, argv)
         cfg, given = compose_config(command, argv)
         return _call(job, cfg, given)
+
+
+# Hydra's own command-line flags (hydra/_internal/utils.py get_args_parser), with and without a value
+FLAGS_WITH_VALUE = (
+    "-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+    "--config-dir", "--experimental-rerun", "-i", "--info", "-sc", "--shell-completion",
+)  # fmt: skip
+HYDRA_FLAGS = (*FLAGS_WITH_VALUE, "-h", "--help", "--hydra-help", "--version", "--resolve", "-r", "--run",
+               "-m", "--multirun")  # fmt: skip
+
+
+def _check_flags(flags: list[str], command: Command) -> None:
+    """A flag Hydra does not know is one line (not argparse's usage): ``--show`` -> ``show=N``."""
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        if name in HYDRA_FLAGS:
+            continue
+        key = name.lstrip("-").replace("-", "_")
+        if key in _keys_under(command.config_name, "").split(", "):
+            raise UserError(f"{flag}: options are key=value here, e.g. {key}=..." + _usage(command))
+        raise UserError(f"unknown option {flag}: use key=value (see --help)" + _usage(command))
 
 
 def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
@@ -260,7 +300,13 @@ def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
         with errors_as_exit():
             return _call(job, plain, given)
 
-    return hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base=None)(task)()
+    entry = hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base=None)(task)
+    try:
+        return entry()
+    except ValueError as e:  # Hydra's check of its own flags ("Only one of --run, --multirun, ...")
+        if "can be specified" not in str(e):
+            raise
+        raise UserError(f"{e}{_usage(command)}") from None
 
 
 def conf_path(name: str) -> Path:

@@ -138,6 +138,18 @@ class OptimConfig:
     muon_weight_decay: float = 0.0
     """name=muon: decoupled weight decay of the Muon part (each step: w -= muon_lr * this * w)."""
 
+    def __post_init__(self) -> None:
+        _check_ranges("optim.", self, [
+            ("lr", _finite(self.lr) and self.lr > 0, "must be a finite number > 0, e.g. 3e-4"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1] (the final lr / peak lr)"),
+            ("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, "must be >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1), e.g. 0.9"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1), e.g. 0.95"),
+            ("eps", _finite(self.eps) and self.eps > 0, "must be a finite number > 0, e.g. 1e-8"),
+            ("grad_clip", _finite(self.grad_clip) and self.grad_clip >= 0, "must be >= 0 (0 = off)"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+        ])  # fmt: skip
+
 
 @dataclass
 class TrainConfig:
@@ -167,6 +179,21 @@ class TrainConfig:
     """Show a progress bar (when the console is a terminal)."""
     timeout_s: int = 1800
     """Multi-process runs: seconds a collective waits for the other ranks before the job fails."""
+
+    def __post_init__(self) -> None:
+        mbs = self.micro_batch_size
+        _check_ranges("train.", self, [
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("micro_batch_size", mbs is None or mbs >= 1, "must be >= 1 or null (the whole batch)"),
+            ("eval_interval", self.eval_interval >= 0, "must be >= 0 (0 = never)"),
+            ("eval_steps", self.eval_steps >= 1, "must be >= 1 (to skip evals: eval_interval=0)"),
+            ("log_interval", self.log_interval >= 1, "must be >= 1"),
+            ("ckpt_interval", self.ckpt_interval >= 0, "must be >= 0 (0 = only at the end)"),
+            ("peak_flops", self.peak_flops is None or (_finite(self.peak_flops) and self.peak_flops > 0),
+             "must be > 0 or null (measure)"),
+            ("timeout_s", self.timeout_s >= 1, "must be >= 1"),
+        ])  # fmt: skip
 
 
 @dataclass
@@ -243,6 +270,10 @@ class TrainRunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    def __post_init__(self) -> None:
+        # the run seeds seed + rank and seed + 2 streams: keep them inside a signed 64-bit integer
+        _check_ranges("", self, [("seed", 0 <= self.seed < 2**63 - 1024, "must be in [0, 2**63 - 1024)")])
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainRunConfig:
         return from_dict(cls, d)
@@ -262,6 +293,18 @@ class TrainRunConfig:
 
 
 T = TypeVar("T")
+
+
+def _finite(x: float) -> bool:
+    """Not NaN, not infinite."""
+    return x == x and abs(x) != float("inf")
+
+
+def _check_ranges(prefix: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ConfigError naming the first key of ``checks`` (name, ok, valid range) that fails."""
+    for name, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{prefix}{name}={getattr(obj, name)!r} is out of range: {why}")
 
 
 def _check_value(key: str, tp: Any, value: Any) -> Any:
@@ -381,14 +424,15 @@ class GenerationConfig:
             ("top_k", self.top_k >= 0, "must be >= 0 (0 = no limit)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
-            ("repetition_penalty", finite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "must be > 0 (1 = off, > 1 discourages repeats)"),
-            ("frequency_penalty", finite(self.frequency_penalty), "must be a finite number (0 = off)"),
-            ("presence_penalty", finite(self.presence_penalty), "must be a finite number (0 = off)"),
+            # bounds that keep the logits finite in float32 (1e-300 would round to 0, 1e308 to inf)
+            ("repetition_penalty", 1e-6 <= self.repetition_penalty <= 1e6,
+             "must be in [1e-6, 1e6] (1 = off, > 1 discourages repeats)"),
+            ("frequency_penalty", abs(self.frequency_penalty) <= 1e4, "must be in [-1e4, 1e4] (0 = off)"),
+            ("presence_penalty", abs(self.presence_penalty) <= 1e4, "must be in [-1e4, 1e4] (0 = off)"),
             ("num_samples", self.num_samples >= 1, "must be >= 1"),
             ("num_beams", self.num_beams >= 1, "must be >= 1 (1 = sampling, no beam search)"),
-            ("length_penalty", finite(self.length_penalty), "must be a finite number"),
-            ("seed", self.seed is None or self.seed >= 0, "must be >= 0 or null"),
+            ("length_penalty", abs(self.length_penalty) <= 100, "must be in [-100, 100] (1 = mean log p)"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2**64) or null"),
             ("context_shift", self.context_shift is None or self.context_shift >= 1, "must be >= 1 or null"),
         ]  # fmt: skip
         for name, ok, why in checks:

@@ -55,7 +55,7 @@ class Unit(NamedTuple):
 def input_files(path: str | Path) -> list[Path]:
     """The files behind a user path: a file, a directory (its input files, recursively) or a glob."""
     p = resolve_path(path)
-    if any(ch in str(p) for ch in "*?["):
+    if not p.exists() and any(ch in str(p) for ch in "*?["):  # an existing name is never a pattern
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
         if not matches:
             raise DataError(f"no files match {path}; check the pattern (data.path)")

@@ -1,27 +1,29 @@
 """The chat loop (``python sample.py mode=chat``): a conversation with an instruction-tuned model,
 rendered by ``gpt.chat_template`` exactly as in training.
 
-    python sample.py mode=chat ckpt=out/chat           # /help: /system TEXT, /reset, /save FILE
+    python sample.py mode=chat ckpt=out/chat           # /help: /system, /retry, /undo, /save FILE
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-from gpt.chat_template import MARKERS, fit_history
+from gpt.chat_template import fit_history
 from gpt.config import unescape
 from gpt.errors import DataError
+from gpt.infer.engine import Decoder
 from gpt.infer.generate import Completion, Generation
 from gpt.infer.repl import Repl
 from gpt.tokenizer import EOT_TURN
 
 
 class ChatRepl(Repl):
-    """The chat loop (``mode=chat``): keeps the conversation, renders it with ``gpt.chat`` exactly as
-    in training, streams each reply until end-of-turn, and drops the oldest exchanges (never the
-    system prompt) when the conversation outgrows the context."""
+    """The chat loop (``mode=chat``): keeps the conversation, renders it with ``gpt.chat_template``
+    exactly as in training, streams each reply until end-of-turn, and drops the oldest exchanges
+    (never the system prompt) when the conversation outgrows the context. The KV cache of the
+    conversation is kept between turns: each turn runs only the tokens the last one did not."""
 
     prompt = "User: "
     continuation = "... "
@@ -30,53 +32,97 @@ class ChatRepl(Repl):
     banner = "chat mode: type a message and press Enter; /help lists the commands, Ctrl-D exits"
     help = """commands:
   /system TEXT         set the system prompt (/system alone removes it); the conversation goes on
+  /retry               a new reply to the last message;  /undo: forget the last exchange
   /reset               start a new conversation (the system prompt stays)
-  /save FILE           write the conversation as a dialog: FILE.jsonl as JSONL, else as a transcript
+  /save FILE           write the conversation as messages JSONL (what SFT reads) to a new FILE.jsonl;
+                       /save! FILE replaces it
   /settings, /set KEY VALUE, /reset settings, /help, /quit (or Ctrl-D): as in interactive mode
-Ctrl-C stops a reply. End a line with \\ to continue the message on the next one."""
+Ctrl-C stops a reply (the part shown stays, marked "interrupted" in /save). End a line with \\ to
+continue the message on the next one."""
 
-    def __init__(self, *args, system: str | None = None, **kwargs):
+    def __init__(self, *args, system: str | None = None, reuse_cache: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.system = system or None
-        self.messages: list[dict[str, str]] = []  # the whole conversation's user and assistant turns
+        self.messages: list[dict[str, Any]] = []  # the whole conversation's user and assistant turns
         self.start = 0  # messages[start:] still fit the context
+        self._dropping = 0  # exchanges the pending turn drops (committed with its reply)
+        self.reuse_cache = reuse_cache
+        self._decoder: Decoder | None = None
 
-    def history(self, whole: bool = False) -> list[dict[str, str]]:
+    def history(self, whole: bool = False) -> list[dict[str, Any]]:
         """The system prompt and the turns the model sees (``whole``: every turn, for /save)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages[0 if whole else self.start :]
 
     def prompt_ids(self, text: str) -> list[int]:
+        """The rendered conversation with ``text`` as the next user turn; changes nothing (the turn
+        is recorded by on_reply once its reply exists), so a message that fails leaves no trace."""
         block_size = self.model.config.block_size
         room = block_size - min(self.settings.max_new_tokens, block_size // 4)  # keep room to reply
-        self.messages.append({"role": "user", "content": text})
-        ids, dropped = fit_history(self.tokenizer, self.history(), room)
+        history = self.history() + [{"role": "user", "content": text}]
+        ids, dropped = fit_history(self.tokenizer, history, room)
+        if dropped:  # drop down to 2/3 of the room: the next turns extend this prompt (and reuse its
+            # cache) instead of dropping one exchange, and so changing the prompt's start, every turn
+            ids, dropped = fit_history(self.tokenizer, history, room * 2 // 3)
         if len(ids) > room:
-            self.messages.pop()
             raise DataError(
                 f"the message (with the system prompt) takes {len(ids)} tokens, more than the {room} "
                 f"that the context of {block_size} leaves; shorten it or lower max_new_tokens"
             )
-        if dropped:
-            self.start += dropped
-            self.note(f"note: dropped the {dropped} oldest turns to fit the context of {block_size} tokens")
+        self._dropping = dropped
         return ids
 
     def stop_token_ids(self) -> Sequence[int]:
         return (self.tokenizer.special_id(EOT_TURN), self.tokenizer.eot_id)
 
-    def on_reply(self, text: str, completions: list[Completion]) -> None:
+    def decoder(self) -> Decoder | None:
+        """The conversation's decoder (one row, its cache kept across turns), or None to use a fresh
+        one (several samples or beams, or reuse turned off)."""
+        s = self.settings
+        if not self.reuse_cache or s.num_samples != 1 or s.num_beams != 1:
+            return None
+        if self._decoder is None or self._decoder_shift != s.context_shift:
+            self._decoder, self._decoder_shift = Decoder(self.model, 1, s.context_shift), s.context_shift
+        return self._decoder
+
+    def on_reply(self, text: str, completions: list[Completion]) -> bool:
+        completion = completions[0]
+        reply = completion.text.strip()
+        if not reply:  # an empty turn cannot be rendered back: forget the unanswered message
+            self.note("note: the reply was empty; the message is not kept in the conversation")
+            return False
         super().on_reply(text, completions)
-        reply = completions[0].text.strip()
-        if reply:
-            self.messages.append({"role": "assistant", "content": reply})
-        else:  # an empty turn cannot be rendered back: forget the unanswered message
-            self.messages.pop()
+        if self._dropping:
+            self.start += self._dropping
+            self.note(f"note: dropped the {self._dropping} oldest turns to fit the context of "
+                      f"{self.model.config.block_size} tokens")  # fmt: skip
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        if completion.finish_reason == "interrupted":
+            message["interrupted"] = True  # a partial reply (Ctrl-C), kept as shown
+        self.messages += [{"role": "user", "content": text}, message]
+        return True
 
     def reset(self) -> None:
         super().reset()
         self.messages.clear()
         self.start = 0
+
+    def undo(self) -> str | None:
+        """Forget the last exchange; returns its user message (None when there is none)."""
+        if not self.messages:
+            return None
+        super().undo()
+        user, _ = self.messages[-2:]
+        del self.messages[-2:]
+        self.start = min(self.start, len(self.messages))
+        return user["content"]
+
+    def snapshot(self) -> Any:
+        return super().snapshot(), list(self.messages), self.start
+
+    def restore(self, saved: Any) -> None:
+        transcript, self.messages, self.start = saved
+        super().restore(transcript)
 
     def command(self, line: str) -> bool:
         name, _, rest = line.partition(" ")
@@ -90,21 +136,17 @@ Ctrl-C stops a reply. End a line with \\ to continue the message on the next one
         self.note(f"system prompt: {self.system!r}" if self.system else "system prompt removed")
         return True
 
-    def save(self, path: str) -> None:
-        if not path:
-            self.note("usage: /save FILE")
+    def save(self, path: str, force: bool = False) -> None:
+        """The conversation as one line of messages JSONL: ``python train.py experiment=sft
+        data.path=FILE.jsonl`` reads it as is, and any text (``Assistant:`` typed by the user too)
+        comes back exactly."""
+        if path and not path.endswith(".jsonl"):
+            path += ".jsonl"  # gpt.data reads .jsonl files as messages; any other name as plain text
+        target = self.target(path, force)
+        if target is None:
             return
         messages = self.history(whole=True)
-        if path.endswith(".jsonl"):
-            text = json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
-        else:
-            text = "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in messages) + "\n"
-        try:
-            Path(path).expanduser().write_text(text, encoding="utf-8")
-        except OSError as e:
-            self.note(f"error: cannot write {path}: {e.strerror or e}")
-            return
-        self.note(f"saved {len(messages)} turns to {path}")
+        self.write(target, json.dumps({"messages": messages}, ensure_ascii=False) + "\n", len(messages))
 
     def reply_once(self, text: str) -> None:
         """Single-shot chat (``sample.py mode=chat prompt=...``): print just the reply."""

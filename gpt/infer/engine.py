@@ -15,10 +15,13 @@ stop strings and beam search are built on top of this in ``gpt.infer.generate``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from gpt.config import GenerationConfig
+from gpt.errors import ConfigError
 from gpt.model import GPT, GPTConfig
 
 
@@ -139,6 +142,33 @@ class RaggedKVCache:
         self.rows -= 1
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still allocate (a CPU: available RAM); None where it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        pass
+    return None
+
+
+def check_memory(model: GPT, rows: int, key: str) -> None:
+    """ConfigError naming ``key`` when ``rows`` decoded together cannot fit in free memory: each row
+    holds its KV cache (2 x n_layer x block_size x n_embd) and a few (vocab,) float32 score rows."""
+    config, weight = model.config, model.lm_head.weight
+    per_row = 2 * config.n_layer * config.block_size * config.n_embd * weight.element_size()
+    per_row += 8 * config.vocab_size * 4 + 8 * config.block_size
+    free = free_memory(weight.device)
+    if free is not None and rows * per_row > free:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        raise ConfigError(
+            f"{key}={rows} needs about {gib(rows * per_row)} for decoding, more than the {gib(free)} free "
+            f"on {weight.device.type}; at most {max(1, free // per_row)} fit: lower {key}"
+        )
+
+
 class Decoder:
     """Runs the model over a growing context: ``prefill`` a prompt, then ``step`` one token at a time;
     both return the next-token logits (B, vocab). With ``use_cache=False`` every step re-runs the whole
@@ -162,20 +192,30 @@ class Decoder:
         self.context = torch.zeros(batch_size, config.block_size, dtype=torch.long, device=weight.device)
         self.length = 0
         self.refills = 0  # times the window slid
+        self.reused = 0  # positions the last prefill kept from the cache
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Start over from ids (1 or B, T <= block_size); one row is shared by every row."""
+    def prefill(self, ids: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """Start over from ids (1 or B, T <= block_size); one row is shared by every row. With
+        ``reuse`` (one row), the cached positions that hold the same tokens as the start of ids are
+        kept and only the rest runs: a chat's next prompt extends the last one (``reused`` counts)."""
         rows, length = ids.shape
+        keep = 0
+        if reuse and self.cache is not None and rows == self.batch_size == 1:
+            n = min(self.length, length - 1)  # at least one token runs: its logits are the answer
+            same = self.context[0, :n] == ids[0, :n]
+            keep = int(same.long().cumprod(0).sum())  # the length of the common prefix
+        self.reused = keep
+        self.length = 0  # until the forward is done (an interrupted one leaves nothing to reuse)
         self.context[:, :length] = ids
-        self.length = length
         if self.cache is None:
             logits = self.model(ids, last_only=True)[:, -1]  # (rows, vocab)
         else:
-            self.cache.pos = 0
-            logits = self.model(ids, kv_cache=self.cache, last_only=True)[:, -1]
+            self.cache.pos = keep
+            logits = self.model(ids[:, keep:], kv_cache=self.cache, last_only=True)[:, -1]
             self.cache.pos = length
             if rows < self.batch_size:
                 self.cache.fill_rows()
+        self.length = length
         return logits.expand(self.batch_size, -1) if rows < self.batch_size else logits
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -185,11 +225,12 @@ class Decoder:
             recent = self.context[:, self.length - self.keep + 1 : self.length]
             return self.prefill(torch.cat([recent, next_ids[:, None]], dim=1))
         self.context[:, self.length] = next_ids
-        self.length += 1
         if self.cache is None:
+            self.length += 1
             return self.model(self.context[:, : self.length], last_only=True)[:, -1]
         logits = self.model(next_ids[:, None], kv_cache=self.cache)[:, -1]
         self.cache.pos += 1
+        self.length += 1  # after the forward: context[:, :length] is always what the cache holds
         return logits
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -219,7 +260,12 @@ def choose_next(
     temperature, top_k, top_p and min_p."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    # shift the best logit to 0 before dividing: a tiny temperature (1e-40) then gives 0 and -inf,
+    # never inf / inf = NaN; and the divisor stays a finite normal float32 (1e-300 would round to 0,
+    # 1e300 to inf)
+    finfo = torch.finfo(logits.dtype)
+    temperature = min(max(cfg.temperature, finfo.tiny), finfo.max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

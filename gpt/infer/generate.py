@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.config import GenerationConfig
-from gpt.infer.engine import Decoder, KVCache, apply_penalties, choose_next
+from gpt.infer.engine import Decoder, KVCache, apply_penalties, check_memory, choose_next
 from gpt.model import GPT
 
 __all__ = [
@@ -151,6 +151,7 @@ class Generation:
         stop_token_ids: Sequence[int] = (),
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        decoder: Decoder | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.config = cfg = config or GenerationConfig()
@@ -167,7 +168,14 @@ class Generation:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
         self.generator = generator
+        rows, key = (cfg.num_beams, "num_beams") if cfg.num_beams > 1 else (cfg.num_samples, "num_samples")
+        if use_cache:  # before any allocation: an impossible batch is one line, not an OOM
+            check_memory(model, rows, key)
         self.streams = [TextStream(tokenizer, cfg.stop) for _ in range(cfg.num_samples)]
+        # a decoder kept across runs (the chat REPL's, one row): its cache is reused where it holds
+        # the start of this prompt (sampling with num_samples=1 only)
+        reusable = decoder is not None and use_cache and rows == decoder.batch_size == 1
+        self.decoder = decoder if reusable else None
 
     @property
     def completions(self) -> list[Completion]:
@@ -188,9 +196,10 @@ class Generation:
 
     def _start(self, rows: int) -> tuple[Decoder, torch.Tensor, torch.Tensor | None]:
         cfg = self.config
-        decoder = Decoder(self.model, rows, cfg.context_shift, self.use_cache)
+        decoder = self.decoder or Decoder(self.model, rows, cfg.context_shift, self.use_cache)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-        logits = decoder.prefill(prompt)  # (rows, V): the prompt runs once, shared by all rows
+        # (rows, V): the prompt runs once, shared by all rows (a kept decoder: only its new part)
+        logits = decoder.prefill(prompt, reuse=self.decoder is not None)
         counts = None
         if cfg.repetition_penalty != 1.0 or cfg.frequency_penalty or cfg.presence_penalty:
             counts = torch.bincount(prompt[0], minlength=self.vocab_size)[: self.vocab_size]

@@ -19,8 +19,10 @@ from typing import Any, TextIO
 
 import torch
 
+from gpt.atomic import atomic_write
 from gpt.config import GenerationConfig, from_dict, unescape
 from gpt.errors import ConfigError, UserError
+from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.generate import Completion, Generation
 
 SEPARATOR = "---------------"  # printed on its own line between samples
@@ -43,6 +45,12 @@ def print_samples(gen: Generation, out: TextIO, prefix: str = "") -> None:
         out.flush()
     finally:
         pieces.close()  # also when Ctrl-C interrupts: the generator's cleanup runs now
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: a user mistake's own message, else its type and first line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def settings_line(settings: GenerationConfig) -> str:
@@ -93,8 +101,9 @@ class Repl:
     help = """commands:
   /settings            show the generation settings
   /set KEY VALUE       change one, e.g. /set temperature 0.7, /set stop \\n\\n, /set seed none
+  /retry               generate the last turn again;  /undo: forget the last turn
   /reset               forget the transcript;  /reset settings: back to the starting settings
-  /save FILE           write the transcript (prompts and samples) to FILE
+  /save FILE           write the transcript (prompts and samples) to a new FILE; /save! FILE replaces it
   /help                this list;  /quit (or Ctrl-D) exits
 Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next line."""
 
@@ -131,16 +140,28 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         """Tokens that end a reply (chat: end-of-turn)."""
         return ()
 
-    def on_reply(self, text: str, completions: list[Completion]) -> None:
-        """Called after every turn, also an interrupted one (chat: append the reply to the history)."""
+    def decoder(self) -> Decoder | None:
+        """A decoder kept across turns, whose cache the next prompt reuses (chat); None: a fresh one."""
+        return None
+
+    def on_reply(self, text: str, completions: list[Completion]) -> bool | None:
+        """Called after every turn, also an interrupted one (chat: append the reply to the history);
+        False: the turn is not kept (chat: an empty reply)."""
         self.transcript.append((text, completions))
+        return True
 
     def reset(self) -> None:
         self.transcript.clear()
 
+    def undo(self) -> str | None:
+        """Forget the last turn; returns its prompt (None when there is none)."""
+        return self.transcript.pop()[0] if self.transcript else None
+
     # --- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.input_fn is input and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes: a note in read(), not a crash
         self._start_readline()
         self.note(self.banner)
         try:
@@ -153,8 +174,13 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
                 except KeyboardInterrupt:
                     self.note("^C (Ctrl-D or /quit exits)")
                     continue
-                if not self.handle(line):
-                    return
+                try:
+                    if not self.handle(line):
+                        return
+                except Exception as e:  # any failure ends the turn, never the session or its history
+                    self.note(f"error: {one_line(e)}")
+                except KeyboardInterrupt:  # Ctrl-C outside a reply (e.g. while a long prompt encodes)
+                    self.note("^C (Ctrl-D or /quit exits)")
         finally:
             self._save_history()
 
@@ -162,6 +188,9 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         line = self.input_fn(self.prompt)
         while line.endswith("\\"):
             line = line[:-1] + "\n" + self.input_fn(self.continuation)
+        if any("\ud800" <= c <= "\udfff" for c in line):  # undecodable bytes (surrogate escapes)
+            line = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in line)
+            self.note("note: the line was not valid UTF-8; its undecodable bytes became U+FFFD")
         return line
 
     def handle(self, line: str) -> bool:
@@ -184,10 +213,14 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         elif name == "/set":
             key, _, value = rest.strip().partition(" ")
             try:
-                self.settings = parse_setting(self.settings, key, value)
+                settings = parse_setting(self.settings, key, value)
+                if key in ("num_samples", "num_beams"):  # a batch that cannot fit: refused now
+                    beams = settings.num_beams > 1
+                    check_memory(self.model, settings.num_beams if beams else settings.num_samples, key)
             except ConfigError as e:
                 self.note(f"error: {e}")
                 return True
+            self.settings = settings
             if key == "seed":
                 self._seed(self.settings.seed)
             self.note(f"{key} = {getattr(self.settings, key)!r}")
@@ -199,22 +232,48 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
             else:
                 self.reset()
                 self.note("transcript cleared")
-        elif name == "/save":
-            self.save(rest.strip())
+        elif name in ("/save", "/save!"):
+            self.save(rest.strip(), force=name == "/save!")
+        elif name == "/undo":
+            self.note("forgot the last turn" if self.undo() is not None else "nothing to undo")
+        elif name == "/retry":
+            self.retry()
         else:
             self.note(f"unknown command {name}; /help lists the commands")
         return True
 
-    def turn(self, text: str) -> None:
-        """Generate for one prompt, streaming sample 1; Ctrl-C stops it and keeps what was shown."""
+    def retry(self) -> None:
+        """Generate the last turn again in its place (the old reply is kept if that fails)."""
+        if not self.transcript:
+            self.note("nothing to retry")
+            return
+        saved, done = self.snapshot(), False
+        text = self.undo()
+        assert text is not None
+        try:
+            done = self.turn(text)
+        finally:
+            if not done:
+                self.restore(saved)
+
+    def snapshot(self) -> Any:
+        """What a failed /retry restores (chat: the conversation too)."""
+        return list(self.transcript)
+
+    def restore(self, saved: Any) -> None:
+        self.transcript[:] = saved
+
+    def turn(self, text: str) -> bool:
+        """Generate for one prompt, streaming sample 1; Ctrl-C stops it and keeps what was shown.
+        Nothing is recorded unless the reply was generated (True): a failed turn changes nothing."""
         try:
             ids = self.prompt_ids(text)
         except UserError as e:  # e.g. a character the char-level vocabulary lacks
             self.note(f"error: {e}")
-            return
+            return False
         gen = Generation(
             self.model, self.tokenizer, ids, self.settings,
-            stop_token_ids=self.stop_token_ids(), generator=self.generator,
+            stop_token_ids=self.stop_token_ids(), generator=self.generator, decoder=self.decoder(),
         )  # fmt: skip
         if gen.dropped and not self._said_cropped:
             self._said_cropped = True
@@ -227,11 +286,34 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
                 stream.finish_reason = stream.finish_reason or "interrupted"
             self.out.write("\n")
             self.note("[stopped]")
-        self.on_reply(text, gen.completions)
+        return self.on_reply(text, gen.completions) is not False
 
-    def save(self, path: str) -> None:
+    def target(self, path: str, force: bool) -> Path | None:
+        """The file /save writes, or None (with a note) when it would replace one without ``!``."""
         if not path:
-            self.note("usage: /save FILE")
+            self.note("usage: /save FILE (/save! FILE replaces an existing file)")
+            return None
+        target = Path(path).expanduser()
+        if target.is_dir():
+            self.note(f"error: {path} is a directory; give a file name")
+            return None
+        if target.exists() and not force:
+            self.note(f"error: {path} exists; /save! {path} replaces it, or choose another name")
+            return None
+        return target
+
+    def write(self, target: Path, text: str, turns: int) -> None:
+        """Write atomically: a failure leaves the old file (or none), never half of one."""
+        try:
+            atomic_write(target, text.encode("utf-8", errors="replace"))
+        except OSError as e:
+            self.note(f"error: cannot write {target}: {e.strerror or e}")
+            return
+        self.note(f"saved {turns} turns to {target}")
+
+    def save(self, path: str, force: bool = False) -> None:
+        target = self.target(path, force)
+        if target is None:
             return
         lines = [f"# gpt interactive transcript; settings: {settings_line(self.settings)}", ""]
         for prompt, completions in self.transcript:
@@ -242,12 +324,7 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
                 suffix = " [stopped]" if completion.finish_reason == "interrupted" else ""
                 lines.append(completion.text + suffix)
             lines.append("")
-        try:
-            Path(path).expanduser().write_text("\n".join(lines) + "\n", encoding="utf-8")
-        except OSError as e:
-            self.note(f"error: cannot write {path}: {e.strerror or e}")
-            return
-        self.note(f"saved {len(self.transcript)} turns to {path}")
+        self.write(target, "\n".join(lines) + "\n", len(self.transcript))
 
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)

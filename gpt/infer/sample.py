@@ -8,7 +8,7 @@ python sample.py mode=chat ckpt=out/chat            # gpt.infer.chat_repl
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from gpt.config import SampleConfig, resolve_path
 from gpt.device import pick_device, resolve_dtype
@@ -19,17 +19,28 @@ from gpt.infer.repl import Repl, print_samples, settings_line
 from gpt.runs.load import load_model
 
 
-def read_prompt(cfg: SampleConfig) -> str:
-    """The prompt, verbatim: ``prompt=`` as typed, or the text of ``prompt_file``."""
+def read_prompt(cfg: SampleConfig, stdin: BinaryIO | None = None) -> str:
+    """The prompt, verbatim: ``prompt=`` as typed, or the text of ``prompt_file``: a file, a pipe or
+    a device (``/dev/stdin``, a FIFO, ``/dev/null``), or ``-`` for standard input."""
     if cfg.prompt_file is None:
         return cfg.prompt
-    path = resolve_path(cfg.prompt_file)
-    if not path.is_file():
-        raise DataError(f"prompt_file={cfg.prompt_file}: no such file; give an existing UTF-8 text file")
+    name = cfg.prompt_file
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"prompt_file={cfg.prompt_file} is not UTF-8 text") from None
+        if name == "-":
+            data = (stdin or sys.stdin.buffer).read()
+        else:
+            path = resolve_path(name)
+            if path.is_dir():
+                raise DataError(f"prompt_file={name} is a directory; give a UTF-8 text file (or - for stdin)")
+            if not path.exists():
+                raise DataError(f"prompt_file={name}: no such file; give a UTF-8 text file (or - for stdin)")
+            data = path.read_bytes()  # also a FIFO or a character device: read to its end
+    except OSError as e:
+        raise DataError(f"prompt_file={name}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt_file={name} is not UTF-8 text (byte {e.start})") from None
 
 
 def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | None = None) -> None:
@@ -49,6 +60,8 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
     model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
     model.to(dtype).eval()
     prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
+    # likewise a batch that cannot fit in memory (checked by Generation before it allocates)
+    gen = Generation(model, tokenizer, prompt_ids, settings) if cfg.mode == "generate" else None
     print(
         f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
         f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}",
@@ -63,7 +76,7 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
                         system=cfg.system or None)  # fmt: skip
         chat.reply_once(text) if text else chat.run()
         return
-    gen = Generation(model, tokenizer, prompt_ids, settings)
+    assert gen is not None
     if gen.dropped:
         total, block_size = len(gen.prompt_ids) + gen.dropped, model.config.block_size
         print(f"note: the prompt has {total} tokens, more than the model's context of {block_size}; "
