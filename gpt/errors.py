@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, corrupt or mismatched checkpoint."""
+
+
+class DivergenceError(UserError):
+    """Training that rollbacks could not bring back to finite, spike-free losses."""
