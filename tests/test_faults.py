@@ -1,0 +1,286 @@
+"""Faults a long run must survive, each tried for real on tiny CPU runs: NaN gradients (skipped,
+rolled back, given up on), loss spikes, damaged checkpoints, torn metrics, changed settings on
+resume, two runs on one directory, a crash after overwrite=true, stray temp files, kills at random
+moments (``slow``), and NaN on one rank of two (``slow``). docs/faults.md lists them.
+
+    pytest tests/test_faults.py -m "not slow"     # the fast subset (CI)
+    pytest tests/test_faults.py                   # with the kill and multi-process tests
+"""
+
+import json
+import math
+import os
+import zipfile
+
+import pytest
+import torch
+
+from gpt.checkpoint import history, load_checkpoint, load_latest, save_checkpoint
+from gpt.errors import CheckpointError, ConfigError, DivergenceError
+from gpt.runs.metrics import read_metrics
+from gpt.train.loop import train
+from gpt.train.rundir import RunLock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def poison(at_steps, times: int = 10**9):
+    """An after_backward hook setting one gradient to NaN at the given steps, ``times`` times in all."""
+    left = [times]
+
+    def hook(step, model):
+        if step in at_steps and left[0] > 0:
+            left[0] -= 1
+            next(model.parameters()).grad.fill_(float("nan"))
+
+    return hook
+
+
+def strict_lines(out_dir) -> list[dict]:
+    """metrics.jsonl read by a strict JSON parser (bare NaN/Infinity rejected)."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return [json.loads(line, parse_constant=refuse) for line in open(f"{out_dir}/metrics.jsonl")]
+
+
+def assert_finite_checkpoints(out_dir) -> None:
+    files = history(out_dir)
+    assert files
+    for f in files:
+        for k, t in load_checkpoint(f)["model"].items():
+            assert torch.isfinite(t).all(), (f, k)
+
+
+# ------------------------------------------------------------------------------ 1. the guard
+
+
+def test_a_nan_gradient_is_skipped_logged_and_never_saved(make_cfg):
+    cfg = make_cfg(train=dict(max_steps=20, ckpt_interval=5))
+    summary = train(cfg, after_backward=poison({7}))
+    assert summary["step"] == 20
+    events = [r for r in read_metrics(cfg.out_dir, events=True) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("skipped", 7)]
+    assert math.isfinite(events[0]["loss"])  # the loss was finite: the gradient was not
+    assert "non-finite" in events[0]["reason"]
+    assert_finite_checkpoints(cfg.out_dir)
+    strict_lines(cfg.out_dir)
+    assert [r["step"] for r in read_metrics(cfg.out_dir)] == [0, 10, 20]
+
+
+def test_nan_steps_in_a_row_roll_back_past_the_bad_batches_and_the_run_finishes(make_cfg):
+    cfg = make_cfg(train=dict(max_steps=30, ckpt_interval=10, max_bad_steps=2, rollback_lr_factor=0.5))
+    summary = train(cfg, after_backward=poison({15, 16}, times=2))
+    assert summary["step"] == 30
+    events = [r for r in read_metrics(cfg.out_dir, events=True) if "event" in r]
+    assert [e["event"] for e in events] == ["skipped", "rollback"]
+    rollback = events[1]
+    assert (rollback["step"], rollback["from_step"], rollback["data_offset"]) == (10, 16, 7)
+    assert rollback["lr_scale"] == 0.5
+    # the evals of the abandoned stretch are gone: one record per eval step
+    assert [r["step"] for r in read_metrics(cfg.out_dir)] == [0, 10, 20, 30]
+    state = load_checkpoint(cfg.out_dir)
+    assert state["step"] == 30 and state["guard"]["data_offset"] == 7 and state["guard"]["rollbacks"] == 0
+    assert_finite_checkpoints(cfg.out_dir)
+
+
+def test_rollbacks_that_do_not_help_stop_the_run_with_the_good_checkpoint_intact(make_cfg):
+    cfg = make_cfg(train=dict(max_steps=30, ckpt_interval=0, max_bad_steps=2, max_rollbacks=2))
+    with pytest.raises(DivergenceError, match="2 rollbacks did not help.*intact"):
+        train(cfg, after_backward=poison(set(range(5, 30))))
+    state = load_checkpoint(cfg.out_dir)
+    assert state["step"] == 0  # the one written before the first step
+    assert_finite_checkpoints(cfg.out_dir)
+    events = [r["event"] for r in read_metrics(cfg.out_dir, events=True) if "event" in r]
+    assert events.count("rollback") == 2 and events[-1] == "diverged"
+    strict_lines(cfg.out_dir)
+
+
+def test_a_huge_learning_rate_stops_the_run_and_never_writes_non_finite_weights(make_cfg):
+    cfg = make_cfg(
+        optim=dict(lr=1e4, warmup_steps=1), train=dict(max_steps=30, ckpt_interval=5, max_rollbacks=1)
+    )
+    with pytest.raises(DivergenceError, match="lower optim.lr"):
+        train(cfg)
+    assert_finite_checkpoints(cfg.out_dir)
+    strict_lines(cfg.out_dir)
+
+
+def test_a_loss_spike_rolls_back(make_cfg):
+    state = {"done": False}
+
+    def blow_up(step, model):  # scale the weights once: the next step's loss jumps
+        if step == 14 and not state["done"]:
+            state["done"] = True
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(8.0)
+
+    cfg = make_cfg(train=dict(max_steps=20, ckpt_interval=10, spike_std=6.0, spike_window=4))
+    assert train(cfg, after_backward=blow_up)["step"] == 20
+    rollbacks = [r for r in read_metrics(cfg.out_dir, events=True) if r.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and "spike" in rollbacks[0]["reason"] and rollbacks[0]["step"] == 10
+    evals = read_metrics(cfg.out_dir)
+    assert evals[-1]["train_loss"] < evals[-2]["train_loss"]  # training went on from the good weights
+
+
+# ------------------------------------------------------------------------ 2. history, checksums
+
+
+def _flip_tensor_byte(path) -> None:
+    """Flip one byte inside the largest tensor record of a torch zip checkpoint."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(open(path, "rb").read())
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[offset] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_keep_last_rolls_and_a_flipped_byte_falls_back_to_the_previous_checkpoint(make_cfg, capsys):
+    cfg = make_cfg(train=dict(max_steps=20, ckpt_interval=5, keep_last=3, eval_interval=0))
+    train(cfg)
+    names = [p.name for p in history(cfg.out_dir)]
+    assert names == ["ckpt.pt", "ckpt-0000015.pt", "ckpt-0000010.pt"]
+    assert [load_checkpoint(p)["step"] for p in history(cfg.out_dir)] == [20, 15, 10]
+    newest = history(cfg.out_dir)[0]
+    _flip_tensor_byte(newest)
+    torch.load(newest, weights_only=True)  # torch's reader does not notice
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(newest)
+    warnings = []
+    state, used = load_latest(cfg.out_dir, warn=warnings.append)
+    assert used.name == "ckpt-0000015.pt" and state["step"] == 15
+    assert len(warnings) == 1 and "damaged" in warnings[0]
+    capsys.readouterr()
+    train(make_cfg(train=dict(max_steps=25, ckpt_interval=5, keep_last=3, eval_interval=0), resume=True))
+    err = capsys.readouterr()
+    assert "damaged" in err.err and "resuming" in err.out and "ckpt-0000015.pt at step 15" in err.out
+    assert load_checkpoint(cfg.out_dir)["step"] == 25
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.tensor([1.0, float("nan")])}})
+    assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- 3. strict metrics
+
+
+def test_metrics_are_strict_json_and_a_nan_val_loss_is_not_null(make_cfg):
+    cfg = make_cfg(train=dict(max_steps=10, eval_interval=5))
+    train(cfg, after_backward=poison({3}))
+    records = strict_lines(cfg.out_dir)
+    assert all(r["val_loss"] is not None for r in records if "event" not in r)
+    from gpt.runs.metrics import json_safe, parse_record
+
+    line = json.dumps(json_safe({"step": 1, "val_loss": float("nan"), "lr": float("inf")}), allow_nan=False)
+    back = parse_record(line)
+    assert math.isnan(back["val_loss"]) and back["lr"] == math.inf
+
+
+# ------------------------------------------------------------------------------ 4-7. exact resume
+
+
+def _weights(out_dir) -> dict:
+    return load_checkpoint(out_dir)["model"]
+
+
+def test_resume_with_dropout_and_the_measured_peak_flops_is_bit_exact(make_cfg):
+    kw = dict(model=dict(dropout=0.2), train=dict(max_steps=12, eval_interval=6, peak_flops=None))
+    train(make_cfg("full", **kw))
+    part = make_cfg("part", **kw)
+    train(part, should_stop=lambda step: step == 5)
+    train(make_cfg("part", resume=True, **kw))
+    a, b = _weights(make_cfg("full", **kw).out_dir), _weights(part.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_grad_scaler_state_travels_in_the_checkpoint(make_cfg):
+    from gpt.train import distributed as D
+    from gpt.train.loop import Trainer
+    from gpt.train.setup import setup_run
+
+    cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
+    info = D.DistInfo()
+    run = setup_run(cfg, info)
+    trainer = Trainer(cfg, info, run)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    trainer.save(trainer.run.logger.metrics_path.parent / "ckpt.pt")
+    saved = load_checkpoint(cfg.out_dir)["scaler"]
+    assert saved["scale"] == 1024.0 and saved["growth_interval"] == 7
+    run.scaler_state = saved
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(run.scaler_state)
+    assert restored.get_scale() == 1024.0
+
+
+def test_resume_refuses_changed_settings_unless_forced(make_cfg, capsys):
+    train(make_cfg(train=dict(max_steps=4, eval_interval=0)))
+    changed = dict(
+        train=dict(max_steps=6, eval_interval=0, batch_size=4), optim=dict(lr=1e-3, warmup_steps=5)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.lr=0.001 \(checkpoint: 0.003\).*train.batch_size=4 \(checkpoint: 8\).*resume_force=true",
+    ):
+        train(make_cfg(resume=True, seed=8, **changed))
+    with pytest.raises(ConfigError, match="seed=8"):
+        train(make_cfg(resume=True, seed=8, train=dict(max_steps=6, eval_interval=0)))
+    # longer, other intervals: allowed
+    assert train(make_cfg(resume=True, train=dict(max_steps=6, eval_interval=3, log_interval=2)))["step"] == 6
+    capsys.readouterr()
+    assert train(make_cfg(resume=True, resume_force=True, seed=8, **changed))["step"] == 6
+    assert "resume_force=true" in capsys.readouterr().out
+    summary = train(make_cfg(resume=True, train=dict(max_steps=6, eval_interval=0)))
+    assert summary.get("finished") and "already finished" in capsys.readouterr().out
+
+
+def test_a_torn_last_metrics_line_does_not_break_resume(make_cfg):
+    cfg = make_cfg(train=dict(max_steps=10, eval_interval=5, ckpt_interval=5))
+    train(cfg, should_stop=lambda step: step == 5)
+    with open(f"{cfg.out_dir}/metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 6, "train_lo' + b"\x00" * 64)
+    train(make_cfg(resume=True, train=dict(max_steps=10, eval_interval=5, ckpt_interval=5)))
+    assert [r["step"] for r in strict_lines(cfg.out_dir)] == [0, 5, 10]
+
+
+# ------------------------------------------------------------------ 8-9, 15. the run directory
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken(make_cfg, tmp_path):
+    cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
+    with RunLock(cfg.out_dir):
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {os.getpid()} on"):
+            train(cfg)
+    # a lock file left by a killed run (nobody holds the flock): taken over
+    (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere"}))
+    assert train(cfg)["step"] == 2
+
+
+def test_overwrite_then_a_crash_leaves_nothing_to_resume(make_cfg):
+    train(make_cfg(train=dict(max_steps=3, eval_interval=0)))
+
+    def crash(step, model):
+        raise RuntimeError("crash before the first save")
+
+    fresh = make_cfg(overwrite=True, seed=9, train=dict(max_steps=3, eval_interval=0, max_rollbacks=0))
+    with pytest.raises(RuntimeError, match="crash"):
+        train(fresh, after_backward=crash)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(make_cfg(resume=True, seed=9, train=dict(max_steps=3, eval_interval=0)))
+
+
+def test_stray_temp_files_are_removed_at_the_next_start(make_cfg, tmp_path):
+    cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
+    train(cfg)
+    out = tmp_path / "run"
+    for name in (".ckpt.pt.x1y2.tmp", ".tokenizer.json.ab.tmp"):
+        (out / name).write_bytes(b"half a file")
+    (out / ".replaced-20260101T000000-1").mkdir()
+    train(make_cfg(resume=True, train=dict(max_steps=4, eval_interval=0)))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
