@@ -226,7 +226,7 @@ def test_resume_refuses_changed_settings_unless_forced(make_cfg, capsys):
     )
     with pytest.raises(
         ConfigError,
-        match=r"optim.lr=0.001 \(checkpoint: 0.003\).*train.batch_size=4 \(checkpoint: 8\).*resume_force=true",
+        match=r"optim.lr=0.001 \(checkpoint: 0.003\).*batch_size=4 \(checkpoint: 8\).*resume_force",
     ):
         train(make_cfg(resume=True, seed=8, **changed))
     with pytest.raises(ConfigError, match="seed=8"):
