@@ -119,12 +119,15 @@ def _peek_step(path: Path) -> int | None:
         return None
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 1) -> Path:
+def save_checkpoint(
+    path: str | Path, state: dict[str, Any], keep_last: int = 1, check_finite: bool = False
+) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-save leaves the previous file intact.
     With ``keep_last`` > 1 the checkpoint ``path`` held stays as ``ckpt-STEP.pt`` beside it (a hard
-    link, so ``path`` exists at every moment), and only the newest ``keep_last`` are kept."""
+    link, so ``path`` exists at every moment), and only the newest ``keep_last`` are kept.
+    ``check_finite``: refuse (CheckpointError) weights holding a NaN or an infinity."""
     path = Path(path)
-    bad = non_finite_tensors(state.get("model", {}))
+    bad = non_finite_tensors(state.get("model", {})) if check_finite else []
     if bad:
         raise CheckpointError(f"refusing to write {path}: non-finite weights in {bad[:4]}")
     state = {"format": FORMAT, "version": VERSION, **state}

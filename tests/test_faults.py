@@ -164,7 +164,9 @@ def test_keep_last_rolls_and_a_flipped_byte_falls_back_to_the_previous_checkpoin
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="non-finite"):
-        save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.tensor([1.0, float("nan")])}})
+        save_checkpoint(
+            tmp_path / "ckpt.pt", {"model": {"w": torch.tensor([1.0, float("nan")])}}, check_finite=True
+        )
     assert not (tmp_path / "ckpt.pt").exists() and not list(tmp_path.iterdir())
 
 

@@ -245,7 +245,7 @@ class Trainer:
             return False
         if self.info.is_main:
             keep = self.cfg.train.keep_last if path.name == CKPT_NAME else 1
-            save_checkpoint(path, state, keep_last=keep)
+            save_checkpoint(path, state, keep_last=keep, check_finite=True)
         if path.name == CKPT_NAME:
             self.guard.saved(self.step)
         D.barrier()
