@@ -10,12 +10,18 @@ moments (``slow``), and NaN on one rank of two (``slow``). docs/faults.md lists 
 import json
 import math
 import os
+import random
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt.checkpoint import history, load_checkpoint, load_latest, save_checkpoint
+from gpt.config import REPO_ROOT
 from gpt.errors import CheckpointError, ConfigError, DivergenceError
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
@@ -286,3 +292,102 @@ def test_stray_temp_files_are_removed_at_the_next_start(make_cfg, tmp_path):
     (out / ".replaced-20260101T000000-1").mkdir()
     train(make_cfg(resume=True, train=dict(max_steps=4, eval_interval=0)))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+# ------------------------------------------------------------------------- kills, several ranks
+
+CHILD = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from gpt.checkpoint import history
+from gpt.config import TrainRunConfig
+from gpt.train.loop import train
+d = json.loads(open(sys.argv[1]).read())
+d["resume"] = bool(history(d["out_dir"]))  # killed before the first checkpoint: start again
+d["overwrite"] = not d["resume"]
+print("ready", flush=True)
+train(TrainRunConfig.from_dict(d))
+"""
+
+
+def _start(script, cfg_file):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(cfg_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kills", [1, 20])
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(make_cfg, tmp_path, kills):
+    kw = dict(
+        model=dict(dropout=0.1),
+        train=dict(max_steps=60, eval_interval=5, eval_steps=4, ckpt_interval=3, peak_flops=None),
+    )
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    ref, run = make_cfg("ref", **kw), make_cfg("killed", **kw)
+    for cfg in (ref, run):
+        (tmp_path / f"{Path(cfg.out_dir).name}.json").write_text(json.dumps(cfg.to_dict()))
+    p = _start(script, tmp_path / "ref.json")
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    rng, done = random.Random(kills), 0
+    while True:
+        p = _start(script, tmp_path / "killed.json")
+        assert p.stdout.readline().strip() == b"ready"
+        if done < kills:
+            time.sleep(rng.uniform(0.0, 1.5))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+                done += 1
+                continue
+        rc = p.wait(timeout=300)
+        assert rc == 0, p.stderr.read().decode()[-2000:]
+        break
+    a, b = _weights(ref.out_dir), _weights(run.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(run.out_dir)["step"] == 60
+    leftovers = [p.name for p in Path(run.out_dir).iterdir() if p.name.startswith(".") and p.name != ".lock"]
+    assert leftovers == [] and not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+DRIVER = """
+import json, os, sys
+import torch
+from gpt.config import TrainRunConfig
+from gpt.train.loop import train
+d = json.loads(open(sys.argv[1]).read())
+rank, sums = os.environ["RANK"], []
+
+def hook(step, model):
+    sums.append([step, sum(float(p.detach().double().sum()) for p in model.parameters())])
+    if rank == "1" and step == 2:
+        next(model.parameters()).grad.fill_(float("nan"))
+
+train(TrainRunConfig.from_dict(d), after_backward=hook)
+open(os.path.join(d["out_dir"], f"sums{rank}.json"), "w").write(json.dumps(sums))
+"""
+
+
+@pytest.mark.slow
+def test_nan_on_one_of_two_ranks_is_skipped_by_both(make_cfg, tmp_path):
+    cfg = make_cfg(train=dict(max_steps=5, eval_interval=0, ckpt_interval=0))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(
+        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    events = [r for r in read_metrics(cfg.out_dir, events=True) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("skipped", 2)]  # rank 0 saw no NaN itself
+    sums = [json.loads((Path(cfg.out_dir) / f"sums{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0] == sums[1]  # the same weights at every step: both skipped step 2
+    assert sums[0][2][1] == sums[0][3][1]  # step 2 changed nothing
+    assert_finite_checkpoints(cfg.out_dir)
