@@ -22,6 +22,7 @@ import torch
 
 from gpt.checkpoint import history, load_checkpoint, load_latest, save_checkpoint
 from gpt.config import REPO_ROOT
+from gpt.data.prepare import check_token_ids, prepare
 from gpt.errors import CheckpointError, ConfigError, DivergenceError
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
@@ -391,3 +392,46 @@ def test_nan_on_one_of_two_ranks_is_skipped_by_both(make_cfg, tmp_path):
     assert sums[0] == sums[1]  # the same weights at every step: both skipped step 2
     assert sums[0][2][1] == sums[0][3][1]  # step 2 changed nothing
     assert_finite_checkpoints(cfg.out_dir)
+
+
+# ------------------------------------------------------------------------ 10, 16. data and tokenizer
+
+
+def test_the_data_cache_keys_on_content_and_shard_size_and_rebuilds_a_poisoned_entry(
+    make_cfg, tmp_path, corpus, capsys
+):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(corpus.read_bytes())
+    cfg = make_cfg(data=dict(path=str(text))).data
+    first = prepare(cfg, 32, show_progress=False)
+    stat = text.stat()
+    data = bytearray(text.read_bytes())
+    data[100] = ord("Z") if data[100] != ord("Z") else ord("Y")  # same size ...
+    text.write_bytes(bytes(data))
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the same mtime
+    edited = prepare(cfg, 32, show_progress=False)
+    assert edited.directory != first.directory
+    smaller = prepare(make_cfg(data=dict(path=str(text), shard_tokens=10_000)).data, 32, show_progress=False)
+    assert smaller.directory != edited.directory and len(smaller.train_shards) > 1
+    # poison one token id of the cached shards: found on open, the entry is rebuilt
+    shard = edited.train_shards[0]
+    raw = bytearray(shard.read_bytes())
+    raw[1024 + 10 : 1024 + 12] = (60_000).to_bytes(2, "little")
+    shard.write_bytes(bytes(raw))
+    capsys.readouterr()
+    again = prepare(cfg, 32, show_progress=False)
+    err = capsys.readouterr().err
+    assert "token id 60000" in err and "rebuilding" in err
+    assert again.directory == edited.directory and check_token_ids(again) is None
+
+
+def test_a_lone_surrogate_in_a_jsonl_document_saves_the_char_tokenizer(make_cfg, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    line = json.dumps({"text": "To be, or not to be \ud800 that is the question. " * 30})
+    docs.write_text("\n".join([line] * 40) + "\n")
+    cfg = make_cfg(data=dict(path=str(docs)), train=dict(max_steps=2, eval_interval=0))
+    train(cfg)
+    from gpt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(cfg.out_dir) / "tokenizer.json")
+    assert tok.decode(tok.encode("be \ud800 that")) == "be \ud800 that"

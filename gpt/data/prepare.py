@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from gpt.config import DataConfig, resolve_path
 from gpt.data.corpus import CHUNK_BYTES, input_files, iter_documents, iter_pieces
-from gpt.data.shards import HEADER_BYTES, REDO, VERSION, shard_header, token_dtype
+from gpt.data.shards import HEADER_BYTES, REDO, VERSION, read_shard, shard_header, token_dtype
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError
 from gpt.tokenizer import Tokenizer, load_tokenizer
@@ -194,10 +194,48 @@ def _tokenize(
     return writers["train"], writers["val"]
 
 
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole
+SAMPLES, SAMPLE_BYTES = 64, 1 << 20  # larger ones: evenly spread samples (and the size)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes: all of them up to FULL_HASH_BYTES, else SAMPLES spread samples, so
+    that an edit keeping the size and mtime still changes the key (and a touch does not)."""
+    h, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def check_token_ids(data: PreparedData, full_check_tokens: int = 1 << 28) -> str | None:
+    """What is wrong with the shards' token ids for ``data.tokenizer`` (None: nothing): a header
+    vocabulary other than the tokenizer's, or an id outside it. Every token is read up to
+    ``full_check_tokens`` in all; beyond, the first and last million of each shard."""
+    vocab = data.tokenizer.vocab_size
+    full = data.train_tokens + data.val_tokens <= full_check_tokens
+    for path in [*data.train_shards, *data.val_shards]:
+        tokens = read_shard(path)
+        header_vocab = int(np.fromfile(path, dtype="<i4", count=4)[3])
+        if header_vocab != vocab:
+            return f"{path.name} was written for a vocabulary of {header_vocab}, the tokenizer has {vocab}"
+        parts = [tokens] if full or len(tokens) <= 2_000_000 else [tokens[:1_000_000], tokens[-1_000_000:]]
+        top = max((int(p.max()) for p in parts if len(p)), default=-1)
+        if top >= vocab:
+            return f"{path.name} holds token id {top}, outside the tokenizer's {vocab} ids"
+    return None
+
+
 def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
-    """Hash of everything the shards depend on (the input files by name, size and mtime)."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    spec = [VERSION, stats, cfg.jsonl_field, cfg.val_fraction, tokenizer_id]
+    """Hash of everything the shards depend on: the input files (name, size, content), the split,
+    the shard size and the tokenizer."""
+    stats = [(str(f.resolve()), f.stat().st_size, content_digest(f)) for f in files]
+    spec = [VERSION, stats, cfg.jsonl_field, cfg.val_fraction, cfg.shard_tokens, tokenizer_id]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
@@ -220,9 +258,23 @@ def prepare(
         keys.append(cache_key(cfg, files, recipe))
     fingerprint = tokenizer.fingerprint() if tokenizer else None
     found = _find_cached(cache, cfg.name, keys, fingerprint)
+    data = None
     if found is not None:
-        data = load_prepared(found, tokenizer)
-    else:
+        try:
+            data = load_prepared(found, tokenizer)
+            problem = check_token_ids(data)
+        except DataError as e:
+            problem = str(e)
+        if problem:  # a damaged or poisoned entry: set it aside and build it again
+            print(
+                f"notice: the prepared data in {found} is bad ({problem[:200]}); rebuilding it",
+                file=sys.stderr,
+            )
+            aside = found.with_name(f".tmp-bad-{found.name}-{os.getpid()}")
+            os.replace(found, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            data = None
+    if data is None:
         data = _build(cfg, src, files, tokenizer, cache / f"{cfg.name}-{keys[0]}", show_progress)
     need = block_size + 1
     if data.train_tokens < need or (cfg.val_fraction > 0 and data.val_tokens < need):
