@@ -209,6 +209,30 @@ def test_resume_with_dropout_and_the_measured_peak_flops_is_bit_exact(make_cfg):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_random_numbers_drawn_before_the_first_step_do_not_change_the_run(make_cfg):
+    """What train.compile's trial step does (a forward/backward, dropout masks drawn) after the RNG
+    is restored: undone before the first step, so a resumed run cannot drift."""
+    from gpt.train import distributed as D
+    from gpt.train.loop import Trainer
+    from gpt.train.setup import setup_run
+    from gpt.train.signals import StopFlag
+
+    def weights_after(name: str, consume: bool) -> dict:
+        cfg = make_cfg(name, model=dict(dropout=0.2), train=dict(max_steps=4, eval_interval=0))
+        info = D.DistInfo()
+        trainer = Trainer(cfg, info, setup_run(cfg, info))
+        if consume:
+            trainer.forward_backward(trainer.model)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            torch.rand(100)
+        with StopFlag() as stop:
+            trainer.fit(stop, None)
+        return _weights(cfg.out_dir)
+
+    a, b = weights_after("plain", False), weights_after("drawn", True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_grad_scaler_state_travels_in_the_checkpoint(make_cfg):
     from gpt.train import distributed as D
     from gpt.train.loop import Trainer
@@ -333,16 +357,17 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(m
         (tmp_path / f"{Path(cfg.out_dir).name}.json").write_text(json.dumps(cfg.to_dict()))
     p = _start(script, tmp_path / "ref.json")
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
-    rng, done = random.Random(kills), 0
+    rng, done, reached = random.Random(kills), 0, set()
     while True:
         p = _start(script, tmp_path / "killed.json")
         assert p.stdout.readline().strip() == b"ready"
         if done < kills:
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.2, 2.5))
             if p.poll() is None:
                 p.kill()
                 p.wait()
                 done += 1
+                reached.add(load_checkpoint(run.out_dir)["step"] if history(run.out_dir) else -1)
                 continue
         rc = p.wait(timeout=300)
         assert rc == 0, p.stderr.read().decode()[-2000:]
@@ -350,6 +375,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(m
     a, b = _weights(ref.out_dir), _weights(run.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert load_checkpoint(run.out_dir)["step"] == 60
+    assert kills < 20 or len(reached) >= 5, reached  # the kills landed all along the run
     leftovers = [p.name for p in Path(run.out_dir).iterdir() if p.name.startswith(".") and p.name != ".lock"]
     assert leftovers == [] and not list((tmp_path / "cache").glob(".tmp-*"))
 
@@ -435,3 +461,23 @@ def test_a_lone_surrogate_in_a_jsonl_document_saves_the_char_tokenizer(make_cfg,
 
     tok = load_tokenizer(Path(cfg.out_dir) / "tokenizer.json")
     assert tok.decode(tok.encode("be \ud800 that")) == "be \ud800 that"
+
+
+@pytest.mark.slow
+def test_ranks_with_different_settings_are_refused_at_start(make_cfg, tmp_path):
+    cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    driver = DRIVER.replace(
+        "d = json.loads(open(sys.argv[1]).read())",
+        "d = json.loads(open(sys.argv[1]).read())\nd['seed'] += int(os.environ['RANK'])",
+    )
+    (tmp_path / "driver.py").write_text(driver)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(
+        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0 and "ranks [1] have other data, tokenizer or settings" in p.stdout + p.stderr

@@ -14,6 +14,8 @@ Three ways in, one result (``RunSetup``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,15 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
     return D.main_first(make, info)
 
 
+def _rank_fingerprint(cfg: TrainRunConfig, tokenizer, train_data) -> str:
+    """What must agree across ranks: the run's settings, the tokenizer, the data (its first batch)."""
+    h = hashlib.sha256(json.dumps(run_fingerprint(cfg), sort_keys=True, default=str).encode())
+    h.update(tokenizer.fingerprint().encode())
+    for t in train_data.get(0, cfg.train.batch_size, 0, cfg.train.batch_size):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
     if cfg.resume and not history(ckpt_file.parent):
         raise CheckpointError(
@@ -190,6 +201,7 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     config = start.model_config
     block_size = config.block_size if config else cfg.model.given().get("block_size", GPTConfig.block_size)
     tokenizer, train_data, train_eval, val_data = _build_data(cfg, start.tokenizer, block_size, info)
+    D.check_same_on_ranks(_rank_fingerprint(cfg, tokenizer, train_data), "data, tokenizer or settings", info)
     model = _build_model(cfg, start, tokenizer, info)
 
     config_dict = cfg.to_dict()
