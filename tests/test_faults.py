@@ -481,3 +481,28 @@ def test_ranks_with_different_settings_are_refused_at_start(make_cfg, tmp_path):
         text=True,
     )
     assert p.returncode != 0 and "ranks [1] have other data, tokenizer or settings" in p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------- 14. impractical shapes, evals
+
+
+def test_an_impractical_block_size_is_refused_before_the_first_step(make_cfg):
+    cfg = make_cfg(model=dict(block_size=40_000), data=dict(val_fraction=0.0), train=dict(max_steps=2))
+    with pytest.raises(ConfigError, match="model.block_size=40000 .* GiB per training step.*GiB free"):
+        train(cfg)
+
+
+def test_sigterm_during_a_long_eval_stops_at_once_with_a_checkpoint(make_cfg):
+    import signal
+    import threading
+
+    cfg = make_cfg(train=dict(max_steps=50, eval_interval=50, eval_steps=1_000_000))  # evals of hours
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            train(cfg)
+    finally:
+        timer.cancel()
+    assert exc.value.code == 143
+    assert load_checkpoint(cfg.out_dir)["step"] == 1  # the first eval was abandoned, one step, saved

@@ -35,6 +35,7 @@ from gpt.device import autocast_for, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError, DivergenceError
 from gpt.train import distributed as D
 from gpt.train.guard import Guard
+from gpt.train.memory import check_memory
 from gpt.train.optim import configure_optimizer, lr_at
 from gpt.train.rundir import RunLock, clean_stray_files
 from gpt.train.setup import RunSetup, setup_run
@@ -64,11 +65,24 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return mbs, per_rank // mbs
 
 
+class EvalInterrupted(Exception):
+    """A stop (SIGINT/SIGTERM) arrived during an eval, which was abandoned."""
+
+
 @torch.no_grad()
-def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast) -> float:
+def estimate_loss(
+    model,
+    source,
+    cfg: TrainRunConfig,
+    info: D.DistInfo,
+    mbs: int,
+    autocast,
+    abort: Callable[[], int] | None = None,
+) -> float:
     """Mean loss per target token over eval_steps global batches of fixed windows (the same at
     every eval, so the curve is not noisy), the same whatever the number of processes and the
-    micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums."""
+    micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums.
+    ``abort()`` true on any rank (a stop signal) abandons the eval: EvalInterrupted."""
     was_training = model.training
     model.eval()
     # (sum of token losses, tokens); float64 where the device has it (Apple's MPS does not)
@@ -76,6 +90,9 @@ def estimate_loss(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int
     total = torch.zeros(2, dtype=acc_dtype, device=info.device)
     for i in range(cfg.train.eval_steps):
         for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
+            if abort is not None and D.max_over_ranks(int(bool(abort())), info):
+                model.train(was_training)
+                raise EvalInterrupted
             x, y = source.get(i, cfg.train.batch_size, start, mbs)
             n_targets = int((y != -1).sum())
             with autocast:
@@ -142,6 +159,7 @@ class Trainer:
         self.raw_model = run.model
         self.dtype = resolve_dtype(cfg.train.dtype, info.device, key="train.dtype")
         self.autocast = autocast_for(info.device, self.dtype)
+        check_memory(run.model.config, self.mbs, self.dtype, info.device, cfg.train.activation_checkpointing)
         self.model = D.prepare_model(run.model, info, cfg.train, self.dtype)
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
@@ -205,15 +223,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return verdict, loss_val
 
-    def evaluate(self) -> dict[str, Any]:
-        """Train and val loss on fixed batches, logged; keeps best.pt if asked."""
+    def evaluate(self, abort: Callable[[], int] | None = None) -> dict[str, Any]:
+        """Train and val loss on fixed batches, logged; keeps best.pt if asked. ``abort()`` true (a
+        stop signal) abandons it: nothing logged, {} returned."""
         cfg, run = self.cfg, self.run
-        train_loss = estimate_loss(self.model, run.train_eval, cfg, self.info, self.mbs, self.autocast)
-        val_loss = (
-            estimate_loss(self.model, run.val_data, cfg, self.info, self.mbs, self.autocast)
-            if run.val_data
-            else float("nan")
-        )
+        try:
+            train_loss = estimate_loss(
+                self.model, run.train_eval, cfg, self.info, self.mbs, self.autocast, abort
+            )
+            val_loss = (
+                estimate_loss(self.model, run.val_data, cfg, self.info, self.mbs, self.autocast, abort)
+                if run.val_data
+                else float("nan")
+            )
+        except EvalInterrupted:
+            self.meter.restart()
+            return {}
         record = {
             "step": self.step,
             "tokens": self.step * cfg.train.batch_size * run.block_size,
@@ -324,7 +349,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
         if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
-        record = self.evaluate() if self.step == 0 and cfg.train.eval_interval > 0 else {}
+        record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
         self.model.train()
         _rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
         self.meter.restart()
@@ -351,7 +376,9 @@ class Trainer:
             if code:  # a stop: save first, so that a kill during the eval below loses nothing
                 self.save(out_dir / CKPT_NAME)
             if self.due(cfg.train.eval_interval):
-                record = self.evaluate()
+                record = self.evaluate(stop.code) or record  # a stop during the eval ends it at once
+                if not code and (code := D.max_over_ranks(stop.code(), info)):
+                    self.save(out_dir / CKPT_NAME)
             if not code and (self.due(cfg.train.ckpt_interval) or self.step == cfg.train.max_steps):
                 if not self.save(out_dir / CKPT_NAME):
                     self.rollback("non-finite weights")
