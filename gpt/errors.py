@@ -24,3 +24,7 @@ class CheckpointError(UserError):
 
 class DivergenceError(UserError):
     """Training that rollbacks could not bring back to finite, spike-free losses."""
+
+
+class DiskFullError(UserError):
+    """No space left (or the quota reached) where a file was being written."""

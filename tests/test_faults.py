@@ -506,3 +506,20 @@ def test_sigterm_during_a_long_eval_stops_at_once_with_a_checkpoint(make_cfg):
         timer.cancel()
     assert exc.value.code == 143
     assert load_checkpoint(cfg.out_dir)["step"] == 1  # the first eval was abandoned, one step, saved
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
+    from gpt.errors import DiskFullError
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with pytest.raises(DiskFullError, match=f"no space left on the device writing {small}/ckpt.pt"):
+            save_checkpoint(small / "ckpt.pt", {"model": {"w": torch.zeros(1_000_000)}})
+        assert list(small.iterdir()) == []  # no temp file left behind
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
