@@ -496,16 +496,17 @@ def test_sigterm_during_a_long_eval_stops_at_once_with_a_checkpoint(make_cfg):
     import signal
     import threading
 
-    cfg = make_cfg(train=dict(max_steps=50, eval_interval=50, eval_steps=1_000_000))  # evals of hours
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    timer.start()
+    train(make_cfg(train=dict(max_steps=2, eval_interval=0)))
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    long_evals = make_cfg(resume=True, train=dict(max_steps=50, eval_interval=3, eval_steps=1_000_000))
     try:
-        with pytest.raises(SystemExit) as exc:
-            train(cfg)
+        with pytest.raises(SystemExit) as exc:  # the signal comes during the eval at step 3 (of hours)
+            train(long_evals, should_stop=lambda step: step == 3 and timer.start())
     finally:
         timer.cancel()
     assert exc.value.code == 143
-    assert load_checkpoint(cfg.out_dir)["step"] == 1  # the first eval was abandoned, one step, saved
+    assert load_checkpoint(long_evals.out_dir)["step"] == 3  # the eval was abandoned, the step saved
+    assert read_metrics(long_evals.out_dir) == []
 
 
 def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
@@ -523,3 +524,60 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
         assert list(small.iterdir()) == []  # no temp file left behind
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+# -------------------------------------------------------------- 11. tokenizer workers, Ctrl-C
+
+
+@pytest.mark.slow
+def test_a_tokenizer_worker_that_dies_fails_the_preparation_instead_of_hanging(make_cfg, tmp_path, corpus):
+    from gpt.errors import DataError
+    from gpt.tokenizer import char_tokenizer
+
+    text = corpus.read_text()
+    big = tmp_path / "big.txt"
+    big.write_text(text * 60 + "POISON\n" + text * 10)  # over the size tokenized by workers
+    tok, parent = char_tokenizer([text]), os.getpid()
+
+    class DiesInAWorker(type(tok)):  # a real tokenizer whose worker process dies on one chunk
+        def encode_batch(self, texts):
+            if os.getpid() != parent and any("POISON" in t for t in texts):
+                os._exit(1)
+            return super().encode_batch(texts)
+
+    tok.__class__ = DiesInAWorker
+    cfg = make_cfg(data=dict(path=str(big), num_workers=2)).data
+    with pytest.raises(DataError, match="worker process died"):
+        prepare(cfg, 32, tokenizer=tok, show_progress=False)
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_data_preparation_stops_it_at_once_and_cleanly(make_cfg, tmp_path, corpus, sig):
+    import signal
+
+    big = tmp_path / "big.txt"
+    big.write_text(corpus.read_text() * 400)  # 24 MB: tokenizing takes a while
+    cfg = make_cfg(data=dict(path=str(big), num_workers=2))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    script = "import json, sys\nfrom gpt.config import TrainRunConfig\nfrom gpt.train.loop import train\n"
+    script += "train(TrainRunConfig.from_dict(json.loads(open(sys.argv[1]).read())))\n"
+    (tmp_path / "run.py").write_text(script)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    p = subprocess.Popen(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.json")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    seen = b""
+    while b"tokenizing" not in seen:
+        chunk = p.stderr.read1(4096)
+        assert chunk, "the run ended before tokenizing"
+        seen += chunk
+    time.sleep(1.0)
+    os.killpg(p.pid, getattr(signal, sig))  # as a terminal's Ctrl-C: the whole process group
+    rc = p.wait(timeout=60)  # before: a deadlock in the pool's shutdown, or the whole preparation
+    err = (seen + p.stderr.read()).decode()
+    assert rc == (130 if sig == "SIGINT" else 143), err[-2000:]
+    assert "Traceback" not in err and "nothing to save" in err
+    assert not list((tmp_path / "cache").glob(".tmp-*"))

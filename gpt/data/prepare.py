@@ -20,6 +20,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -139,6 +140,23 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = tokenizer
+    # a forked worker inherits the trainer's handlers: Ctrl-C (sent to the whole process group) is
+    # the parent's to act on, and the parent's pool.terminate() (SIGTERM) must end the worker at once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _wait(result: Any, pool: Any, pids: set[int]) -> np.ndarray:
+    """A worker's result; DataError if a worker died meanwhile (its task would never complete: the
+    pool replaces the process, not the task)."""
+    while not result.ready():
+        result.wait(0.2)
+        if {p.pid for p in pool._pool} != pids:  # Pool keeps its processes in _pool
+            raise DataError(
+                "a tokenizer worker process died (killed, or out of memory?); run the preparation again, "
+                "with a smaller data.num_workers if memory is short"
+            )
+    return result.get()
 
 
 def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
@@ -153,8 +171,10 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _write(writers: dict[str, _ShardWriter], bar: tqdm, split: str, result: Any, nbytes: int) -> None:
-    writers[split].add(result if isinstance(result, np.ndarray) else result.get())
+def _write(
+    writers: dict[str, _ShardWriter], bar: tqdm, watch: Any, split: str, result: Any, nbytes: int
+) -> None:
+    writers[split].add(result if isinstance(result, np.ndarray) else _wait(result, *watch))
     bar.update(nbytes)
 
 
@@ -175,6 +195,7 @@ def _tokenize(
             # pickles the tokenizer through its state
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             pool = ctx.Pool(workers, _init_worker, (tok,))
+        watch = (pool, {p.pid for p in pool._pool}) if pool is not None else None
         pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
         for split, items, nbytes in _tasks(cfg, src, total):
             if pool is None:
@@ -182,9 +203,9 @@ def _tokenize(
             else:
                 pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
             while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
-                _write(writers, bar, *pending.popleft())
+                _write(writers, bar, watch, *pending.popleft())
         while pending:
-            _write(writers, bar, *pending.popleft())
+            _write(writers, bar, watch, *pending.popleft())
     finally:
         bar.close()
         if pool is not None:

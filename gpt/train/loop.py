@@ -351,6 +351,7 @@ class Trainer:
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
         record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
         self.model.train()
+        stop.immediate = False  # from here a stop finishes the step and saves
         _rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
         self.meter.restart()
         bar = self.run.logger.progress(total=cfg.train.max_steps, initial=self.step)
