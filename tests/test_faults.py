@@ -315,8 +315,18 @@ def test_stray_temp_files_are_removed_at_the_next_start(make_cfg, tmp_path):
     for name in (".ckpt.pt.x1y2.tmp", ".tokenizer.json.ab.tmp"):
         (out / name).write_bytes(b"half a file")
     (out / ".replaced-20260101T000000-1").mkdir()
+    from gpt.data.prepare import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: a preparation killed with SIGKILL
+    killed = tmp_path / "cache" / f".tmp-small-0123456789abcdef-{_HOST}-{dead.pid}"
+    live = tmp_path / "cache" / f".tmp-small-0123456789abcdef-{_HOST}-{os.getpid()}"
+    elsewhere = tmp_path / "cache" / f".tmp-small-0123456789abcdef-otherhost-{dead.pid}"
+    for d in (killed, live, elsewhere):
+        d.mkdir()
     train(make_cfg(resume=True, train=dict(max_steps=4, eval_interval=0)))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert not killed.exists() and live.exists() and elsewhere.exists()
 
 
 # ------------------------------------------------------------------------- kills, several ranks

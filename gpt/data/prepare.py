@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -234,6 +235,25 @@ def content_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_stale_temp(cache: Path) -> None:
+    """Remove the temp folders (``.tmp-NAME-HOST-PID``) of preparations killed on this host: their
+    process is gone. Another host's, or a live process's, are left alone (a shared cache)."""
+    for tmp in cache.glob(".tmp-*") if cache.is_dir() else []:
+        rest, _, pid = tmp.name.rpartition("-")
+        host = rest.rpartition("-")[2]
+        if host != _HOST or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def check_token_ids(data: PreparedData, full_check_tokens: int = 1 << 28) -> str | None:
     """What is wrong with the shards' token ids for ``data.tokenizer`` (None: nothing): a header
     vocabulary other than the tokenizer's, or an id outside it. Every token is read up to
@@ -278,6 +298,7 @@ def prepare(
     if tokenizer is not None and built_from_corpus:  # resuming: the folder that built this tokenizer
         keys.append(cache_key(cfg, files, recipe))
     fingerprint = tokenizer.fingerprint() if tokenizer else None
+    _remove_stale_temp(cache)
     found = _find_cached(cache, cfg.name, keys, fingerprint)
     data = None
     if found is not None:
@@ -291,7 +312,7 @@ def prepare(
                 f"notice: the prepared data in {found} is bad ({problem[:200]}); rebuilding it",
                 file=sys.stderr,
             )
-            aside = found.with_name(f".tmp-bad-{found.name}-{os.getpid()}")
+            aside = found.with_name(f".tmp-bad-{found.name}-{_HOST}-{os.getpid()}")
             os.replace(found, aside)
             shutil.rmtree(aside, ignore_errors=True)
             data = None
@@ -328,7 +349,7 @@ def _build(
     if tok is None:
         texts = lambda: iter_documents(src, cfg.jsonl_field)  # build_tokenizer stops at bpe_train_bytes
         tok = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    tmp = target.with_name(f".tmp-{target.name}-{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -347,12 +347,12 @@ class Trainer:
         if cfg.train.compile:
             self.model = try_compile(self.model, self.forward_backward, info)
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
+        _rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
         if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
         record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
         self.model.train()
         stop.immediate = False  # from here a stop finishes the step and saves
-        _rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
         self.meter.restart()
         bar = self.run.logger.progress(total=cfg.train.max_steps, initial=self.step)
         while self.step < cfg.train.max_steps:

@@ -124,7 +124,9 @@ class Monitor:
             numbers = {
                 f"guard/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
             }
-            self.wandb_run.log({**numbers, f"guard/{record['event']}": 1}, step=record["step"])
+            # wandb steps only go forward: a rollback is logged at the step that failed
+            step = record.get("from_step", record["step"])
+            self.wandb_run.log({**numbers, f"guard/{record['event']}": 1}, step=step)
 
     def close(self) -> None:
         self.bar.close()
