@@ -289,8 +289,8 @@ class Trainer:
             raise DivergenceError(
                 f"training diverged at step {failed} ({reason}) and {self.guard.rollbacks} rollbacks did "
                 f"not help; the last good checkpoint in {out_dir} is intact: lower optim.lr (now "
-                f"{cfg.optim.lr:g}), raise optim.warmup_steps or set train.rollback_lr_factor=0.5, "
-                "then resume=true"
+                f"{cfg.optim.lr:g}), raise optim.warmup_steps or set train.rollback_lr_factor=0.5, then "
+                "resume=true resume_force=true"
             )
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
