@@ -43,7 +43,7 @@ RESUMABLE = {
               "compile", "parallel", "activation_checkpointing", "keep_best", "peak_flops", "progress",
               "timeout_s", "keep_last", "max_bad_steps", "spike_std", "spike_window", "max_rollbacks",
               "rollback_lr_factor"},
-    "data": {"num_workers", "cache_dir"},
+    "data": {"name", "num_workers", "cache_dir"},
 }  # fmt: skip
 IGNORED = {"out_dir", "device", "resume", "resume_force", "init_from", "overwrite", "model", "wandb"}
 
