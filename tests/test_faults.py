@@ -610,3 +610,27 @@ def test_a_signal_during_data_preparation_stops_it_at_once_and_cleanly(make_cfg,
     assert rc == (130 if sig == "SIGINT" else 143), err[-2000:]
     assert "Traceback" not in err and "nothing to save" in err
     assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_data_preparation_longer_than_the_collective_timeout_does_not_fail_the_job(
+    make_cfg, tmp_path, corpus
+):
+    big = tmp_path / "big.txt"
+    big.write_text(corpus.read_text() * 400)  # 24 MB: BPE training and tokenizing take seconds on rank 0
+    data = dict(path=str(big), num_workers=1, tokenizer="bpe", vocab_size=1024)
+    cfg = make_cfg(data=data, train=dict(max_steps=2, eval_interval=0, timeout_s=1))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert time.monotonic() - t0 > 2  # the preparation did outlast the 2 s collective timeout
+    assert load_checkpoint(cfg.out_dir)["step"] == 2

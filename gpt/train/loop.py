@@ -273,7 +273,7 @@ class Trainer:
             save_checkpoint(path, state, keep_last=keep, check_finite=True)
         if path.name == CKPT_NAME:
             self.guard.saved(self.step)
-        D.barrier()
+        D.wait_all(self.info, "rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
         self.meter.restart()
         return True
 
