@@ -295,8 +295,9 @@ def test_a_second_run_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken
     assert train(cfg)["step"] == 2
 
 
-def test_overwrite_then_a_crash_leaves_nothing_to_resume(make_cfg):
+def test_overwrite_then_a_crash_leaves_nothing_to_resume(make_cfg, tmp_path):
     train(make_cfg(train=dict(max_steps=3, eval_interval=0)))
+    (tmp_path / "run" / "notes.txt").write_text("mine")
 
     def crash(step, model):
         raise RuntimeError("crash before the first save")
@@ -306,6 +307,7 @@ def test_overwrite_then_a_crash_leaves_nothing_to_resume(make_cfg):
         train(fresh, after_backward=crash)
     with pytest.raises(CheckpointError, match="does not exist"):
         train(make_cfg(resume=True, seed=9, train=dict(max_steps=3, eval_interval=0)))
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files went
 
 
 def test_stray_temp_files_are_removed_at_the_next_start(make_cfg, tmp_path):

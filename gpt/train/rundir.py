@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from gpt.checkpoint import BEST_NAME, CKPT_NAME, HISTORY_RE
 from gpt.errors import ConfigError
 
 try:
@@ -30,6 +31,16 @@ except ImportError:  # Windows: no flock, the pid check alone
 
 LOCK_NAME = ".lock"
 ASIDE_PREFIX = ".replaced-"
+# what a run writes in its out_dir (gpt.checkpoint, gpt.train.setup, gpt.train.monitor, wandb)
+RUN_FILES = {
+    CKPT_NAME,
+    BEST_NAME,
+    "config.yaml",
+    "tokenizer.json",
+    "tokenizer.tiktoken",
+    "metrics.jsonl",
+    "wandb",
+}
 
 
 def _alive(pid: int) -> bool:
@@ -129,11 +140,12 @@ def clean_stray_files(out_dir: str | Path) -> list[str]:
 
 
 def replace_run(out_dir: str | Path) -> bool:
-    """``overwrite=true``: move everything of the old run (checkpoints first: once they are gone
-    nothing resumes it) into a hidden folder, then delete that folder. A crash at any point leaves
-    either the old run without checkpoints or an empty directory, never a mix that resumes."""
+    """``overwrite=true``: move the old run's files (``RUN_FILES`` and ``ckpt-STEP.pt``; nothing
+    else of the directory) into a hidden folder, checkpoints first (once they are gone nothing
+    resumes it), then delete that folder. A crash at any point leaves the old run without
+    checkpoints or without its files, never a mix that resumes."""
     out = Path(out_dir)
-    entries = [p for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(ASIDE_PREFIX)]
+    entries = [p for p in out.iterdir() if p.name in RUN_FILES or HISTORY_RE.match(p.name)]
     if not entries:
         return False
     aside = out / f"{ASIDE_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
