@@ -105,7 +105,8 @@ class RunSetup:
         self, model: GPT, optimizer, step: int, best_val: float | None, **extra: Any
     ) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, step, RNG, config, tokenizer.
-        The data position is the step itself: batches are a pure function of (seed, step).
+        The data position is the step itself (plus the guard's offset after a rollback, in
+        ``extra["guard"]``): batches are a pure function of (seed, step).
         Call it on every rank (FSDP gathers the shards); the result is complete on rank 0."""
         model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist)
         extra["fingerprint"] = self.fingerprint
