@@ -328,3 +328,14 @@ def restore_rng(rng: dict[str, Any], info: DistInfo, seed: int, step: int) -> No
         torch.manual_seed(
             int(np.random.SeedSequence([seed % (1 << 63), step, info.rank]).generate_state(1)[0])
         )
+
+
+def rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's random state (CPU, and CUDA on a CUDA device), to put back with rng_restore."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)

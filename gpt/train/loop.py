@@ -37,7 +37,7 @@ from gpt.train import distributed as D
 from gpt.train.guard import Guard
 from gpt.train.memory import check_memory
 from gpt.train.optim import configure_optimizer, lr_at
-from gpt.train.rundir import RunLock, clean_stray_files
+from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
 from gpt.train.signals import StopFlag
 
@@ -152,7 +152,7 @@ class Trainer:
     ) -> None:
         # the random state setup restored (or seeded): nothing below (the peak-FLOPs probe, the compile
         # trial step's dropout) may consume it before the first step, see fit
-        self.rng = _rng_snapshot(info.device)
+        self.rng = D.rng_snapshot(info.device)
         self.cfg, self.info, self.run = cfg, info, run
         self.after_backward = after_backward
         self.mbs, self.accum = split_batch(cfg.train.batch_size, cfg.train.micro_batch_size, info.world_size)
@@ -347,7 +347,7 @@ class Trainer:
         if cfg.train.compile:
             self.model = try_compile(self.model, self.forward_backward, info)
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
-        _rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
+        D.rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
         if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
         record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
@@ -405,30 +405,6 @@ class Trainer:
         return summary
 
 
-def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(snapshot[0])
-    if snapshot[1] is not None:
-        torch.cuda.set_rng_state(snapshot[1], device)
-
-
-def _claim_out_dir(cfg: TrainRunConfig, info: D.DistInfo) -> RunLock:
-    """Rank 0 locks out_dir and removes what killed runs left there; every rank learns the outcome."""
-    lock, error = RunLock(cfg.out_dir), None
-    if info.is_main:
-        try:
-            lock.acquire()
-            clean_stray_files(cfg.out_dir)
-        except ConfigError as e:
-            error = e
-    if D.max_over_ranks(int(error is not None), info):
-        raise error or ConfigError(f"out_dir={cfg.out_dir} is in use by another run (see rank 0)")
-    return lock
-
-
 def train(
     cfg: TrainRunConfig,
     should_stop: Callable[[int], bool] | None = None,
@@ -440,7 +416,7 @@ def train(
     info = D.init_distributed(cfg.device, cfg.train.timeout_s)
     try:
         with StopFlag() as stop:
-            lock = _claim_out_dir(cfg, info)  # held by rank 0 for the whole run
+            lock = claim_out_dir(cfg.out_dir, info)  # held by rank 0 for the whole run
             try:
                 run = setup_run(cfg, info)
                 return Trainer(cfg, info, run, after_backward).fit(stop, should_stop)

@@ -4,6 +4,8 @@
         clean_stray_files(out_dir)  # .NAME.*.tmp of killed writes, a replaced run's leftovers
         replace_run(out_dir)        # overwrite=true: the old run goes aside (checkpoints first)
 
+    lock = claim_out_dir(out_dir, info)   # what train() does: rank 0 locks and cleans, all ranks agree
+
 The lock is ``out_dir/.lock``: an ``flock`` on it (released by the kernel when its holder dies, so a
 lock left by a killed run is stale by construction) plus the holder's pid, host and start time for
 the message. Where the filesystem has no ``flock`` (some network filesystems), a lock whose holder
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from gpt.checkpoint import BEST_NAME, CKPT_NAME, HISTORY_RE
 from gpt.errors import ConfigError
+from gpt.train import distributed as D
 
 try:
     import fcntl
@@ -154,3 +157,17 @@ def replace_run(out_dir: str | Path) -> bool:
         os.replace(p, aside / p.name)
     shutil.rmtree(aside, ignore_errors=True)
     return True
+
+
+def claim_out_dir(out_dir: str | Path, info: D.DistInfo) -> RunLock:
+    """Rank 0 locks out_dir and removes what killed runs left there; every rank learns the outcome."""
+    lock, error = RunLock(out_dir), None
+    if info.is_main:
+        try:
+            lock.acquire()
+            clean_stray_files(out_dir)
+        except ConfigError as e:
+            error = e
+    if D.max_over_ranks(int(error is not None), info):
+        raise error or ConfigError(f"out_dir={out_dir} is in use by another run (see rank 0)")
+    return lock
