@@ -1,12 +1,18 @@
 """Checkpoints: atomic save, weights-only load, self-contained run directories.
 
-A run directory (``out_dir``) holds ``ckpt.pt`` (the latest checkpoint), optionally ``best.pt``,
-``config.yaml`` (the resolved run config), ``tokenizer.json`` and ``metrics.jsonl``. A checkpoint is
-one ``torch.save`` of plain types and tensors:
+A run directory (``out_dir``) holds ``ckpt.pt`` (the latest checkpoint), the previous ones as
+``ckpt-STEP.pt`` (``train.keep_last`` in all), optionally ``best.pt``, ``config.yaml`` (the resolved
+run config), ``tokenizer.json`` and ``metrics.jsonl``. A checkpoint is one ``torch.save`` of plain
+types and tensors:
 
     {"format": "gpt-checkpoint", "version": 1, "model": state_dict, "model_config": {...},
      "tokenizer": {...}, "optimizer": state_dict | None, "step": int, "tokens": int,
-     "rng": {...}, "config": {...}, "best_val_loss": float | None}
+     "rng": {...}, "config": {...}, "best_val_loss": float | None, "checksum": "sha256 hex"}
+
+``checksum`` covers every other entry (each tensor's bytes, dtype and shape; every plain value) and
+is verified on load: torch's zip reader does not check its CRCs, so a flipped byte on disk would
+otherwise load silently. ``load_latest`` takes the newest checkpoint that loads and verifies, and
+reports the damaged ones it passed over. A checkpoint with non-finite weights is never written.
 
 so it is read back with ``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects),
 and the model's shape and tokenizer always travel with its weights. Whatever wrote it (one process,
@@ -24,7 +30,12 @@ Rebuilding a model from a run (LoRA bases, ``hf:DIR``, context cropping) is ``gp
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +57,107 @@ def checkpoint_path(path: str | Path) -> Path:
     return p / CKPT_NAME if p.is_dir() or not p.suffix else p
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a crash mid-save leaves the previous file intact."""
+HISTORY_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"T{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
+
+
+def payload_checksum(state: dict[str, Any]) -> str:
+    """sha256 over everything in ``state`` but its ``checksum``: keys in sorted order, each tensor's
+    dtype, shape and bytes, the repr of every plain value. The tensors are hashed in threads
+    (hashlib releases the GIL), then their digests in order."""
+    h = hashlib.sha256()
+    tensors: list[torch.Tensor] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            h.update(b"T")
+        elif isinstance(value, dict):
+            h.update(b"{")
+            for k in sorted(value, key=str):
+                h.update(repr(k).encode())
+                visit(value[k])
+            h.update(b"}")
+        elif isinstance(value, (list, tuple)) and any(
+            isinstance(v, (dict, list, tuple, torch.Tensor)) for v in value
+        ):
+            h.update(b"[")
+            for v in value:
+                visit(v)
+            h.update(b"]")
+        else:  # plain values (and lists of them, e.g. BPE merges) in one go
+            h.update(repr(value).encode())
+
+    visit({k: v for k, v in state.items() if k != "checksum"})
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for digest in pool.map(_tensor_digest, tensors):
+            h.update(digest)
+    return h.hexdigest()
+
+
+def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
+    return [
+        k
+        for k, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def history(out_dir: str | Path) -> list[Path]:
+    """A run directory's checkpoints, newest first: ``ckpt.pt``, then ``ckpt-STEP.pt`` by step."""
+    out = Path(out_dir)
+    older = sorted(
+        (p for p in out.glob("ckpt-*.pt") if HISTORY_RE.match(p.name)),
+        key=lambda p: int(HISTORY_RE.match(p.name).group(1)),
+        reverse=True,
+    )
+    return [p for p in [out / CKPT_NAME] if p.exists()] + older
+
+
+def _peek_step(path: Path) -> int | None:
+    """The step of the checkpoint at ``path`` (memory-mapped: no tensor is read), None if unreadable."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        return int(step) if step is not None else None
+    except Exception:
+        return None
+
+
+def save_checkpoint(
+    path: str | Path, state: dict[str, Any], keep_last: int = 1, check_finite: bool = False
+) -> Path:
+    """Write ``state`` to ``path`` atomically: a crash mid-save leaves the previous file intact.
+    With ``keep_last`` > 1 the checkpoint ``path`` held stays as ``ckpt-STEP.pt`` beside it (a hard
+    link, so ``path`` exists at every moment), and only the newest ``keep_last`` are kept.
+    ``check_finite``: refuse (CheckpointError) weights holding a NaN or an infinity."""
+    path = Path(path)
+    bad = non_finite_tensors(state.get("model", {})) if check_finite else []
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite weights in {bad[:4]}")
     state = {"format": FORMAT, "version": VERSION, **state}
-    return atomic_write(path, lambda f: torch.save(state, f))
+    state["checksum"] = payload_checksum(state)
+    if keep_last > 1 and path.exists() and (old_step := _peek_step(path)) is not None:
+        kept = path.with_name(f"{path.stem}-{old_step:07d}{path.suffix}")
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(path, kept)
+        except OSError:  # a filesystem without hard links: the newest is briefly only ckpt-STEP.pt
+            os.replace(path, kept)
+    atomic_write(path, lambda f: torch.save(state, f))
+    if path.name == CKPT_NAME:
+        for old in history(path.parent)[max(keep_last, 1) :]:
+            if old.name != CKPT_NAME:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -78,7 +186,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model", "model_config", "tokenizer"):
         if key not in state:
             raise CheckpointError(f"checkpoint {file} lacks '{key}'; it is incomplete, train again")
+    if "checksum" in state and payload_checksum(state) != state["checksum"]:
+        raise CheckpointError(
+            f"checkpoint {file} is damaged: its contents do not match the checksum saved with it "
+            "(a changed byte on disk or in a copy); use an older checkpoint or train again"
+        )
     return state
+
+
+def load_latest(out_dir: str | Path, warn: Callable[[str], Any] = print) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint of a run directory that loads and verifies, and its path; each damaged
+    one passed over is reported through ``warn``. Raises the newest one's error if none loads."""
+    files = history(out_dir)
+    if not files:
+        return load_checkpoint(out_dir), checkpoint_path(out_dir)  # raises: no checkpoint
+    first: CheckpointError | None = None
+    for file in files:
+        try:
+            state = load_checkpoint(file)
+        except CheckpointError as e:
+            first = first or e
+            warn(f"warning: {e}; trying the previous checkpoint")
+            continue
+        return state, file
+    assert first is not None
+    raise first
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -179,6 +179,32 @@ class TrainConfig:
     """Show a progress bar (when the console is a terminal)."""
     timeout_s: int = 1800
     """Multi-process runs: seconds a collective waits for the other ranks before the job fails."""
+    keep_last: int = 2
+    """Checkpoints kept: ckpt.pt and the previous ones as ckpt-STEP.pt (a damaged newest one is
+    passed over on resume)."""
+    max_bad_steps: int = 5
+    """A step with a non-finite loss or gradient norm is skipped; this many in a row roll back."""
+    spike_std: float = 0.0
+    """Roll back on a loss above the mean + spike_std standard deviations of the last spike_window
+    good steps; 0 = off."""
+    spike_window: int = 50
+    max_rollbacks: int = 3
+    """Rollbacks in a row (without a checkpoint past the failing step) before the run stops."""
+    rollback_lr_factor: float = 1.0
+    """Each rollback multiplies the learning rate by this (1 = unchanged)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("keep_last", self.keep_last >= 1, "must be >= 1"),
+            ("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1"),
+            ("spike_std", self.spike_std >= 0, "must be >= 0 (0 = off)"),
+            ("spike_window", self.spike_window >= 2, "must be >= 2"),
+            ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
+            ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "must be in (0, 1]"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"train.{key}={getattr(self, key)} {what}")
 
     def __post_init__(self) -> None:
         mbs = self.micro_batch_size
@@ -261,6 +287,8 @@ class TrainRunConfig:
     """Start from another run's weights: a run directory, or hf:DIR for Hugging Face GPT-2."""
     overwrite: bool = False
     """Allow starting a fresh run in an out_dir that already holds a checkpoint."""
+    resume_force: bool = False
+    """Resume even though settings that define the run (data, seed, batch, optimizer) changed."""
     experiment: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

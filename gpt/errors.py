@@ -20,3 +20,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, corrupt or mismatched checkpoint."""
+
+
+class DivergenceError(UserError):
+    """Training that rollbacks could not bring back to finite, spike-free losses."""
+
+
+class DiskFullError(UserError):
+    """No space left (or the quota reached) where a file was being written."""

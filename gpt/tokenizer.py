@@ -104,7 +104,12 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
-        atomic_write(path, json.dumps(self.to_state(), ensure_ascii=False))
+        text = json.dumps(self.to_state(), ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (from a JSONL "\ud800"): escaped, still valid JSON
+            text = json.dumps(self.to_state(), ensure_ascii=True)
+        atomic_write(path, text)
         return path
 
     def fingerprint(self) -> str:

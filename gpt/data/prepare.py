@@ -25,7 +25,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import socket
 import sys
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from gpt.atomic import atomic_write
 from gpt.config import DataConfig, resolve_path
 from gpt.data.corpus import CHUNK_BYTES, input_files, input_units, iter_documents, no_text, unit_pieces
 from gpt.data.parts import PART_BYTES, Part, Progress, Ranks, finish, plan_parts
-from gpt.data.shards import HEADER_BYTES, REDO, VERSION, shard_header, token_dtype
+from gpt.data.shards import HEADER_BYTES, REDO, VERSION, read_shard, shard_header, token_dtype
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
 from gpt.tokenizer import Tokenizer, load_tokenizer
@@ -149,6 +152,23 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = tokenizer
+    # a forked worker inherits the trainer's handlers: Ctrl-C (sent to the whole process group) is
+    # the parent's to act on, and the parent's pool.terminate() (SIGTERM) must end the worker at once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _wait(result: Any, pool: Any, pids: set[int]) -> np.ndarray:
+    """A worker's result; DataError if a worker died meanwhile (its task would never complete: the
+    pool replaces the process, not the task)."""
+    while not result.ready():
+        result.wait(0.2)
+        if {p.pid for p in pool._pool} != pids:  # Pool keeps its processes in _pool
+            raise DataError(
+                "a tokenizer worker process died (killed, or out of memory?); run the preparation again, "
+                "with a smaller data.num_workers if memory is short"
+            )
+    return result.get()
 
 
 def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
@@ -164,16 +184,16 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
 
 
 def _write(
-    writers: dict[str, _ShardWriter], progress: Progress, split: str, result: Any, nbytes: int
+    writers: dict[str, _ShardWriter], progress: Progress, watch: Any, split: str, result: Any, nbytes: int
 ) -> None:
-    tokens = result if isinstance(result, np.ndarray) else result.get()
+    tokens = result if isinstance(result, np.ndarray) else _wait(result, *watch)
     writers[split].add(tokens)
     progress.update(nbytes, len(tokens))
 
 
 def _tokenize_part(
     cfg: DataConfig, part: Part, boundary: int | None, tok: Tokenizer, out: Path, pool: Any, workers: int,
-    progress: Progress, budget: int,
+    progress: Progress, budget: int, watch: Any = None,
 ) -> dict[str, list[tuple[str, int]]]:  # fmt: skip
     """Tokenize one part into ``part<index>-train_*.bin`` / ``-val_*.bin`` in ``out`` (in the worker
     ``pool`` when there is one), stopping once ``budget`` train tokens are written (0: no limit);
@@ -190,11 +210,11 @@ def _tokenize_part(
             else:
                 pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
             while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
-                _write(writers, progress, *pending.popleft())
+                _write(writers, progress, watch, *pending.popleft())
             if budget and writers["train"].total >= budget:
                 break  # the rest of the part lies past data.max_tokens
         while pending:
-            _write(writers, progress, *pending.popleft())
+            _write(writers, progress, watch, *pending.popleft())
     finally:
         for w in writers.values():
             w.close()
@@ -225,13 +245,15 @@ def _tokenize(
             # pickles the tokenizer through its state
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             pool = ctx.Pool(workers, _init_worker, (tok,))
+        # the worker processes as started: one that dies is noticed instead of waited for
+        watch = (pool, {p.pid for p in pool._pool}) if pool is not None else None
         for first in range(0, len(parts), ranks.world):
             mine, error, counts = first + ranks.rank, None, [0, 0]
             if mine < len(parts):
                 budget = cfg.max_tokens - done_tokens if cfg.max_tokens else 0
                 try:
                     shards = _tokenize_part(
-                        cfg, parts[mine], boundary, tok, out, pool, workers, progress, budget
+                        cfg, parts[mine], boundary, tok, out, pool, workers, progress, budget, watch
                     )
                     counts = [sum(n for ss in shards.values() for _, n in ss), parts[mine].nbytes]
                 except UserError as e:  # a corrupt file: every rank stops, the folder is removed
@@ -249,10 +271,68 @@ def _tokenize(
             pool.terminate()
 
 
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed whole
+SAMPLES, SAMPLE_BYTES = 64, 1 << 20  # larger ones: evenly spread samples (and the size)
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes: all of them up to FULL_HASH_BYTES, else SAMPLES spread samples, so
+    that an edit keeping the size and mtime still changes the key (and a touch does not)."""
+    h, size = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+_HOST_CRC = zlib.crc32(socket.gethostname().encode())  # this host in temp folder names (no "-" in it)
+_HOST = f"h{_HOST_CRC:08x}"
+
+
+def _remove_stale_temp(cache: Path) -> None:
+    """Remove the temp folders (``.tmp-NAME-HOST-PID``) of preparations killed on this host: their
+    process is gone. Another host's, or a live process's, are left alone (a shared cache)."""
+    for tmp in cache.glob(".tmp-*") if cache.is_dir() else []:
+        rest, _, pid = tmp.name.rpartition("-")
+        host = rest.rpartition("-")[2]
+        if host != _HOST or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def check_token_ids(data: PreparedData, full_check_tokens: int = 1 << 28) -> str | None:
+    """What is wrong with the shards' token ids for ``data.tokenizer`` (None: nothing): a header
+    vocabulary other than the tokenizer's, or an id outside it. Every token is read up to
+    ``full_check_tokens`` in all; beyond, the first and last million of each shard."""
+    vocab = data.tokenizer.vocab_size
+    full = data.train_tokens + data.val_tokens <= full_check_tokens
+    for path in [*data.train_shards, *data.val_shards]:
+        tokens = read_shard(path)
+        header_vocab = int(np.fromfile(path, dtype="<i4", count=4)[3])
+        if header_vocab != vocab:
+            return f"{path.name} was written for a vocabulary of {header_vocab}, the tokenizer has {vocab}"
+        parts = [tokens] if full or len(tokens) <= 2_000_000 else [tokens[:1_000_000], tokens[-1_000_000:]]
+        top = max((int(p.max()) for p in parts if len(p)), default=-1)
+        if top >= vocab:
+            return f"{path.name} holds token id {top}, outside the tokenizer's {vocab} ids"
+    return None
+
+
 def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
-    """Hash of everything the shards depend on (the input files by name, size and mtime)."""
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    spec = [VERSION, stats, cfg.text_field, cfg.val_fraction, tokenizer_id]
+    """Hash of everything the shards depend on: the input files (name, size, content), the split,
+    the shard size, the token cuts and the tokenizer."""
+    stats = [(str(f.resolve()), f.stat().st_size, content_digest(f)) for f in files]
+    spec = [VERSION, stats, cfg.text_field, cfg.val_fraction, cfg.shard_tokens, tokenizer_id]
     spec += [cfg.max_tokens, cfg.val_tokens, PART_BYTES]  # the cuts, and where the shards break
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -287,7 +367,10 @@ def prepare(
     if tokenizer is not None and built_from_corpus:  # resuming: the folder that built this tokenizer
         keys.append(cache_key(cfg, files, recipe))
     fingerprint = tokenizer.fingerprint() if tokenizer else None
+    _remove_stale_temp(cache)
     found = _find_cached(cache, cfg.name, keys, fingerprint)
+    if found is not None and _set_aside_if_bad(found, tokenizer, ranks):
+        found = None
     target = cache / f"{cfg.name}-{keys[0]}"
     if ranks.sum([found is not None])[0] == ranks.world:
         data = load_prepared(found, tokenizer)
@@ -316,6 +399,27 @@ def prepare(
     return data
 
 
+def _set_aside_if_bad(found: Path, tokenizer: Tokenizer | None, ranks: Ranks) -> bool:
+    """Whether the cache entry ``found`` is damaged or poisoned (unreadable shards, token ids outside
+    the vocabulary); if so the first process of each node sets it aside, to be built again."""
+    try:
+        problem = check_token_ids(load_prepared(found, tokenizer))
+    except DataError as e:
+        problem = str(e)
+    bad = ranks.max([int(bool(problem))])[0] > 0
+    if bad and ranks.local_rank == 0 and found.exists():
+        print(f"notice: the prepared data in {found} is bad ({(problem or 'on another rank')[:200]}); "
+              "rebuilding it", file=sys.stderr)  # fmt: skip
+        aside = found.with_name(f".tmp-bad-{found.name}-{_HOST}-{os.getpid()}")
+        try:
+            os.replace(found, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:  # another node's process moved it first (a shared cache)
+            pass
+    ranks.barrier()
+    return bad
+
+
 def _find_cached(cache: Path, name: str, keys: list[str], fingerprint: str | None) -> Path | None:
     """A complete folder for one of ``keys`` (any name: it may have been prepared ahead of time),
     holding the tokenizer with ``fingerprint`` when one is given."""
@@ -340,7 +444,9 @@ def _build(
     units = input_units(files, cfg.text_field)  # checks every Parquet file's column before any work
     if not units:
         raise no_text(src, files)
-    tmp = target.with_name(f".tmp-{target.name}-{ranks.broadcast(os.getpid())}")
+    # named after rank 0's host and pid: a later start on that host removes it once the process is gone
+    host, pid = ranks.broadcast(_HOST_CRC), ranks.broadcast(os.getpid())
+    tmp = target.with_name(f".tmp-{target.name}-h{host:08x}-{pid}")
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

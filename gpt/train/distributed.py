@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -127,18 +129,52 @@ def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 
 
+_waits = itertools.count()
+
+
+def wait_all(info: DistInfo, what: str, notice_every_s: float = 60.0) -> None:
+    """A barrier with no collective timeout, for work of unbounded length (data preparation): each
+    rank counts itself in the rendezvous store, then polls it, saying every ``notice_every_s`` what
+    it waits for. A rank that dies is handled by torchrun, which stops the others."""
+    if not info.enabled:
+        return
+    store, key = dist.distributed_c10d._get_default_store(), f"gpt/wait/{next(_waits)}"
+    store.add(key, 1)
+    t0 = last = time.monotonic()
+    while store.add(key, 0) < info.world_size:
+        time.sleep(0.1)
+        if time.monotonic() - last >= notice_every_s:
+            last = time.monotonic()
+            print(f"rank {info.rank}: waiting for {what} ({last - t0:.0f}s)", file=sys.stderr, flush=True)
+
+
 def main_first(make: Callable[[], T], info: DistInfo) -> T:
     """Run ``make`` on rank 0 first (it fills caches), then on the first rank of every other node
-    (a hit on a shared filesystem, its own copy on a local disk), then on all the others."""
+    (a hit on a shared filesystem, its own copy on a local disk), then on all the others. The waits
+    have no collective timeout: a long preparation never fails the job."""
     if info.is_main:
         result = make()
-    barrier()
+    wait_all(info, "rank 0 to prepare the data")
     if info.local_rank == 0 and not info.is_main:
         result = make()
-    barrier()
+    wait_all(info, "the other nodes to prepare the data")
     if info.local_rank != 0:
         result = make()
     return result
+
+
+def check_same_on_ranks(value: str, what: str, info: DistInfo) -> None:
+    """ConfigError unless every rank computed the same ``value`` (a fingerprint of ``what``)."""
+    if not info.enabled:
+        return
+    every: list[Any] = [None] * info.world_size
+    dist.all_gather_object(every, value, group=info.control)
+    differ = [r for r, v in enumerate(every) if v != every[0]]
+    if differ:
+        raise ConfigError(
+            f"ranks {differ} have other {what} than rank 0; start every rank with the same command line "
+            "and the same data (a shared filesystem, or identical copies on each node)"
+        )
 
 
 def micro_batch_starts(batch_size: int, micro_batch_size: int, info: DistInfo) -> list[int]:
@@ -299,3 +335,14 @@ def restore_rng(rng: dict[str, Any], info: DistInfo, seed: int, step: int) -> No
         torch.manual_seed(
             int(np.random.SeedSequence([seed % (1 << 63), step, info.rank]).generate_state(1)[0])
         )
+
+
+def rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's random state (CPU, and CUDA on a CUDA device), to put back with rng_restore."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def rng_restore(snapshot: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import load_checkpoint, model_config_from
+from gpt.checkpoint import load_latest, model_config_from
 from gpt.config import TrainRunConfig
 from gpt.errors import CheckpointError, ConfigError
 from gpt.model import SHAPE_FIELDS, GPTConfig, crop_block_size
 from gpt.runs.load import base_location, base_weights, load_base, weights_fingerprint
 from gpt.tokenizer import Tokenizer, tokenizer_from_state
+from gpt.train.distributed import print0
 
 
 @dataclass
@@ -62,11 +63,11 @@ def resolve_start(cfg: TrainRunConfig, ckpt_file: Path) -> Start:
     """The starting point of the run described by ``cfg`` (see the module docstring)."""
     given = cfg.model.given()
     if cfg.resume:
-        state = load_checkpoint(ckpt_file)
+        state, used = load_latest(ckpt_file.parent, warn=print0)  # a damaged newest one is passed over
         config = model_config_from(state)
-        check_shape(given, config, str(ckpt_file), allow_shorter=False)
+        check_shape(given, config, str(used), allow_shorter=False)
         tok = tokenizer_from_state(state["tokenizer"])
-        start = Start(config, state["model"], tok, str(ckpt_file), resume_state=state)
+        start = Start(config, state["model"], tok, str(used), resume_state=state)
     elif cfg.init_from:
         config, weights, tok, source = load_base(cfg.init_from)
         check_shape(given, config, source, allow_shorter=True)

@@ -10,6 +10,12 @@ Per optimizer step: ``batch_size`` sequences (global) are split over processes a
 global gradient norm is clipped, and the optimizer steps with the learning rate of ``lr_at(step)``.
 Every ``eval_interval`` steps (and at the end) train and val losses go to ``metrics.jsonl`` and
 wandb; a checkpoint is written every ``ckpt_interval`` steps, at the end, and on Ctrl-C / SIGTERM.
+
+The guard (``gpt.train.guard``): a step whose loss or gradient norm is non-finite on any rank is
+skipped by every rank; too many in a row, or a loss spike, roll the run back to its last good
+checkpoint, past the batches that failed; when rollbacks do not help the run stops (exit 2) with
+that checkpoint intact. A checkpoint with non-finite weights is never written. The run directory is
+locked for the run (``gpt.train.rundir``).
 """
 
 from __future__ import annotations
@@ -23,15 +29,21 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import BEST_NAME, CKPT_NAME, save_checkpoint
+from gpt.checkpoint import BEST_NAME, CKPT_NAME, load_latest, non_finite_tensors, save_checkpoint
 from gpt.config import TrainRunConfig
 from gpt.device import autocast_for, measure_peak_flops, resolve_dtype
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, DivergenceError
 from gpt.train import distributed as D
+from gpt.train.guard import Guard
+from gpt.train.memory import check_memory
 from gpt.train.objective import make_objective
 from gpt.train.optim import configure_optimizer, lr_at
+from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
 from gpt.train.signals import StopFlag
+
+# a test hook: after_backward(step, model) may poison a gradient (see tests/test_faults.py)
+AfterBackward = Callable[[int, torch.nn.Module], None]
 
 
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
@@ -54,13 +66,25 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return mbs, per_rank // mbs
 
 
+class EvalInterrupted(Exception):
+    """A stop (SIGINT/SIGTERM) arrived during an eval, which was abandoned."""
+
+
 @torch.no_grad()
 def estimate_loss(
-    model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast, objective=None
+    model,
+    source,
+    cfg: TrainRunConfig,
+    info: D.DistInfo,
+    mbs: int,
+    autocast,
+    objective=None,
+    abort: Callable[[], int] | None = None,
 ) -> float:
     """Mean loss per target token over eval_steps global batches of fixed windows (the same at
     every eval, so the curve is not noisy), the same whatever the number of processes and the
-    micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums."""
+    micro-batch size: each rank adds up its tokens' losses, then the ranks add up their sums.
+    ``abort()`` true on any rank (a stop signal) abandons the eval: EvalInterrupted."""
     objective = objective or make_objective(cfg)
     was_training = model.training
     model.eval()
@@ -69,6 +93,9 @@ def estimate_loss(
     total = torch.zeros(2, dtype=acc_dtype, device=info.device)
     for i in range(cfg.train.eval_steps):
         for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
+            if abort is not None and D.max_over_ranks(int(bool(abort())), info):
+                model.train(was_training)
+                raise EvalInterrupted
             batch = source.get(i, cfg.train.batch_size, start, mbs)
             n_targets = objective.count(batch)
             with autocast:
@@ -84,15 +111,19 @@ def estimate_loss(
 
 @torch.no_grad()
 def estimate_pair_metrics(model, source, cfg: TrainRunConfig, info: D.DistInfo, mbs: int, autocast,
-                          objective) -> dict[str, float]:  # fmt: skip
+                          objective, abort: Callable[[], int] | None = None) -> dict[str, float]:  # fmt: skip
     """The preference metrics (``objective.metrics``: loss, reward accuracy, margin, log-probs),
-    means over the pairs of eval_steps fixed global batches, summed over ranks."""
+    means over the pairs of eval_steps fixed global batches, summed over ranks; ``abort`` as for
+    estimate_loss."""
     was_training = model.training
     model.eval()
     acc_dtype = torch.float32 if info.device.type == "mps" else torch.float64
     total = torch.zeros(len(objective.metrics) + 1, dtype=acc_dtype, device=info.device)  # sums, pairs
     for i in range(cfg.train.eval_steps):
         for start in D.micro_batch_starts(cfg.train.batch_size, mbs, info):
+            if abort is not None and D.max_over_ranks(int(bool(abort())), info):
+                model.train(was_training)
+                raise EvalInterrupted
             with autocast:
                 _, per_pair = objective.pair_metrics(model, source.get(i, cfg.train.batch_size, start, mbs),
                                                      info.device)  # fmt: skip
@@ -141,8 +172,18 @@ class Throughput:
 class Trainer:
     """The state of one run (model, optimizer, step) and what a step, an eval and a save do."""
 
-    def __init__(self, cfg: TrainRunConfig, info: D.DistInfo, run: RunSetup) -> None:
+    def __init__(
+        self,
+        cfg: TrainRunConfig,
+        info: D.DistInfo,
+        run: RunSetup,
+        after_backward: AfterBackward | None = None,
+    ) -> None:
+        # the random state setup restored (or seeded): nothing below (the peak-FLOPs probe, the compile
+        # trial step's dropout) may consume it before the first step, see fit
+        self.rng = D.rng_snapshot(info.device)
         self.cfg, self.info, self.run = cfg, info, run
+        self.after_backward = after_backward
         self.mbs, self.accum = split_batch(cfg.train.batch_size, cfg.train.micro_batch_size, info.world_size)
         self.raw_model = run.model
         self.dtype = resolve_dtype(cfg.train.dtype, info.device, key="train.dtype")
@@ -150,12 +191,16 @@ class Trainer:
         weights = "fp32 weights, " if self.dtype != torch.float32 else ""
         run.logger.info(f"precision: {str(self.dtype).removeprefix('torch.')} ({weights}train.dtype="
                         f"{cfg.train.dtype}); optimizer: {cfg.optim.name}")  # fmt: skip
+        check_memory(run.model.config, self.mbs, self.dtype, info.device, cfg.train.activation_checkpointing)
         self.model = D.prepare_model(run.model, info, cfg.train, self.dtype)
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
             D.load_optimizer_state(self.raw_model, self.optimizer, run.optimizer_state)
         self.objective = make_objective(cfg)  # LM cross-entropy, or DPO on preference pairs
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
+        if run.scaler_state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(run.scaler_state)
+        self.guard = Guard(cfg.train, run.guard_state)
         self.step, self.best_val = run.step, run.best_val_loss
         self.starts = D.micro_batch_starts(cfg.train.batch_size, self.mbs, info)  # this rank's micro-batches
         self.flops_per_token = self.raw_model.flops_per_token(run.block_size)
@@ -167,7 +212,8 @@ class Trainer:
         """This step's forward/backward over this rank's micro-batches; returns this rank's part of
         the loss (the sum over ranks is the step's loss)."""
         cfg, info = self.cfg, self.info
-        batches = [self.run.train_data.get(self.step, cfg.train.batch_size, s, self.mbs) for s in self.starts]
+        index = self.step + self.guard.data_offset  # past the batches a rollback skipped
+        batches = [self.run.train_data.get(index, cfg.train.batch_size, s, self.mbs) for s in self.starts]
         self.meter.add(sum(b[0].numel() for b in batches))
         counts = [self.objective.count(b) for b in batches]  # target tokens (or pairs) per micro-batch
         # the step's loss is the mean over the global batch's target tokens, however it is split:
@@ -185,38 +231,63 @@ class Trainer:
             loss_sum += loss.detach()
         return loss_sum
 
-    def optimizer_step(self, lr: float) -> None:
+    def optimizer_step(self, lr: float, loss: torch.Tensor) -> tuple[str, float]:
+        """Step the optimizer unless the guard says otherwise; returns (verdict, the step's loss)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at muon_lr
-        if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        if self.after_backward is not None:
+            self.after_backward(self.step, self.raw_model)
+        self.scaler.unscale_(self.optimizer)
+        # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient; with
+        # clipping off (an infinite limit) the gradients are multiplied by exactly 1
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # non-finite gradients under fp16 are the GradScaler's overflows: it skips and lowers its scale
+        bad = ~torch.isfinite(loss) | (~torch.isfinite(norm) & (not self.scaler.is_enabled()))
+        # one all-reduce: (sum over ranks of the loss parts = the loss x world size, ranks that saw a fault)
+        flags = torch.stack([loss.detach().float().reshape(()), bad.float().reshape(()).to(loss.device)])
+        if self.info.enabled:
+            torch.distributed.all_reduce(flags)
+        loss_sum, bad_ranks = flags.tolist()
+        loss_val = loss_sum / self.info.world_size
+        verdict = self.guard.check(loss_val, bad_ranks > 0)
+        if verdict == "ok":
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return verdict, loss_val
 
-    def evaluate(self) -> dict[str, Any]:
-        """Train and val loss on fixed batches, logged; keeps best.pt if asked."""
+    def evaluate(self, abort: Callable[[], int] | None = None) -> dict[str, Any]:
+        """Train and val loss on fixed batches, logged; keeps best.pt if asked. ``abort()`` true (a
+        stop signal) abandons it: nothing logged, {} returned."""
         cfg, run = self.cfg, self.run
         args = (cfg, self.info, self.mbs, self.autocast, self.objective)
         extra: dict[str, Any] = {}
-        if self.objective.metrics:  # preference pairs: loss, reward accuracy, margin, log-probs
-            parts = {"train": estimate_pair_metrics(self.model, run.train_eval, *args)}
-            if run.val_data:
-                parts["val"] = estimate_pair_metrics(self.model, run.val_data, *args)
-            extra = {f"{p}_{k}": round(v, 6) for p, m in parts.items() for k, v in m.items() if k != "loss"}
-            train_loss, val_loss = parts["train"]["loss"], parts.get("val", {}).get("loss", float("nan"))
-        else:
-            train_loss = estimate_loss(self.model, run.train_eval, *args)
-            val_loss = estimate_loss(self.model, run.val_data, *args) if run.val_data else float("nan")
+        try:
+            if self.objective.metrics:  # preference pairs: loss, reward accuracy, margin, log-probs
+                parts = {"train": estimate_pair_metrics(self.model, run.train_eval, *args, abort)}
+                if run.val_data:
+                    parts["val"] = estimate_pair_metrics(self.model, run.val_data, *args, abort)
+                extra = {
+                    f"{p}_{k}": round(v, 6) for p, m in parts.items() for k, v in m.items() if k != "loss"
+                }
+                train_loss, val_loss = parts["train"]["loss"], parts.get("val", {}).get("loss", float("nan"))
+            else:
+                train_loss = estimate_loss(self.model, run.train_eval, *args, abort)
+                val_loss = (
+                    estimate_loss(self.model, run.val_data, *args, abort) if run.val_data else float("nan")
+                )
+        except EvalInterrupted:
+            self.meter.restart()
+            return {}
         record = {
             "step": self.step,
             "tokens": self.step * cfg.train.batch_size * run.block_size,
             "train_loss": round(train_loss, 6),
-            "val_loss": round(val_loss, 6) if not math.isnan(val_loss) else None,
+            "val_loss": round(val_loss, 6) if run.val_data else None,  # null: no val split; NaN stays NaN
             **extra,
-            "lr": lr_at(max(self.step - 1, 0), cfg.optim, cfg.train.max_steps),
+            "lr": lr_at(max(self.step - 1, 0), cfg.optim, cfg.train.max_steps) * self.guard.lr_scale,
             "elapsed_s": round(time.time() - self.t_start, 3),
         }
         run.logger.metrics(record)
@@ -227,14 +298,74 @@ class Trainer:
         self.meter.restart()
         return record
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> bool:
         """Every rank takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes,
-        and the others wait for it, so that no rank exits (and has torchrun stop rank 0) mid-write."""
-        state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val)
+        and the others wait for it, so that no rank exits (and has torchrun stop rank 0) mid-write.
+        Returns False (nothing written) when the weights are not finite."""
+        extra: dict[str, Any] = {"guard": self.guard.state()}
+        if self.scaler.is_enabled():
+            extra["scaler"] = self.scaler.state_dict()
+        state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val, **extra)
+        bad = non_finite_tensors(state["model"]) if self.info.is_main else []
+        if D.max_over_ranks(int(bool(bad)), self.info):
+            self.run.logger.info(f"step {self.step}: non-finite weights ({bad[:3]}); {path.name} not written")
+            self.meter.restart()
+            return False
         if self.info.is_main:
-            save_checkpoint(path, state)
-        D.barrier()
+            keep = self.cfg.train.keep_last if path.name == CKPT_NAME else 1
+            save_checkpoint(path, state, keep_last=keep, check_finite=True)
+        if path.name == CKPT_NAME:
+            self.guard.saved(self.step)
+        D.wait_all(self.info, "rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
         self.meter.restart()
+        return True
+
+    def rollback(self, reason: str) -> None:
+        """Back to the newest good checkpoint (weights, optimizer, RNG, scaler), past the batches that
+        failed, at a lower LR if asked; logged, and saved at once so that a resume continues from
+        here. Raises DivergenceError once ``train.max_rollbacks`` rollbacks in a row did not help."""
+        cfg, out_dir, failed = self.cfg, Path(self.cfg.out_dir), self.step
+        if self.guard.rollbacks >= cfg.train.max_rollbacks:
+            self.run.logger.event(
+                {"step": failed, "event": "diverged", "reason": reason}, f"step {failed}: {reason}; giving up"
+            )
+            raise DivergenceError(
+                f"training diverged at step {failed} ({reason}) and {self.guard.rollbacks} rollbacks did "
+                f"not help; the last good checkpoint in {out_dir} is intact: lower optim.lr (now "
+                f"{cfg.optim.lr:g}), raise optim.warmup_steps or set train.rollback_lr_factor=0.5, then "
+                "resume=true resume_force=true"
+            )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state, used = load_latest(out_dir, warn=self.run.logger.info)  # every rank reads it
+        options = StateDictOptions(full_state_dict=True, strict=self.run.lora is None)
+        set_model_state_dict(self.raw_model, state["model"], options=options)
+        if state.get("optimizer") and state["optimizer"].get("state"):
+            D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        else:  # saved before the first step: a fresh optimizer
+            self.optimizer.state.clear()
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_val = int(state["step"]), state.get("best_val_loss")
+        D.restore_rng(state.get("rng", {}), self.info, cfg.seed, self.step)
+        self.guard.rolled_back(failed, self.step, state.get("guard"))
+        record = {
+            "step": self.step,
+            "event": "rollback",
+            "from_step": failed,
+            "reason": reason,
+            "data_offset": self.guard.data_offset,
+            "lr_scale": self.guard.lr_scale,
+            "rollback": self.guard.rollbacks,
+        }
+        self.run.logger.rolled_back(self.step)
+        self.run.logger.event(
+            record,
+            f"step {failed}: {reason}; rolled back to {used.name} (step {self.step}), skipping "
+            f"{self.guard.data_offset} batches, lr x{self.guard.lr_scale:g} "
+            f"(rollback {self.guard.rollbacks}/{cfg.train.max_rollbacks})",
+        )
+        self.save(out_dir / CKPT_NAME)
 
     def log(self, loss: torch.Tensor, lr: float) -> None:
         loss_val = D.all_reduce_mean(loss.detach().float()).item()
@@ -249,17 +380,37 @@ class Trainer:
     def fit(self, stop: StopFlag, should_stop: Callable[[int], bool] | None) -> dict[str, Any]:
         """Train from ``self.step`` to ``train.max_steps``, or until a stop; returns the summary."""
         cfg, info, out_dir = self.cfg, self.info, Path(self.cfg.out_dir)
+        if cfg.resume and self.step >= cfg.train.max_steps:
+            self.run.logger.info(
+                f"the run in {out_dir} already finished: step {self.step} of "
+                f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train it further"
+            )
+            self.run.logger.close()
+            return {"step": self.step, "finished": True, "rank": info.rank}
         if cfg.train.compile:
             self.model = try_compile(self.model, self.forward_backward, info)
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
-        record = self.evaluate() if self.step == 0 and cfg.train.eval_interval > 0 else {}
+        D.rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
+        if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
+            self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
+        record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
         self.model.train()
+        stop.immediate = False  # from here a stop finishes the step and saves
         self.meter.restart()
         bar = self.run.logger.progress(total=cfg.train.max_steps, initial=self.step)
         while self.step < cfg.train.max_steps:
-            lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+            lr = lr_at(self.step, cfg.optim, cfg.train.max_steps) * self.guard.lr_scale
             loss = self.forward_backward(self.model)
-            self.optimizer_step(lr)
+            verdict, loss_val = self.optimizer_step(lr, loss)
+            if verdict == "rollback":
+                self.rollback(self.guard.reason)
+                self.meter.restart()
+                continue
+            if verdict == "skip":
+                self.run.logger.event(
+                    {"step": self.step, "event": "skipped", "loss": loss_val, "reason": self.guard.reason},
+                    f"step {self.step}: skipped, {self.guard.reason} (loss {loss_val:.4g})",
+                )
             self.step += 1
             bar.update(1)
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
@@ -269,9 +420,13 @@ class Trainer:
             if code:  # a stop: save first, so that a kill during the eval below loses nothing
                 self.save(out_dir / CKPT_NAME)
             if self.due(cfg.train.eval_interval):
-                record = self.evaluate()
+                record = self.evaluate(stop.code) or record  # a stop during the eval ends it at once
+                if not code and (code := D.max_over_ranks(stop.code(), info)):
+                    self.save(out_dir / CKPT_NAME)
             if not code and (self.due(cfg.train.ckpt_interval) or self.step == cfg.train.max_steps):
-                self.save(out_dir / CKPT_NAME)
+                if not self.save(out_dir / CKPT_NAME):
+                    self.rollback("non-finite weights")
+                    continue
             if code:
                 self.run.logger.close()
                 D.print0(
@@ -293,13 +448,22 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainRunConfig, should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainRunConfig,
+    should_stop: Callable[[int], bool] | None = None,
+    after_backward: AfterBackward | None = None,
+) -> dict[str, Any]:
     """Run (or resume) one training job; returns a summary of the final step's metrics.
-    ``should_stop(step)`` lets Python callers interrupt the run as Ctrl-C would."""
+    ``should_stop(step)`` lets Python callers interrupt the run as Ctrl-C would; ``after_backward``
+    is a test hook (fault injection)."""
     info = D.init_distributed(cfg.device, cfg.train.timeout_s)
     try:
         with StopFlag() as stop:
-            run = setup_run(cfg, info)
-            return Trainer(cfg, info, run).fit(stop, should_stop)
+            lock = claim_out_dir(cfg.out_dir, info)  # held by rank 0 for the whole run
+            try:
+                run = setup_run(cfg, info)
+                return Trainer(cfg, info, run, after_backward).fit(stop, should_stop)
+            finally:
+                lock.release()
     finally:
         D.teardown()

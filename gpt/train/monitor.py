@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from gpt.atomic import atomic_write
 from gpt.config import TrainRunConfig
+from gpt.runs.metrics import json_safe, parse_record
 from gpt.train import distributed as D
 
 
@@ -46,15 +47,24 @@ class Monitor:
         if cfg.wandb.mode != "disabled":
             self.wandb_run = _start_wandb(cfg, out_dir, config)
 
-    def _reset_metrics(self, resume_step: int | None) -> None:
+    def _reset_metrics(self, resume_step: int | None, keep_events: bool = False) -> None:
         """A fresh run starts an empty file; a resumed run drops records past its checkpoint
-        (evals that ran after the last save are replayed, identically)."""
-        keep: list[str] = []
+        (evals that ran after the last save are replayed, identically), and a torn last line (a
+        crash mid-write); a rollback also keeps the guard's events past it."""
+        keep: list[dict[str, Any]] = []
         if resume_step is not None and self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    keep.append(line)
-        atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))
+            for line in self.metrics_path.read_text(errors="replace").splitlines():
+                record = parse_record(line)
+                if record is not None and (
+                    record.get("step", 0) <= resume_step or (keep_events and "event" in record)
+                ):
+                    keep.append(record)
+        atomic_write(self.metrics_path, "".join(_dumps(r) + "\n" for r in keep))
+
+    def rolled_back(self, step: int) -> None:
+        """After a rollback to ``step``: evals past it belong to the abandoned stretch."""
+        if self.active:
+            self._reset_metrics(step, keep_events=True)
 
     def info(self, message: str) -> None:
         if self.active:
@@ -90,7 +100,7 @@ class Monitor:
         if not self.active:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_dumps(record) + "\n")
         val = record.get("val_loss")
         self._write(
             f"eval step {record['step']}: train_loss {record['train_loss']:.4f}"
@@ -107,11 +117,31 @@ class Monitor:
                 {**extra, "eval/val_loss": val, "tokens": record["tokens"]}, step=record["step"]
             )
 
+    def event(self, record: dict[str, Any], message: str) -> None:
+        """A guard event (a skipped step, a rollback, ...): console, metrics.jsonl, wandb."""
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(_dumps(record) + "\n")
+        self._write(message)
+        if self.wandb_run is not None:
+            numbers = {
+                f"guard/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"
+            }
+            # wandb steps only go forward: a rollback is logged at the step that failed
+            step = record.get("from_step", record["step"])
+            self.wandb_run.log({**numbers, f"guard/{record['event']}": 1}, step=step)
+
     def close(self) -> None:
         self.bar.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    """Strict JSON (no bare NaN/Infinity): non-finite numbers as strings, see gpt.runs.metrics."""
+    return json.dumps(json_safe(record), allow_nan=False)
 
 
 def _start_wandb(cfg: TrainRunConfig, out_dir: Path, config: dict[str, Any]):

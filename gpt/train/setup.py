@@ -6,11 +6,16 @@ Three ways in, one result (``RunSetup``):
 - fresh:      the tokenizer is built by data preparation; the model shape comes from ``cfg.model``;
 - init_from:  weights, shape and tokenizer come from another run (or ``hf:DIR``); ``block_size``
               may shrink, and any shape the config sets must match the checkpoint;
-- resume:     everything (weights, optimizer, step, RNG) comes from ``out_dir/ckpt.pt``.
+- resume:     everything (weights, optimizer, step, RNG, guard, GradScaler) comes from the newest
+              checkpoint of ``out_dir`` that verifies; the settings that define the run (its
+              ``fingerprint``: data, tokenizer, seed, batch, optimizer, dtype, fine-tuning) must be
+              the saved ones unless ``resume_force=true``; intervals and ``train.max_steps`` may change.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ import torch
 import yaml  # PyYAML comes with hydra-core/omegaconf
 
 from gpt.atomic import atomic_write
-from gpt.checkpoint import CKPT_NAME, checkpoint_state, load_state_dict_strict
+from gpt.checkpoint import CKPT_NAME, checkpoint_state, history, load_state_dict_strict
 from gpt.config import TrainRunConfig
 from gpt.data.preference import pair_sources
 from gpt.data.prepare import prepare
@@ -32,6 +37,52 @@ from gpt.train import distributed as D
 from gpt.train.init import Start, resolve_start
 from gpt.train.monitor import Monitor
 from gpt.train.reference import attach_reference
+
+from gpt.train.rundir import replace_run
+
+# what may change on resume: how often things happen, how long, how it is shown, where it runs
+RESUMABLE = {
+    "train": {"max_steps", "micro_batch_size", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",
+              "compile", "parallel", "activation_checkpointing", "keep_best", "peak_flops", "progress",
+              "timeout_s", "keep_last", "max_bad_steps", "spike_std", "spike_window", "max_rollbacks",
+              "rollback_lr_factor"},
+    "data": {"name", "num_workers", "cache_dir"},
+}  # fmt: skip
+IGNORED = {"out_dir", "device", "resume", "resume_force", "init_from", "overwrite", "model", "wandb"}
+
+
+def run_fingerprint(cfg: TrainRunConfig) -> dict[str, Any]:
+    """The settings that define a run, flat (``data.path``: value): a resume must keep them."""
+    flat: dict[str, Any] = {}
+    for key, value in cfg.to_dict().items():
+        if key in IGNORED:
+            continue
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if k not in RESUMABLE.get(key, ())})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_fingerprint(saved: dict[str, Any] | None, cfg: TrainRunConfig, source: str) -> str | None:
+    """ConfigError listing the defining settings that differ from the checkpoint's (none saved: an
+    older checkpoint, accepted); with ``resume_force=true`` the notice to log instead."""
+    if not saved:
+        return None
+    now = run_fingerprint(cfg)
+    diffs = [
+        f"{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if not diffs:
+        return None
+    if cfg.resume_force:
+        return f"resume_force=true: continuing {source} with changed settings: {'; '.join(diffs)}"
+    raise ConfigError(
+        f"resume=true: {source} was trained with other settings: {'; '.join(diffs)}; "
+        "restore them, or set resume_force=true to continue with the new ones"
+    )
 
 
 @dataclass
@@ -47,17 +98,23 @@ class RunSetup:
     step: int = 0
     best_val_loss: float | None = None
     optimizer_state: dict | None = None
+    guard_state: dict | None = None  # the numerical guard's (see gpt.train.guard)
+    scaler_state: dict | None = None  # the fp16 GradScaler's
     lora: dict[str, Any] | None = None  # a LoRA run's settings and base (see gpt.train.init)
     dist: D.DistInfo = field(default_factory=D.DistInfo)  # this process's rank and device
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # see run_fingerprint
 
-    def checkpoint_state(self, model: GPT, optimizer, step: int, best_val: float | None) -> dict[str, Any]:
+    def checkpoint_state(
+        self, model: GPT, optimizer, step: int, best_val: float | None, **extra: Any
+    ) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, step, RNG, config, tokenizer.
-        The data position is the step itself: batches are a pure function of (seed, step).
+        The data position is the step itself (plus the guard's offset after a rollback, in
+        ``extra["guard"]``): batches are a pure function of (seed, step).
         Call it on every rank (FSDP gathers the shards); the result is complete on rank 0."""
         model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist)
-        extra = {}
+        extra["fingerprint"] = self.fingerprint
         if self.lora is not None:  # adapters only: the frozen base is loaded again from lora["base"]
-            model_sd, extra = adapter_weights(model_sd), {"lora": self.lora}
+            model_sd, extra["lora"] = adapter_weights(model_sd), self.lora
         return checkpoint_state(
             model_sd,
             model.config,
@@ -94,12 +151,21 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
     return prepared.tokenizer, train, train_eval, val
 
 
+def _rank_fingerprint(cfg: TrainRunConfig, tokenizer, train_data) -> str:
+    """What must agree across ranks: the run's settings, the tokenizer, the data (its first batch)."""
+    h = hashlib.sha256(json.dumps(run_fingerprint(cfg), sort_keys=True, default=str).encode())
+    h.update(tokenizer.fingerprint().encode())
+    for t in train_data.get(0, cfg.train.batch_size, 0, cfg.train.batch_size):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
-    if cfg.resume and not ckpt_file.exists():
+    if cfg.resume and not history(ckpt_file.parent):
         raise CheckpointError(
             f"resume=true but {ckpt_file} does not exist; start the run without resume=true"
         )
-    if not cfg.resume and ckpt_file.exists() and not cfg.overwrite:
+    if not cfg.resume and history(ckpt_file.parent) and not cfg.overwrite:
         raise ConfigError(
             f"out_dir={ckpt_file.parent} already holds a checkpoint; continue it with resume=true, choose "
             "another out_dir, or replace it with overwrite=true"
@@ -133,15 +199,19 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     out_dir = Path(cfg.out_dir)
     ckpt_file = out_dir / CKPT_NAME
     _check_out_dir(cfg, ckpt_file)
+    if cfg.overwrite and not cfg.resume and info.is_main and out_dir.is_dir():
+        replace_run(out_dir)  # before anything of the new run is written: never two runs in one directory
     start = resolve_start(cfg, ckpt_file)
+    state = start.resume_state or {}
+    forced = check_fingerprint(state.get("fingerprint"), cfg, start.source or str(ckpt_file))
     config = start.model_config
     block_size = config.block_size if config else cfg.model.given().get("block_size", GPTConfig.block_size)
     tokenizer, train_data, train_eval, val_data = _build_data(cfg, start.tokenizer, block_size, info)
+    D.check_same_on_ranks(_rank_fingerprint(cfg, tokenizer, train_data), "data, tokenizer or settings", info)
     model = _build_model(cfg, start, tokenizer, info)
 
     config_dict = cfg.to_dict()
     config_dict["model"] = model.config.to_dict()  # record the shape actually trained
-    state = start.resume_state or {}
     step = int(state.get("step", 0))
     if start.resume_state is not None:
         D.restore_rng(state.get("rng", {}), info, cfg.seed, step)
@@ -165,7 +235,9 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     if reference is not None:
         logger.info(reference)
     if start.resume_state is not None:
-        logger.info(f"resuming {ckpt_file} at step {step}")
+        logger.info(f"resuming {start.source} at step {step}")
+    if forced:
+        logger.info(forced)
     return RunSetup(
         model=model,
         tokenizer=tokenizer,
@@ -178,6 +250,9 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         step=step,
         best_val_loss=state.get("best_val_loss"),
         optimizer_state=state.get("optimizer"),
+        guard_state=state.get("guard"),
+        scaler_state=state.get("scaler"),
         lora=start.lora,
         dist=info,
+        fingerprint=run_fingerprint(cfg),
     )

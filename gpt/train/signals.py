@@ -1,4 +1,6 @@
-"""Ctrl-C and SIGTERM during training: finish the step, save a checkpoint, exit.
+"""Ctrl-C and SIGTERM during training: finish the step, save a checkpoint, exit. Before the first
+step (data preparation, tokenizer training, set-up) there is nothing to save: the run exits at once
+(130 or 143, no traceback), its ``finally`` blocks removing temp folders and stopping workers.
 
     with StopFlag() as stop:
         ...
@@ -28,10 +30,15 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.immediate = True  # until the training loop starts (gpt.train.loop sets it False)
         self._since = 0.0
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
+        if self.immediate:
+            name = signal.Signals(signum).name
+            D.print0(f"\n{name} received before the first step: stopping (nothing to save yet)")
+            raise SystemExit(130 if signum == signal.SIGINT else 143)
         if self.reason is not None and signum == signal.SIGINT and time.monotonic() - self._since > 1.0:
             raise KeyboardInterrupt
         first = self.reason is None
