@@ -122,8 +122,15 @@ def test_muon_run_resumes_exactly(make_cfg):
     for ra, rb in zip(a, b, strict=True):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"], (ra, rb)
     assert a[-1]["val_loss"] < a[0]["val_loss"] - 0.5
-    with pytest.raises(CheckpointError, match="optim=adamw or optim=muon"):  # not silently mixed
+    with pytest.raises(
+        ConfigError, match="optim.name='adamw' \\(checkpoint: 'muon'\\)"
+    ):  # not silently mixed
         train(make_cfg("part", model=dict(dropout=0.1), train=dict(max_steps=25), resume=True))
+    forced = make_cfg(
+        "part", model=dict(dropout=0.1), train=dict(max_steps=25), resume=True, resume_force=True
+    )
+    with pytest.raises(CheckpointError, match="optim=adamw or optim=muon"):  # even when forced
+        train(forced)
 
 
 # -------------------------------------------------------------------------------------------- prefill
