@@ -9,8 +9,8 @@ A task is a directory holding ``test.jsonl`` (and optionally ``train.jsonl``), o
 ``test.jsonl``), or ``cloze`` (``gpt.eval.cloze`` on the run's own held-out text). One item a line:
 
 - multiple choice ``{"context": str, "choices": [str, ...], "answer": index}``: each choice is scored
-  by its summed log-probability after the context (``acc``), and by that per UTF-8 byte of the choice
-  (``acc_norm``, which does not favour short choices);
+  by its summed log-probability after the context (``acc``), and by that per UTF-8 byte of the
+  delimiter and choice (``acc_norm``, which does not favour short choices);
 - generative ``{"prompt": str, "answer": str}`` or ``{"messages": [...], "answer": str}``: a greedy
   completion (batched on the generation engine's decoder) compared by ``match``: exact, normalized
   (case, punctuation, articles and spacing ignored) or regex (``answer`` is a pattern searched in the
@@ -290,7 +290,8 @@ def score_multiple_choice(model: GPT, tokenizer, task: Task, cfg: TasksConfig) -
     scores = choice_logprobs(model, tokenizer, requests, cfg.batch_size)
     acc, acc_norm = [], []
     for it, s in zip(items, scores):
-        norm = [v / max(len(ch.encode("utf-8")), 1) for v, ch in zip(s, it["choices"])]
+        # per byte of what was scored: the delimiter and the choice
+        norm = [v / max(len((cfg.delimiter + ch).encode("utf-8")), 1) for v, ch in zip(s, it["choices"])]
         acc.append(float(max(range(len(s)), key=s.__getitem__) == it["answer"]))
         acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == it["answer"]))
     return {"acc": acc, "acc_norm": acc_norm}
