@@ -109,6 +109,8 @@ class TrainConfig:
     eval_interval: int = 250
     eval_steps: int = 20
     """Global batches (of batch_size windows) averaged for each of train_loss and val_loss."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Tasks scored at each eval (gpt.eval.tasks): task files or directories, or 'cloze'."""
     log_interval: int = 10
     ckpt_interval: int = 1000
     compile: bool = False

@@ -92,16 +92,20 @@ class Monitor:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         val = record.get("val_loss")
+        # val_bpb and task scores (``cloze/acc``...) when the run computes them
+        extra = {k: v for k, v in record.items() if (k == "val_bpb" or "/" in k) and v is not None}
         self._write(
             f"eval step {record['step']}: train_loss {record['train_loss']:.4f}"
             + (f" | val_loss {val:.4f}" if val is not None else "")
+            + "".join(f" | {k} {v:.4f}" for k, v in extra.items())
             + f" | {record['elapsed_s']:.0f}s"
         )
         if self.wandb_run is not None:
             self.wandb_run.log(
-                {"eval/train_loss": record["train_loss"], "eval/val_loss": val, "tokens": record["tokens"]},
+                {"eval/train_loss": record["train_loss"], "eval/val_loss": val, "tokens": record["tokens"],
+                 **{f"eval/{k}": v for k, v in extra.items()}},
                 step=record["step"],
-            )
+            )  # fmt: skip
 
     def close(self) -> None:
         self.bar.close()
