@@ -76,6 +76,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     verb, rest = argv[0], argv[1:]
     if verb == "dialogs":
         return dialogs_command.run(rest)
+    if "=" in verb:  # the former ``gpt eval ckpt=...`` scored dialogs: it still does
+        return dialogs_command.run(argv)
     if verb not in VERBS:
         with errors_as_exit():
             raise UserError(f"unknown verb {verb!r}; verbs: {', '.join([*VERBS, 'dialogs'])}")
