@@ -29,7 +29,7 @@ VERBS = {
     "prepare": ("gpt.data.__main__", "run", "tokenize a corpus into cached shards (python -m gpt.data)"),
     "check-dialogs": ("gpt.chat", "run", "check a dialog file, show it rendered (python -m gpt.chat)"),
     "eval": ("gpt.eval.__main__", "run", "bpb, cloze, task files, chat dialogs (python -m gpt.eval VERB)"),
-    "lm-eval": ("gpt.eval.lm_eval", "cli", "lm-evaluation-harness with our model (python -m gpt.eval.lm_eval)"),
+    "lm-eval": ("gpt.eval.lm_eval", "cli", "lm-evaluation-harness on our model (python -m gpt.eval.lm_eval)"),
     "plot": ("gpt.plot", "run", "loss, bpb and task curves of runs as a PNG (python -m gpt.plot)"),
     "export": ("gpt.export", "export_main", "write a Hugging Face GPT-2 directory (python -m gpt.export)"),
     "merge": ("gpt.export", "merge_main", "fold LoRA adapters into the weights (python -m gpt.lora merge)"),
