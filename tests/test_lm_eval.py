@@ -15,6 +15,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from gpt.eval.bpb import bits_per_byte  # noqa: E402
 from gpt.eval.lm_eval import GPTLM, cli  # noqa: E402
+from gpt.eval.scoring import choice_logprobs  # noqa: E402
 from gpt.eval.tasks import TasksConfig, TaskSuite, greedy_completions  # noqa: E402
 from tests.helpers_eval import save_run, tiny_model  # noqa: E402
 
@@ -44,6 +45,10 @@ def test_adapter_scores_equal_our_own(run_dir, tmp_path):
     ours = TaskSuite([str(task)], TasksConfig()).score(model, tok)["mc"]["metrics"]["acc"]
     reqs = [request("loglikelihood", it["context"], " " + c) for it in ITEMS for c in it["choices"]]
     scores = [lp for lp, _ in lm.loglikelihood(reqs)]
+    ours_scores = choice_logprobs(
+        model, tok, [(it["context"], [" " + c for c in it["choices"]]) for it in ITEMS]
+    )
+    assert scores == pytest.approx([v for row in ours_scores for v in row], abs=1e-5)
     k, right = 0, 0
     for it in ITEMS:
         s = scores[k : k + len(it["choices"])]
