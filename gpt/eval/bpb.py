@@ -152,7 +152,12 @@ def bytes_per_token(tokenizer, token_arrays: Iterable[np.ndarray]) -> float:
 
 
 def bits_per_byte(
-    model: GPT, tokenizer, texts: Sequence[str], stride: int | None = None, batch_size: int = 16
+    model: GPT,
+    tokenizer,
+    texts: Sequence[str],
+    stride: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Summed loss (bits) of every token of every text over its UTF-8 bytes; also the loss per
     token (nats) and the counts."""
@@ -161,7 +166,7 @@ def bits_per_byte(
         ids = tokenizer.encode(text)
         if not ids:
             continue
-        logp = rolling_logprobs(model, [tokenizer.eot_id, *ids], stride, batch_size)  # (len(ids),)
+        logp = rolling_logprobs(model, [tokenizer.eot_id, *ids], stride, batch_size, progress)  # (len(ids),)
         nats -= float(logp.sum())
         n_tokens += len(ids)
         n_bytes += len(text.encode("utf-8"))
@@ -185,7 +190,7 @@ def evaluate_bpb(cfg: BpbConfig) -> dict[str, Any]:
     stride = min(cfg.stride or model.config.block_size // 2, model.config.block_size)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
-        result = bits_per_byte(model, tokenizer, texts, stride, cfg.batch_size)
+        result = bits_per_byte(model, tokenizer, texts, stride, cfg.batch_size, progress=True)
     return {
         "ckpt": cfg.ckpt,
         "data": cfg.data.path,

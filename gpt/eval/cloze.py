@@ -105,9 +105,13 @@ def cloze_items(
     return items
 
 
-def score_cloze(model: GPT, tokenizer, items: list[dict[str, Any]], batch_size: int = 32) -> float:
+def score_cloze(
+    model: GPT, tokenizer, items: list[dict[str, Any]], batch_size: int = 32, progress: bool = False
+) -> float:
     """Accuracy: the fraction of items whose real continuation has the highest log-probability."""
-    scores = choice_logprobs(model, tokenizer, [(it["context"], it["choices"]) for it in items], batch_size)
+    scores = choice_logprobs(
+        model, tokenizer, [(it["context"], it["choices"]) for it in items], batch_size, progress
+    )
     right = sum(max(range(len(s)), key=s.__getitem__) == it["answer"] for s, it in zip(scores, items))
     return right / max(len(items), 1)
 
@@ -120,7 +124,7 @@ def evaluate_cloze(cfg: ClozeConfig) -> dict[str, Any]:
     items = cloze_items(text, cfg.n, cfg.context_bytes, cfg.continuation_bytes, cfg.seed)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
-        accuracy = score_cloze(model, tokenizer, items, cfg.batch_size)
+        accuracy = score_cloze(model, tokenizer, items, cfg.batch_size, progress=True)
     n = len(items)
     return {
         "ckpt": cfg.ckpt,

@@ -16,8 +16,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from gpt.model import GPT
+
+
+def _batches(n: int, batch_size: int, progress: bool, what: str):
+    """Batch start offsets, with a progress bar on a terminal when asked (the commands ask)."""
+    starts = range(0, n, batch_size)
+    return tqdm(starts, desc=what, unit="batch", leave=False, disable=None if progress else True)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -26,7 +33,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16
+    model: GPT,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log p(continuation | context), whether
     greedy decoding would produce exactly the continuation). A context + continuation longer than
@@ -37,7 +47,7 @@ def continuation_logprobs(
     results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     # longest first: the rows of a batch then have similar lengths (less padding)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    for s in range(0, len(order), batch_size):
+    for s in _batches(len(order), batch_size, progress, "scoring"):
         group = order[s : s + batch_size]
         rows, spans = [], []
         for i in group:
@@ -84,7 +94,7 @@ def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int,
 
 @torch.no_grad()
 def rolling_logprobs(
-    model: GPT, ids: Sequence[int], stride: int | None = None, batch_size: int = 16
+    model: GPT, ids: Sequence[int], stride: int | None = None, batch_size: int = 16, progress: bool = False
 ) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t = 1..len(ids)-1, as a float64 CPU tensor (len(ids) - 1,).
     Texts longer than block_size are scored in windows ``stride`` tokens apart (default: half a
@@ -96,7 +106,7 @@ def rolling_logprobs(
     seq = torch.tensor(list(ids), dtype=torch.long)
     out = torch.zeros(max(len(seq) - 1, 0), dtype=torch.float64)
     spans = windows(len(seq), block, stride)
-    for s in range(0, len(spans), batch_size):
+    for s in _batches(len(spans), batch_size, progress, "windows"):
         group = spans[s : s + batch_size]
         x = torch.zeros(len(group), block, dtype=torch.long)
         y = torch.full((len(group), block), -1, dtype=torch.long)  # -1: not scored here
@@ -129,7 +139,11 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def choice_logprobs(
-    model: GPT, tokenizer, items: Sequence[tuple[str, Sequence[str]]], batch_size: int = 16
+    model: GPT,
+    tokenizer,
+    items: Sequence[tuple[str, Sequence[str]]],
+    batch_size: int = 16,
+    progress: bool = False,
 ) -> list[list[float]]:
     """For each (context, choices): the summed log-probability of every choice after the context
     (the choices of all items are scored together, in batches)."""
@@ -139,6 +153,8 @@ def choice_logprobs(
             requests.append(encode_pair(tokenizer, context, choice))
             owners.append(i)
     scores: list[list[float]] = [[] for _ in items]
-    for i, (logprob, _) in zip(owners, continuation_logprobs(model, requests, batch_size), strict=True):
+    for i, (logprob, _) in zip(
+        owners, continuation_logprobs(model, requests, batch_size, progress), strict=True
+    ):
         scores[i].append(logprob)
     return scores
