@@ -12,10 +12,10 @@ wings below it (``tests/test_layering.py`` enforces the arrows):
 - ``gpt.data``: corpus reading, token shards and their cache, dialog files, SFT batches.
 - ``gpt.train``: the one loop, run setup, where weights start, optimizer, distributed, monitor.
 - ``gpt.infer``: the generation engine, the REPLs, ``sample.py``'s job.
-- ``gpt.eval``: evaluation.
+- ``gpt.eval``: evaluation (bits per byte, cloze, task files, lm-eval adapter, dialogs).
 - ``gpt.serve``: the OpenAI-compatible HTTP server (continuous batching) and its chat page.
 - commands on top: ``cli`` (the command-line convention), ``commands``, ``chat``, ``evaluate``,
-  ``export``, ``bench``, ``__main__``, and each wing's ``__main__``.
+  ``export``, ``bench``, ``plot``, ``__main__``, and each wing's ``__main__``.
 """
 
 __version__ = "0.1.0"

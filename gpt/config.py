@@ -161,6 +161,8 @@ class TrainConfig:
     eval_interval: int = 250
     eval_steps: int = 20
     """Global batches (of batch_size windows) averaged for each of train_loss and val_loss."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Tasks scored at each eval (gpt.eval.tasks): task files or directories, or 'cloze'."""
     log_interval: int = 10
     ckpt_interval: int = 1000
     compile: bool = False
@@ -194,19 +196,6 @@ class TrainConfig:
     """Each rollback multiplies the learning rate by this (1 = unchanged)."""
 
     def __post_init__(self) -> None:
-        checks = [
-            ("keep_last", self.keep_last >= 1, "must be >= 1"),
-            ("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1"),
-            ("spike_std", self.spike_std >= 0, "must be >= 0 (0 = off)"),
-            ("spike_window", self.spike_window >= 2, "must be >= 2"),
-            ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
-            ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "must be in (0, 1]"),
-        ]
-        for key, ok, what in checks:
-            if not ok:
-                raise ConfigError(f"train.{key}={getattr(self, key)} {what}")
-
-    def __post_init__(self) -> None:
         mbs = self.micro_batch_size
         _check_ranges("train.", self, [
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
@@ -219,6 +208,12 @@ class TrainConfig:
             ("peak_flops", self.peak_flops is None or (_finite(self.peak_flops) and self.peak_flops > 0),
              "must be > 0 or null (measure)"),
             ("timeout_s", self.timeout_s >= 1, "must be >= 1"),
+            ("keep_last", self.keep_last >= 1, "must be >= 1"),
+            ("max_bad_steps", self.max_bad_steps >= 1, "must be >= 1"),
+            ("spike_std", _finite(self.spike_std) and self.spike_std >= 0, "must be >= 0 (0 = off)"),
+            ("spike_window", self.spike_window >= 2, "must be >= 2"),
+            ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
+            ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "must be in (0, 1]"),
         ])  # fmt: skip
 
 

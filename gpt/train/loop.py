@@ -8,8 +8,9 @@ and their initial weights, never in the loop.
 Per optimizer step: ``batch_size`` sequences (global) are split over processes and micro-steps of
 ``micro_batch_size``; gradients are accumulated without all-reduce until the last micro-step, the
 global gradient norm is clipped, and the optimizer steps with the learning rate of ``lr_at(step)``.
-Every ``eval_interval`` steps (and at the end) train and val losses go to ``metrics.jsonl`` and
-wandb; a checkpoint is written every ``ckpt_interval`` steps, at the end, and on Ctrl-C / SIGTERM.
+Every ``eval_interval`` steps (and at the end) train and val losses (and ``val_bpb``, and the scores
+of ``train.eval_tasks``) go to ``metrics.jsonl`` and wandb; a checkpoint is written every
+``ckpt_interval`` steps, at the end, and on Ctrl-C / SIGTERM.
 
 The guard (``gpt.train.guard``): a step whose loss or gradient norm is non-finite on any rank is
 skipped by every rank; too many in a row, or a loss spike, roll the run back to its last good
@@ -31,8 +32,11 @@ import torch
 
 from gpt.checkpoint import BEST_NAME, CKPT_NAME, load_latest, non_finite_tensors, save_checkpoint
 from gpt.config import TrainRunConfig
+from gpt.data.shards import TokenWindows
 from gpt.device import autocast_for, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError, DivergenceError
+from gpt.eval.bpb import TextConfig, bytes_per_token
+from gpt.eval.tasks import TasksConfig, TaskSuite
 from gpt.train import distributed as D
 from gpt.train.guard import Guard
 from gpt.train.memory import check_memory
@@ -135,6 +139,15 @@ def estimate_pair_metrics(model, source, cfg: TrainRunConfig, info: D.DistInfo, 
     return {k: (total[j] / total[-1]).item() for j, k in enumerate(objective.metrics)}
 
 
+def task_suite(cfg: TrainRunConfig) -> TaskSuite:
+    """The tasks of train.eval_tasks; cloze items come from the held-out split of the run's corpus."""
+    text = None
+    if cfg.data.format == "text" and cfg.data.val_fraction > 0:
+        text = TextConfig(path=cfg.data.path, jsonl_field=cfg.data.text_field, split="val",
+                          val_fraction=cfg.data.val_fraction)  # fmt: skip
+    return TaskSuite(cfg.train.eval_tasks, TasksConfig(tasks=list(cfg.train.eval_tasks)), text)
+
+
 def try_compile(model, run_step: Callable[[Any], Any], info: D.DistInfo):
     """torch.compile with a graceful fallback: compile errors surface on the first call, so run one
     step with the compiled model and fall back to eager (one notice line) if it fails."""
@@ -207,6 +220,11 @@ class Trainer:
         self.peak = cfg.train.peak_flops or measure_peak_flops(info.device, self.dtype)
         self.meter = Throughput()
         self.t_start = time.time()
+        # val_bpb = val_loss in bits x tokens per byte of the val split (text corpora only)
+        val = run.val_data
+        text = isinstance(val, TokenWindows)
+        self.val_bytes_per_token = bytes_per_token(run.tokenizer, val.shards) if text else None
+        self.tasks = task_suite(cfg) if cfg.train.eval_tasks else None
 
     def forward_backward(self, model) -> torch.Tensor:
         """This step's forward/backward over this rank's micro-batches; returns this rank's part of
@@ -281,15 +299,21 @@ class Trainer:
         except EvalInterrupted:
             self.meter.restart()
             return {}
+        bpt = self.val_bytes_per_token
         record = {
             "step": self.step,
             "tokens": self.step * cfg.train.batch_size * run.block_size,
             "train_loss": round(train_loss, 6),
             "val_loss": round(val_loss, 6) if run.val_data else None,  # null: no val split; NaN stays NaN
+            "val_bpb": round(val_loss / math.log(2) / bpt, 6) if bpt and run.val_data else None,
             **extra,
             "lr": lr_at(max(self.step - 1, 0), cfg.optim, cfg.train.max_steps) * self.guard.lr_scale,
             "elapsed_s": round(time.time() - self.t_start, 3),
         }
+        if self.tasks is not None:  # on every rank, the same items: FSDP's weight gathers match
+            with torch.no_grad(), self.autocast:
+                scores = self.tasks.score(self.raw_model, run.tokenizer, chat=cfg.data.format == "dialogs")
+            record.update({f"{task}/{k}": v for task, r in scores.items() for k, v in r["metrics"].items()})
         run.logger.metrics(record)
         better = self.best_val is None or val_loss < self.best_val
         if cfg.train.keep_best and not math.isnan(val_loss) and better:

@@ -102,19 +102,23 @@ class Monitor:
         with open(self.metrics_path, "a") as f:
             f.write(_dumps(record) + "\n")
         val = record.get("val_loss")
+        # val_bpb and task scores (``cloze/acc``...) when the run computes them
+        extra = {k: v for k, v in record.items() if (k == "val_bpb" or "/" in k) and v is not None}
         self._write(
             f"eval step {record['step']}: train_loss {record['train_loss']:.4f}"
             + (f" | val_loss {val:.4f}" if val is not None else "")
             + "".join(
                 f" | {k} {record[k]:.3f}" for k in ("train_reward_acc", "val_reward_acc") if k in record
             )
+            + "".join(f" | {k} {v:.4f}" for k, v in extra.items())
             + f" | {record['elapsed_s']:.0f}s"
         )
         if self.wandb_run is not None:
-            # the losses, and any other eval metric (e.g. DPO's val_reward_acc), under eval/
-            extra = {f"eval/{k}": v for k, v in record.items() if k.startswith(("train_", "val_"))}
+            # the losses, any other eval metric (DPO's val_reward_acc, val_bpb) and task scores, under eval/
+            logged = {f"eval/{k}": v for k, v in record.items() if k.startswith(("train_", "val_"))}
+            logged.update({f"eval/{k}": v for k, v in extra.items()})
             self.wandb_run.log(
-                {**extra, "eval/val_loss": val, "tokens": record["tokens"]}, step=record["step"]
+                {**logged, "eval/val_loss": val, "tokens": record["tokens"]}, step=record["step"]
             )
 
     def event(self, record: dict[str, Any], message: str) -> None:

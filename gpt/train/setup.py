@@ -37,7 +37,6 @@ from gpt.train import distributed as D
 from gpt.train.init import Start, resolve_start
 from gpt.train.monitor import Monitor
 from gpt.train.reference import attach_reference
-
 from gpt.train.rundir import replace_run
 
 # what may change on resume: how often things happen, how long, how it is shown, where it runs

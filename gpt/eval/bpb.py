@@ -1,0 +1,210 @@
+"""Bits per byte: a model's summed token loss on a text, in bits, divided by the text's UTF-8 bytes.
+Unlike the loss per token, it compares models of different tokenizers (a char model and a BPE model
+of the same corpus).
+
+    python -m gpt.eval bpb ckpt=out/shakespeare_char data.path=data/tinyshakespeare/input.txt data.split=val
+    python -m gpt.eval bpb ckpt=out/run data.path=notes/ stride=64 out=bpb.json
+
+    from gpt.eval.bpb import bits_per_byte
+    result = bits_per_byte(model, tokenizer, ["To be, or not to be"])   # {"bpb", "tokens", "bytes", ...}
+
+Each document starts after an <|endoftext|> (as in training) and is scored whole through
+overlapping windows (``gpt.eval.scoring.rolling_logprobs``), so every token after the first
+block has at least ``block_size - stride`` tokens of context. ``data.split=val`` scores the part of
+a corpus a run trained on it held out (the same cut as ``gpt.data.prepare``). During training,
+``val_bpb`` is estimated from ``val_loss`` and the val split's bytes per token (``bytes_per_token``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from gpt.config import resolve_path
+from gpt.data.corpus import iter_pieces
+from gpt.device import autocast_for, pick_device, resolve_dtype
+from gpt.errors import ConfigError, DataError
+from gpt.eval.scoring import rolling_logprobs
+from gpt.model import GPT
+from gpt.runs.load import load_model
+from gpt.tokenizer import SPECIAL_TOKENS
+
+
+@dataclass
+class TextConfig:
+    """Which text an evaluation reads (the ``data`` group of conf/eval_bpb.yaml, conf/eval_cloze.yaml)."""
+
+    path: str = "data/tinyshakespeare/input.txt"
+    """A file, a directory of .txt/.jsonl files, or a glob."""
+    jsonl_field: str = "text"
+    split: Literal["all", "val"] = "all"
+    """'all': the whole text; 'val': the last val_fraction, cut as training holds it out."""
+    val_fraction: float = 0.1
+    max_bytes: int = 0
+    """Read at most this many bytes of the chosen split (whole lines); 0 = all."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.max_bytes < 0:
+            raise ConfigError(f"data.max_bytes={self.max_bytes} must be >= 0 (0 = all)")
+
+
+@dataclass
+class BpbConfig:
+    ckpt: str = "out/shakespeare_char"
+    data: TextConfig = field(default_factory=TextConfig)
+    stride: int | None = None
+    """Tokens between window starts; None = half of block_size."""
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"stride={self.stride} must be >= 1, or null for half of block_size")
+
+
+def read_texts(cfg: TextConfig) -> list[str]:
+    """The documents of ``cfg.path`` (a .txt file is one, a JSONL line is one), cut to its split."""
+    docs, splittable, current = [], [], []
+    for piece in iter_pieces(resolve_path(cfg.path), cfg.jsonl_field):
+        current.append(piece.text)
+        if piece.doc_end:
+            docs.append("".join(current))
+            splittable.append(piece.splittable)
+            current = []
+    if cfg.split == "val":
+        docs = _val_split(docs, splittable, cfg.val_fraction)
+        if not docs:
+            raise DataError(f"{cfg.path}: the val split is empty; use data.split=all or more text")
+    if cfg.max_bytes:
+        docs = _cut(docs, cfg.max_bytes)
+    return docs
+
+
+def _val_split(docs: list[str], splittable: list[bool], fraction: float) -> list[str]:
+    """What ``gpt.data.prepare`` holds out: from the first line start at or after byte
+    (1 - fraction) * total; a JSONL document is never cut (val starts at the next one)."""
+    raw = [d.encode("utf-8") for d in docs]
+    boundary = int(sum(map(len, raw)) * (1 - fraction))
+    pos = 0
+    for i, b in enumerate(raw):
+        if pos + len(b) > boundary:
+            k = boundary - pos
+            if k == 0:
+                return docs[i:]
+            if splittable[i]:
+                cut = b.find(b"\n", k - 1) + 1
+                if 0 < cut < len(b):
+                    return [b[cut:].decode("utf-8"), *docs[i + 1 :]]
+            return docs[i + 1 :]
+        pos += len(b)
+    return []
+
+
+def _cut(docs: list[str], max_bytes: int) -> list[str]:
+    """The first max_bytes bytes of the documents, whole lines (at least one line)."""
+    out, left = [], max_bytes
+    for d in docs:
+        b = d.encode("utf-8")
+        if len(b) <= left:
+            out.append(d)
+            left -= len(b)
+            continue
+        cut = b.rfind(b"\n", 0, left) + 1
+        if cut:
+            out.append(b[:cut].decode("utf-8"))
+        elif not out:
+            out.append(b[: b.find(b"\n") + 1 or len(b)].decode("utf-8"))
+        break
+    return out
+
+
+def token_byte_lengths(tokenizer, size: int) -> np.ndarray:
+    """UTF-8 bytes of each token id below ``size``: shape (size,); special tokens and ids beyond
+    the vocabulary count 0 (they stand for no text)."""
+    special = {tokenizer.special_id(name) for name in SPECIAL_TOKENS}
+    lengths = np.zeros(size, dtype=np.int64)
+    for i in range(min(size, tokenizer.vocab_size)):
+        if i not in special:
+            lengths[i] = len(tokenizer.decode_bytes([i]))
+    return lengths
+
+
+def bytes_per_token(tokenizer, token_arrays: Iterable[np.ndarray]) -> float:
+    """Mean UTF-8 bytes per token over the arrays (token shards of a split)."""
+    lengths = token_byte_lengths(tokenizer, tokenizer.vocab_size)
+    n_tokens = n_bytes = 0
+    for arr in token_arrays:
+        counts = np.bincount(np.asarray(arr, dtype=np.int64), minlength=len(lengths))[: len(lengths)]
+        n_tokens += len(arr)
+        n_bytes += int(counts @ lengths)
+    return n_bytes / max(n_tokens, 1)
+
+
+def bits_per_byte(
+    model: GPT,
+    tokenizer,
+    texts: Sequence[str],
+    stride: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Summed loss (bits) of every token of every text over its UTF-8 bytes; also the loss per
+    token (nats) and the counts."""
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        logp = rolling_logprobs(model, [tokenizer.eot_id, *ids], stride, batch_size, progress)  # (len(ids),)
+        nats -= float(logp.sum())
+        n_tokens += len(ids)
+        n_bytes += len(text.encode("utf-8"))
+    if n_bytes == 0:
+        raise DataError("no text to score: the input is empty")
+    return {
+        "bpb": nats / math.log(2) / n_bytes,
+        "loss": nats / n_tokens,
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "bytes_per_token": n_bytes / n_tokens,
+    }
+
+
+def evaluate_bpb(cfg: BpbConfig) -> dict[str, Any]:
+    """Load the model, read the text, score it; the result with what was scored."""
+    device = pick_device(cfg.device)
+    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    model.eval()
+    texts = read_texts(cfg.data)
+    stride = min(cfg.stride or model.config.block_size // 2, model.config.block_size)
+    t0 = time.time()
+    with autocast_for(device, resolve_dtype(cfg.dtype, device)):
+        result = bits_per_byte(model, tokenizer, texts, stride, cfg.batch_size, progress=True)
+    return {
+        "ckpt": cfg.ckpt,
+        "data": cfg.data.path,
+        "split": cfg.data.split,
+        "stride": stride,
+        **{k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()},
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    return (
+        f"{result['ckpt']} on {result['data']} ({result['split']}): {result['bytes']} bytes, "
+        f"{result['tokens']} tokens ({result['bytes_per_token']:.2f} bytes/token), "
+        f"stride {result['stride']}\n"
+        f"bpb {result['bpb']:.4f}   loss {result['loss']:.4f} nats/token   ({result['seconds']:.0f} s)"
+    )

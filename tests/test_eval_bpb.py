@@ -1,0 +1,80 @@
+"""Bits per byte: equal to a hand computation, windows that give every token its context, the
+held-out split, and the command."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt.eval.__main__ import run as eval_main
+from gpt.eval.bpb import TextConfig, bits_per_byte, bytes_per_token, read_texts
+from gpt.eval.scoring import rolling_logprobs, windows
+from tests.helpers_eval import save_run, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
+
+
+def hand_nats(model, ids: list[int], block: int) -> float:
+    """Sum of -log p(ids[t] | the block tokens before it), one forward per token."""
+    total = 0.0
+    for t in range(1, len(ids)):
+        context = torch.tensor([ids[max(0, t - block) : t]])
+        logp = F.log_softmax(model(context)[0, -1].float(), dim=-1)
+        total -= logp[ids[t]].item()
+    return total
+
+
+def test_bpb_equals_a_hand_computation_on_a_short_text():
+    model, tok = tiny_model(block_size=128)
+    ids = [tok.eot_id, *tok.encode(TEXT)]  # fits one window: one forward gives every target
+    logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0].float(), dim=-1)
+    nats = -sum(logp[t, ids[t + 1]].item() for t in range(len(ids) - 1))
+    result = bits_per_byte(model, tok, [TEXT])
+    assert result["bytes"] == len(TEXT.encode()) and result["tokens"] == len(ids) - 1
+    assert result["bpb"] == pytest.approx(nats / math.log(2) / len(TEXT.encode()), rel=1e-5)
+
+
+def test_windows_with_stride_one_give_every_token_a_full_context():
+    model, tok = tiny_model(block_size=16)
+    ids = [tok.eot_id, *tok.encode(TEXT)]
+    expected = hand_nats(model, ids, 16)
+    assert -rolling_logprobs(model, ids, stride=1).sum().item() == pytest.approx(expected, rel=1e-5)
+    # a larger stride scores every token exactly once, with less context for some: a different sum
+    coarse = -rolling_logprobs(model, ids, stride=16, batch_size=3)
+    assert coarse.numel() == len(ids) - 1 and coarse.sum().item() != pytest.approx(expected, rel=1e-6)
+
+
+def test_windows_cover_every_target_once():
+    for n, block, stride in [(2, 4, 2), (10, 4, 1), (50, 16, 5), (17, 16, 16), (100, 8, 8)]:
+        scored = []
+        for start, end, first in windows(n, block, stride):
+            assert end - start <= block and first >= start
+            assert first - start >= min(block - stride, first)  # the context before the first scored
+            scored += range(first + 1, end + 1)
+        assert scored == list(range(1, n))
+
+
+def test_val_split_and_bytes_per_token(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    val = read_texts(TextConfig(path=str(path), split="val", val_fraction=0.1))
+    assert val[0].startswith("line 9") and val[0].endswith("line 99\n") and len(val[0]) < 80
+    assert read_texts(TextConfig(path=str(path), max_bytes=20)) == ["line 0\nline 1\n"]
+    _, tok = tiny_model()
+    assert bytes_per_token(tok, [torch.tensor(tok.encode("ab c")).numpy()]) == 1.0
+
+
+def test_the_command_prints_and_writes_bpb(tmp_path, capsys):
+    model, tok = tiny_model(block_size=32)
+    run = save_run(tmp_path / "run", model, tok)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    out = tmp_path / "bpb.json"
+    eval_main(["bpb", f"ckpt={run}", f"data.path={text}", "stride=8", f"out={out}", "device=cpu"])
+    result = json.loads(out.read_text())
+    assert f"bpb {result['bpb']:.4f}" in capsys.readouterr().out
+    expected = bits_per_byte(model, tok, [TEXT * 3], stride=8)["bpb"]
+    assert result["bpb"] == pytest.approx(expected, rel=1e-4)

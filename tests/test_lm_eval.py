@@ -1,0 +1,94 @@
+"""The lm-evaluation-harness adapter: its loglikelihood equals our task runner's scorer, its rolling
+loglikelihood our bits per byte, its generate_until our greedy decoding, and an lm_eval run over a
+local JSONL task (offline) completes and writes its results."""
+
+import json
+import math
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never the Hub
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'gpt[eval]'")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from gpt.eval.bpb import bits_per_byte  # noqa: E402
+from gpt.eval.lm_eval import GPTLM, cli  # noqa: E402
+from gpt.eval.scoring import choice_logprobs  # noqa: E402
+from gpt.eval.tasks import TasksConfig, TaskSuite, greedy_completions  # noqa: E402
+from tests.helpers_eval import save_run, tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ITEMS = [
+    {"context": "Question: the sky is", "choices": ["blue", "green", "made of cheese"], "answer": 0},
+    {"context": "Question: two and two make", "choices": ["four", "five"], "answer": 0},
+    {"context": "ROMEO:", "choices": ["O", "Juliet, my love", "what light"], "answer": 2},
+]
+
+
+def request(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    model, tok = tiny_model(block_size=32)
+    return save_run(tmp_path_factory.mktemp("lm_eval") / "run", model, tok), model, tok
+
+
+def test_adapter_scores_equal_our_own(run_dir, tmp_path):
+    path, model, tok = run_dir
+    lm = GPTLM(ckpt=str(path), device="cpu", batch_size=4)
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    ours = TaskSuite([str(task)], TasksConfig()).score(model, tok)["mc"]["metrics"]["acc"]
+    reqs = [request("loglikelihood", it["context"], " " + c) for it in ITEMS for c in it["choices"]]
+    scores = [lp for lp, _ in lm.loglikelihood(reqs)]
+    ours_scores = choice_logprobs(
+        model, tok, [(it["context"], [" " + c for c in it["choices"]]) for it in ITEMS]
+    )
+    assert scores == pytest.approx([v for row in ours_scores for v in row], abs=1e-5)
+    k, right = 0, 0
+    for it in ITEMS:
+        s = scores[k : k + len(it["choices"])]
+        right += max(range(len(s)), key=s.__getitem__) == it["answer"]
+        k += len(it["choices"])
+    assert right / len(ITEMS) == ours
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind\n"
+    [rolling] = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)])
+    bpb = bits_per_byte(model, tok, [text])["bpb"]
+    assert -rolling / math.log(2) / len(text.encode()) == pytest.approx(bpb, rel=1e-5)
+    [generated] = lm.generate_until(
+        [request("generate_until", "ROMEO:", {"until": ["\n"], "max_gen_toks": 10})]
+    )
+    assert generated == greedy_completions(model, tok, [tok.encode("ROMEO:")], 10, stop=["\n"])[0]
+
+
+@pytest.mark.slow  # imports the harness, datasets and pandas: about 10 s of CPU
+def test_an_lm_eval_run_over_a_local_task_file_writes_its_results(run_dir, tmp_path, monkeypatch):
+    path, model, tok = run_dir
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        "doc_to_choice: choices\n"
+        "doc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    out = tmp_path / "results"
+    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path}", "--device", "cpu", "--tasks", "tiny_mc",
+         "--include_path", str(tasks), "--output_path", str(out), "--batch_size", "4"])  # fmt: skip
+    files = list(out.rglob("results*.json"))
+    assert files, f"no results file under {out}"
+    results = json.loads(files[0].read_text())["results"]["tiny_mc"]
+    [ours] = TaskSuite([str(data)], TasksConfig()).score(model, tok).values()
+    assert results["acc,none"] == pytest.approx(ours["metrics"]["acc"])

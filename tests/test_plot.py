@@ -1,0 +1,43 @@
+"""python -m gpt.plot: a PNG of the curves of several runs, with the panels their metrics allow."""
+
+import json
+
+import pytest
+
+from gpt.errors import DataError
+from gpt.plot import load_runs, panels
+from gpt.plot import run as plot_main
+
+pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: pip install 'gpt[plot]'")
+
+
+def fake_run(directory, with_tasks: bool):
+    """A metrics.jsonl as training writes it."""
+    directory.mkdir(parents=True)
+    rows = []
+    for step in (0, 50, 100):
+        r = {"step": step, "tokens": step * 512, "train_loss": 4 - step / 50, "val_loss": 4.1 - step / 50,
+             "val_bpb": 5.0 - step / 40, "lr": 1e-3, "elapsed_s": step * 1.5}  # fmt: skip
+        if with_tasks:
+            r["cloze/acc"] = 0.25 + step / 400
+        rows.append(json.dumps(r))
+    (directory / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    return directory
+
+
+def test_plot_writes_a_png_of_several_runs(tmp_path, capsys):
+    a = fake_run(tmp_path / "a" / "char", with_tasks=True)
+    b = fake_run(tmp_path / "b" / "bpe", with_tasks=False)
+    out = tmp_path / "loss.png"
+    plot_main([str(a), str(b), "x=tokens", f"out={out}", "title=char vs bpe"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert f"wrote {out}" in capsys.readouterr().out
+    runs = load_runs([str(a), str(b)])
+    assert list(runs) == ["char", "bpe"]
+    assert [title for title, _ in panels(runs)] == ["loss", "val bits per byte", "task scores"]
+    assert [title for title, _ in panels({"bpe": runs["bpe"]})] == ["loss", "val bits per byte"]
+
+
+def test_plot_names_a_directory_without_metrics(tmp_path):
+    with pytest.raises(DataError, match="has no metrics.jsonl"):
+        load_runs([str(tmp_path)])
