@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_eval import save_run, tiny_model
 
 from gpt.eval.__main__ import run as eval_main
 from gpt.eval.bpb import TextConfig, bits_per_byte, bytes_per_token, read_texts
 from gpt.eval.scoring import rolling_logprobs, windows
-from tests.helpers_eval import save_run, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"

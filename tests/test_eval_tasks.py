@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_eval import save_run, tiny_model
 
 from gpt.chat_template import render_prompt
 from gpt.config import REPO_ROOT, GenerationConfig
@@ -24,7 +25,6 @@ from gpt.eval.tasks import (
     mc_context,
 )
 from gpt.infer.generate import generate_text
-from tests.helpers_eval import save_run, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["a", "be", "cat", "dog", "eel", "fine", "gone", "house", "island", "jumping", "kingdoms", "lantern"]

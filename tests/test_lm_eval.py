@@ -11,13 +11,13 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never the Hub
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'gpt[eval]'")
 
+from helpers_eval import save_run, tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from gpt.eval.bpb import bits_per_byte  # noqa: E402
 from gpt.eval.lm_eval import GPTLM, cli  # noqa: E402
 from gpt.eval.scoring import choice_logprobs  # noqa: E402
 from gpt.eval.tasks import TasksConfig, TaskSuite, greedy_completions  # noqa: E402
-from tests.helpers_eval import save_run, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITEMS = [
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
 
 def test_adapter_scores_equal_our_own(run_dir, tmp_path):
     path, model, tok = run_dir
-    lm = GPTLM(ckpt=str(path), device="cpu", batch_size=4)
+    lm = GPTLM(ckpt=str(path), device="cpu", batch_size=4, dtype="fp32")  # our scorer below runs in fp32
     task = tmp_path / "mc.jsonl"
     task.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
     ours = TaskSuite([str(task)], TasksConfig()).score(model, tok)["mc"]["metrics"]["acc"]
@@ -85,7 +85,7 @@ def test_an_lm_eval_run_over_a_local_task_file_writes_its_results(run_dir, tmp_p
         "metric_list:\n  - metric: acc\n"
     )
     out = tmp_path / "results"
-    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path}", "--device", "cpu", "--tasks", "tiny_mc",
+    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path},dtype=fp32", "--device", "cpu", "--tasks", "tiny_mc",
          "--include_path", str(tasks), "--output_path", str(out), "--batch_size", "4"])  # fmt: skip
     files = list(out.rglob("results*.json"))
     assert files, f"no results file under {out}"
