@@ -290,7 +290,10 @@ def test_a_second_run_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken
     with RunLock(cfg.out_dir):
         with pytest.raises(ConfigError, match=f"in use by another run \\(pid {os.getpid()} on"):
             train(cfg)
+    # a lock that made out_dir and was released with nothing else written leaves nothing behind
+    assert not (tmp_path / "run").exists()
     # a lock file left by a killed run (nobody holds the flock): taken over
+    (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere"}))
     assert train(cfg)["step"] == 2
 

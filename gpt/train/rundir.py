@@ -63,6 +63,7 @@ class RunLock:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
         self.fd: int | None = None
+        self.created: list[Path] = []  # what acquire made (the lock file, out_dir), newest first
 
     def _holder(self) -> dict:
         try:
@@ -78,6 +79,7 @@ class RunLock:
         )
 
     def acquire(self) -> RunLock:
+        self.created = [p for p in (self.path, self.out_dir) if not p.exists()]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -115,6 +117,10 @@ class RunLock:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)  # no holder recorded: a later run reads it as free
+            # a run that stopped before writing anything (a bad input) leaves the disk as it found it
+            if self.created and [p.name for p in self.out_dir.iterdir()] == [LOCK_NAME]:
+                for p in self.created:
+                    p.unlink() if p == self.path else p.rmdir()
         os.close(self.fd)  # drops the flock
         self.fd = None
 
