@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import GenerationConfig  # noqa: E402
-from gpt.infer.chat_repl import ChatRepl  # noqa: E402
-from gpt.model import GPT, GPTConfig  # noqa: E402
-from gpt.tokenizer import char_tokenizer  # noqa: E402
+from gpt.config import GenerationConfig
+from gpt.infer.chat_repl import ChatRepl
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import char_tokenizer
 
 TEXT = "System: User: Assistant: abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,?!'<|>_\n"
 

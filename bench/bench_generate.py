@@ -41,11 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT, GenerationConfig  # noqa: E402
-from gpt.device import pick_device, resolve_dtype  # noqa: E402
-from gpt.infer.engine import Decoder, KVCache, choose_next  # noqa: E402
-from gpt.infer.generate import generate  # noqa: E402
-from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.config import REPO_ROOT, GenerationConfig
+from gpt.device import pick_device, resolve_dtype
+from gpt.infer.engine import Decoder, KVCache, choose_next
+from gpt.infer.generate import generate
+from gpt.model import GPT, GPTConfig
 
 MODELS = {
     # nanoGPT's char-level Tiny Shakespeare model (10.7M parameters); vocabulary 65 padded to 128

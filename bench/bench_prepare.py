@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT  # noqa: E402
-from gpt.data.corpus import iter_documents  # noqa: E402
-from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
+from gpt.config import REPO_ROOT
+from gpt.data.corpus import iter_documents
+from gpt.tokenizer import gpt2_tokenizer
 
 DRIVER = """
 import json, os, resource, sys, time

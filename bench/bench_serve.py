@@ -32,10 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from gpt.config import ServeConfig  # noqa: E402
-from gpt.device import resolve_dtype  # noqa: E402
-from gpt.model import GPT, GPTConfig  # noqa: E402
-from gpt.tokenizer import char_tokenizer, gpt2_tokenizer  # noqa: E402
+import itertools
+
+from gpt.config import ServeConfig
+from gpt.device import resolve_dtype
+from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
 
 SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
@@ -73,7 +75,7 @@ async def one_client(client, prompt: list[int], new_tokens: int) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return {"ttft": stamps[0] - sent if stamps else None, "gaps": gaps, "tokens": tokens}
 
 

@@ -66,7 +66,7 @@ def _turn(tokenizer: Tokenizer, role: str, content: str, first: bool) -> tuple[l
     """(marker ids, content ids + end-of-turn): the marker and the content are encoded separately,
     so no token ever spans both and a reply's tokens are the same whether trained or generated."""
     head = tokenizer.encode(MARKERS[role] if first else "\n" + MARKERS[role])
-    return head, tokenizer.encode(" " + content.strip()) + [tokenizer.special_id(EOT_TURN)]
+    return head, [*tokenizer.encode(" " + content.strip()), tokenizer.special_id(EOT_TURN)]
 
 
 def render_turns(

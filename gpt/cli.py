@@ -172,7 +172,7 @@ def compose_config(command: Command, argv: Sequence[str]) -> tuple[dict[str, Any
         for key in free:
             parent, _, last = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
-            if node is None or last not in node.keys():
+            if node is None or last not in node.keys():  # noqa: SIM118 -- `in` misses a mandatory ??? key
                 valid = _keys_under(command.config_name, parent)
                 raise UserError(f"unknown config key '{key}'" + (f"; valid keys under "
                                 f"'{parent or 'top level'}': {valid}" if valid else ""))  # fmt: skip

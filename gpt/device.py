@@ -55,10 +55,9 @@ def cpu_bf16_native() -> bool:
     """Whether this CPU has bf16 matmul instructions (x86 AVX512-BF16 or AMX-BF16), read from the
     capabilities torch's CPU dispatcher detected, else from /proc/cpuinfo (Linux)."""
     caps: dict = {}
-    try:  # a private but long-standing torch call; its absence only means "look elsewhere"
+    # a private but long-standing torch call; its absence only means "look elsewhere"
+    with contextlib.suppress(AttributeError, RuntimeError, TypeError):
         caps = dict(torch._C._cpu._get_cpu_capability())
-    except (AttributeError, RuntimeError, TypeError):
-        pass
     if caps:
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
     try:

@@ -310,7 +310,7 @@ class GPT(nn.Module):
         and the caller advances kv_cache.pos by T. With doc_ids (B, T) (packed rows, consecutive
         tokens of a document share an id): a token attends only to the earlier tokens of its own
         document, and positions restart at each document."""
-        B, T = idx.size()
+        _B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")

@@ -1,5 +1,5 @@
-"""Tests for gpt.chat_template, gpt.data.dialogs and gpt.data.sft: reading and checking dialog files, rendering (ids, loss_mask), truncation and
-the SFT batch source."""
+"""Tests for gpt.chat_template, gpt.data.dialogs and gpt.data.sft: reading and checking dialog
+files, rendering (ids, loss_mask), truncation and the SFT batch source."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_sample_py_takes_any_prompt_verbatim(bpe_run, tmp_path):
     """The real script: every character of FREE_TEXTS in one prompt, echoed unchanged before the sample."""
     text = " ".join(FREE_TEXTS)
     args = [f"ckpt={bpe_run}", f"prompt={text}", "max_new_tokens=2", "temperature=0", "stop=\n", "stop=, "]
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), *args], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+    script = [sys.executable, str(REPO_ROOT / "sample.py"), *args]
+    r = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(text)

@@ -146,4 +146,5 @@ def test_shipped_configs_have_comments_for_every_key():
 
 
 def test_the_comment_check_finds_an_undocumented_key():
-    assert key_lines_without_comment("# doc\nlr: 1.0  # peak\nbeta1: 0.9\nhydra:\n  run: x\n") == ["beta1: 0.9"]
+    text = "# doc\nlr: 1.0  # peak\nbeta1: 0.9\nhydra:\n  run: x\n"
+    assert key_lines_without_comment(text) == ["beta1: 0.9"]

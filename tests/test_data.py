@@ -1,4 +1,5 @@
-"""Tests for gpt.data (shards, corpus, prepare): shard format, reading user text, cached preparation and token windows."""
+"""Tests for gpt.data (shards, corpus, prepare): shard format, reading user text, cached preparation
+and token windows."""
 
 from __future__ import annotations
 

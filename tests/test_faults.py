@@ -287,9 +287,9 @@ def test_a_torn_last_metrics_line_does_not_break_resume(make_cfg):
 
 def test_a_second_run_on_a_locked_directory_is_refused_and_a_stale_lock_is_taken(make_cfg, tmp_path):
     cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
-    with RunLock(cfg.out_dir):
-        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {os.getpid()} on"):
-            train(cfg)
+    held = f"in use by another run \\(pid {os.getpid()} on"
+    with RunLock(cfg.out_dir), pytest.raises(ConfigError, match=held):
+        train(cfg)
     # a lock that made out_dir and was released with nothing else written leaves nothing behind
     assert not (tmp_path / "run").exists()
     # a lock file left by a killed run (nobody holds the flock): taken over

@@ -1,6 +1,7 @@
-"""Tests of gpt.infer.engine and gpt.infer.generate: the KV cache against full recompute, every sampling control, beam search,
-stop strings, seeds, and streamed text (UTF-8 never split). Tiny random models: the point is that
-the engine computes the same thing as the plain forward, not that the text is good."""
+"""Tests of gpt.infer.engine and gpt.infer.generate: the KV cache against full recompute, every
+sampling control, beam search, stop strings, seeds, and streamed text (UTF-8 never split). Tiny
+random models: the point is that the engine computes the same thing as the plain forward, not that
+the text is good."""
 
 import pytest
 import torch
@@ -186,7 +187,7 @@ def test_filters_that_leave_one_token_equal_greedy(tok, control):
 def test_choose_next_respects_top_k_top_p_min_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
     gen = torch.Generator().manual_seed(0)
-    draw = lambda **kw: set(choose_next(logits, sampled(**kw), gen).tolist())  # noqa: E731
+    draw = lambda **kw: set(choose_next(logits, sampled(**kw), gen).tolist())
     assert draw() == {0, 1, 2, 3}
     assert draw(top_k=2) == {0, 1}
     assert draw(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8

@@ -197,6 +197,7 @@ def test_the_checker_reads_a_real_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("module", ["gpt.infer.generate", "gpt.infer.sample", "gpt.chat_template"])
 def test_inference_does_not_load_training_or_data(module):
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith(('gpt.train', 'gpt.data'))))"
+    wings = "('gpt.train', 'gpt.data')"
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({wings})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"{module} pulls in {out.strip()}"

@@ -85,8 +85,9 @@ def test_an_lm_eval_run_over_a_local_task_file_writes_its_results(run_dir, tmp_p
         "metric_list:\n  - metric: acc\n"
     )
     out = tmp_path / "results"
-    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path},dtype=fp32", "--device", "cpu", "--tasks", "tiny_mc",
-         "--include_path", str(tasks), "--output_path", str(out), "--batch_size", "4"])  # fmt: skip
+    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path},dtype=fp32", "--device", "cpu",
+         "--tasks", "tiny_mc", "--include_path", str(tasks), "--output_path", str(out),
+         "--batch_size", "4"])  # fmt: skip
     files = list(out.rglob("results*.json"))
     assert files, f"no results file under {out}"
     results = json.loads(files[0].read_text())["results"]["tiny_mc"]

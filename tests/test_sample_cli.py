@@ -1,5 +1,6 @@
-"""Tests of sample.py and gpt.infer (sample, repl, chat_repl): stdout/stderr separation, exit code 2 with one clear line
-for bad input, conf/sample.yaml against SampleConfig, and the REPL driven by scripted input."""
+"""Tests of sample.py and gpt.infer (sample, repl, chat_repl): stdout/stderr separation, exit code 2
+with one clear line for bad input, conf/sample.yaml against SampleConfig, and the REPL driven by
+scripted input."""
 
 import dataclasses
 import io

@@ -371,9 +371,7 @@ def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
     gpt2 = gpt2_tokenizer()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50304)).eval()
     export_hf(model, gpt2, tmp_path / "hfmodel")
-    served = load_for_serving(
-        ServeConfig(ckpt=f"hf:{tmp_path / 'hfmodel'}", device="cpu", dtype="fp32")
-    )
+    served = load_for_serving(ServeConfig(ckpt=f"hf:{tmp_path / 'hfmodel'}", device="cpu", dtype="fp32"))
     assert served.name == "hfmodel" and not served.chat_trained
     ids = torch.tensor([gpt2.encode("Hello, world")])
     with torch.no_grad():

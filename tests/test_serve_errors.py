@@ -273,13 +273,13 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(run_dir):
 
 
 def test_a_chat_request_to_a_model_without_chat_training_warns(served, caplog):
-    with live_server(
-        served.model, served.tokenizer, ServeConfig(), name="tiny", chat_trained=False
-    ) as server:
-        with caplog.at_level("WARNING", logger="gpt.serve"):
-            r = httpx.post(server.url + "/v1/chat/completions", json=CHAT)
-            assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
-            assert httpx.post(server.url + "/v1/completions", json=COMPLETION).status_code == 200
+    with (
+        live_server(served.model, served.tokenizer, ServeConfig(), name="tiny", chat_trained=False) as server,
+        caplog.at_level("WARNING", logger="gpt.serve"),
+    ):
+        r = httpx.post(server.url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        assert httpx.post(server.url + "/v1/completions", json=COMPLETION).status_code == 200
     warnings = [rec for rec in caplog.records if "without chat training" in rec.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
 

@@ -98,7 +98,7 @@ def _cut_point(text: str, chunk: int, force: bool) -> int:
     for pattern in _CUTS:  # look near ``chunk`` first: scanning a whole megabyte each time is slow
         for lo, hi in ((max(0, chunk - 4096), chunk + 1), (0, chunk + 1), (0, len(text))):
             m = None
-            for m in pattern.finditer(text, lo, hi):  # noqa: B007 -- we want the last match
+            for m in pattern.finditer(text, lo, hi):  # noqa: B007 -- the last match is the one wanted
                 pass
             if m is not None:
                 return m.end()

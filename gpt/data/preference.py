@@ -193,7 +193,7 @@ class PairBatches(DialogBatches):
     def get(self, step: int, batch_size: int, start: int, count: int):  # type: ignore[override]
         import torch
 
-        if not (0 <= start and count >= 0 and start + count <= batch_size):
+        if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         order = self.order(step, batch_size)
         width = int(self.lengths[order].max())

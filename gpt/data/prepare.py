@@ -65,7 +65,8 @@ class _ShardWriter:
         while len(tokens):
             if self._f is None:
                 self.names.append(f"{self.prefix}_{len(self.names):06d}.bin")
-                self._f = open(self.directory / self.names[-1], "wb")
+                # open across add() calls (closed in _next_file/close): no with-block can hold it
+                self._f = open(self.directory / self.names[-1], "wb")  # noqa: SIM115
                 self._f.write(bytes(HEADER_BYTES))  # placeholder, rewritten with the count on close
             take = tokens[: self.limit - self._n]
             self._f.write(take.tobytes())

@@ -73,7 +73,7 @@ class DialogBatches:
         L <= block_size is the longest dialog of the whole global batch."""
         import torch
 
-        if not (0 <= start and count >= 0 and start + count <= batch_size):
+        if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         order = self.order(step, batch_size)
         width = int(self.lengths[order].max())
@@ -163,7 +163,7 @@ class PackedDialogBatches(DialogBatches):
 
     def get(self, step: int, batch_size: int, start: int, count: int):  # type: ignore[override]
         """x, y, doc: int64 CPU tensors (count, L), L <= block_size the fullest row of the global batch."""
-        if not (0 <= start and count >= 0 and start + count <= batch_size):
+        if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         rows = self.order(step, batch_size)
         width = max(int(self.lengths[r].sum()) for r in rows)

@@ -115,7 +115,7 @@ class TokenWindows:
         """x, y: int64 CPU tensors (count, block_size) for global-batch positions [start, start+count)."""
         import torch
 
-        if not (0 <= start and count >= 0 and start + count <= batch_size):
+        if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         ids = self.window_starts(step, batch_size)[start : start + count]
         buf = np.empty((count, self.block_size + 1), dtype=np.int64)  # (count, T+1): x and y together

@@ -32,7 +32,7 @@ from gpt.eval.tasks import greedy_completions
 from gpt.runs.load import load_model
 
 try:  # the optional extra [eval]
-    import lm_eval.models  # noqa: F401  (the harness's own models stay registered beside ours)
+    import lm_eval.models  # noqa: F401 -- loads lm-eval's own models, so that ours registers beside them
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError:  # pragma: no cover - exercised only without the extra

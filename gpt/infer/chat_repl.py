@@ -59,7 +59,7 @@ continue the message on the next one."""
         is recorded by on_reply once its reply exists), so a message that fails leaves no trace."""
         block_size = self.model.config.block_size
         room = block_size - min(self.settings.max_new_tokens, block_size // 4)  # keep room to reply
-        history = self.history() + [{"role": "user", "content": text}]
+        history = [*self.history(), {"role": "user", "content": text}]
         ids, dropped = fit_history(self.tokenizer, history, room)
         if dropped:  # drop down to 2/3 of the room: the next turns extend this prompt (and reuse its
             # cache) instead of dropping one exchange, and so changing the prompt's start, every turn

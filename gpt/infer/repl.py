@@ -10,6 +10,7 @@ and overrides its hooks: ``prompt_ids`` (a turn -> the prompt ids, e.g. the rend
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -343,14 +344,10 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         self._readline = readline
         readline.set_history_length(1000)
         if self.history_file and self.history_file.is_file():
-            try:
+            with contextlib.suppress(OSError):
                 readline.read_history_file(self.history_file)
-            except OSError:
-                pass
 
     def _save_history(self) -> None:
         if self._readline is not None and self.history_file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._readline.write_history_file(self.history_file)
-            except OSError:
-                pass

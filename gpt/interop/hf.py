@@ -23,6 +23,7 @@ and exported tables are cut back to the tokenizer's size. Weights are read from 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -254,7 +255,7 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     own leaves exactly two parts."""
     limit, parts = ranks[token], [bytes([b]) for b in token]
     while len(parts) > 2:
-        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
         rank, i = min(pairs)
         if rank >= limit:
             break

@@ -7,6 +7,7 @@ a tiktoken-backed ``Tokenizer`` whose ids equal the Hugging Face ids.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,7 @@ def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
             id_of[token] = vocab[merged]
             order.append(token)
     merge_ids = [id_of[t] for t in order]
-    if all(a < b for a, b in zip(merge_ids, merge_ids[1:], strict=False)):
+    if all(a < b for a, b in itertools.pairwise(merge_ids)):
         # GPT-2 style: ids grow with merge order, so the ids themselves are valid tiktoken ranks.
         ranks, id_map = dict(id_of), None
     else:

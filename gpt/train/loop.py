@@ -447,10 +447,10 @@ class Trainer:
                 record = self.evaluate(stop.code) or record  # a stop during the eval ends it at once
                 if not code and (code := D.max_over_ranks(stop.code(), info)):
                     self.save(out_dir / CKPT_NAME)
-            if not code and (self.due(cfg.train.ckpt_interval) or self.step == cfg.train.max_steps):
-                if not self.save(out_dir / CKPT_NAME):
-                    self.rollback("non-finite weights")
-                    continue
+            due = self.due(cfg.train.ckpt_interval) or self.step == cfg.train.max_steps
+            if not code and due and not self.save(out_dir / CKPT_NAME):
+                self.rollback("non-finite weights")
+                continue
             if code:
                 self.run.logger.close()
                 D.print0(

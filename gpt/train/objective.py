@@ -49,10 +49,8 @@ def dpo_losses(
     chosen replies' tokens (needed when ``cfg.sft_weight`` > 0)."""
     ratios = policy - ref.to(policy.dtype)  # (P, 2): log pi / ref of chosen and rejected
     h = ratios[:, 0] - ratios[:, 1]
-    if cfg.loss == "sigmoid":
-        losses = -F.logsigmoid(cfg.beta * h)
-    else:  # ipo: regress h onto 1 / (2 beta) instead of pushing it to infinity
-        losses = (h - 1 / (2 * cfg.beta)) ** 2
+    # ipo regresses h onto 1 / (2 beta) instead of pushing it to infinity
+    losses = -F.logsigmoid(cfg.beta * h) if cfg.loss == "sigmoid" else (h - 1 / (2 * cfg.beta)) ** 2
     if cfg.sft_weight > 0:
         losses = losses - cfg.sft_weight * policy[:, 0] / chosen_tokens.clamp(min=1)
     rewards = cfg.beta * ratios.detach()  # the implicit rewards of DPO

@@ -108,9 +108,8 @@ class RunLock:
     def _check_pid(self) -> None:
         holder = self._holder()
         pid, host = holder.get("pid"), holder.get("host")
-        if pid and pid != os.getpid():
-            if host != socket.gethostname() or _alive(int(pid)):
-                self._refuse(holder)
+        if pid and pid != os.getpid() and (host != socket.gethostname() or _alive(int(pid))):
+            self._refuse(holder)
 
     def release(self) -> None:
         if self.fd is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from gpt.train import distributed as D
 
@@ -25,8 +25,8 @@ class StopFlag:
     interrupts at once (a second or more later, so torchrun's forwarded copy of the first is not
     taken for a second one)."""
 
-    CODES = {"SIGTERM": 2, "SIGINT": 3}  # 1 = should_stop(); all ranks act on the largest code seen
-    REASONS = {2: "SIGTERM", 3: "SIGINT"}
+    CODES: ClassVar[dict[str, int]] = {"SIGTERM": 2, "SIGINT": 3}  # 1 = should_stop(); the ranks act
+    REASONS: ClassVar[dict[int, str]] = {2: "SIGTERM", 3: "SIGINT"}  # on the largest code seen
 
     def __init__(self) -> None:
         self.reason: str | None = None
