@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpt.atomic import atomic_write
@@ -23,13 +23,24 @@ COMMAND = Command(
 )
 
 
-def job(cfg: dict[str, Any]) -> dict[str, Any]:
-    config = from_dict(EvalConfig, cfg)
-    result = evaluate(config)
-    print(report(result))
-    if config.out:
-        atomic_write(config.out, json.dumps(result, indent=1))
-    return result
+def scoring_job(
+    config_type: type, score: Callable[[Any], dict[str, Any]], report_of: Callable[[dict[str, Any]], str]
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The job of a scoring command: typed config, score, print the report, and with ``out=FILE``
+    write the result as JSON (shared by ``python -m gpt.evaluate`` and ``python -m gpt.eval``)."""
+
+    def job(cfg: dict[str, Any]) -> dict[str, Any]:
+        config = from_dict(config_type, cfg)
+        result = score(config)
+        print(report_of(result))
+        if config.out:
+            atomic_write(config.out, json.dumps(result, indent=1))
+        return result
+
+    return job
+
+
+job = scoring_job(EvalConfig, evaluate, report)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

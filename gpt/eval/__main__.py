@@ -11,17 +11,15 @@ evaluate.yaml), prints a summary and, with ``out=FILE``, writes the result as JS
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpt import evaluate as dialogs_command
-from gpt.atomic import atomic_write
 from gpt.cli import Command, errors_as_exit, main
-from gpt.config import from_dict
 from gpt.errors import UserError
 from gpt.eval import bpb, cloze, tasks
+from gpt.evaluate import scoring_job
 
 BPB = Command(
     "eval_bpb",
@@ -40,23 +38,11 @@ TASKS = Command(
 )
 
 
-def _job(config_type: type, evaluate: Callable[[Any], dict], report: Callable[[dict], str]):
-    def job(cfg: dict[str, Any]) -> dict[str, Any]:
-        config = from_dict(config_type, cfg)
-        result = evaluate(config)
-        print(report(result))
-        if config.out:
-            atomic_write(config.out, json.dumps(result, indent=1))
-        return result
-
-    return job
-
-
 VERBS: dict[str, tuple[Command, Callable[[dict[str, Any]], dict[str, Any]], str]] = {
-    "bpb": (BPB, _job(bpb.BpbConfig, bpb.evaluate_bpb, bpb.report), "bits per byte of a text"),
-    "cloze": (CLOZE, _job(cloze.ClozeConfig, cloze.evaluate_cloze, cloze.report),
+    "bpb": (BPB, scoring_job(bpb.BpbConfig, bpb.evaluate_bpb, bpb.report), "bits per byte of a text"),
+    "cloze": (CLOZE, scoring_job(cloze.ClozeConfig, cloze.evaluate_cloze, cloze.report),
               "4-way continuation choice built from any text (chance: 25%)"),
-    "tasks": (TASKS, _job(tasks.TasksConfig, tasks.evaluate_tasks, tasks.report),
+    "tasks": (TASKS, scoring_job(tasks.TasksConfig, tasks.evaluate_tasks, tasks.report),
               "multiple-choice and generative task files (JSONL)"),
 }  # fmt: skip
 
