@@ -14,6 +14,7 @@ one, ``Ranks`` is a world of one and every collective is the identity.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -61,6 +62,31 @@ def plan_parts(units: list[Unit], part_bytes: int = PART_BYTES) -> list[Part]:
     return parts
 
 
+_ARRIVALS = itertools.count()  # every rank makes the same agreements in the same order
+
+
+def _arrive(rank: int, world: int, notice_every_s: float = 60.0) -> None:
+    """Wait until every rank reaches this point, through torchrun's rendezvous store: unlike a
+    collective it has no timeout, so one rank's long preparation (BPE training, a large part) never
+    fails the job; a notice every minute says what it waits for. A rank that dies is torchrun's to
+    handle (it stops the others)."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return  # no store to wait on: the collective itself waits
+    key = f"gpt/data/arrive/{next(_ARRIVALS)}"
+    store.add(key, 1)
+    t0 = last = time.monotonic()
+    while store.add(key, 0) < world:
+        time.sleep(0.02)
+        if time.monotonic() - last >= notice_every_s:
+            last = time.monotonic()
+            print(f"rank {rank}: waiting for the other ranks' data preparation ({last - t0:.0f}s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
 class Ranks:
     """This process's place among the processes preparing together, and their agreements (on the
     CPU: ``group`` is a gloo group, None = the default group, which is gloo in ``python -m gpt.data``)."""
@@ -91,6 +117,7 @@ class Ranks:
         import torch
         import torch.distributed as dist
 
+        _arrive(self.rank, self.world)  # a rank may still be busy (BPE training): no collective timeout
         t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
