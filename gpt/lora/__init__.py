@@ -3,7 +3,7 @@
     python train.py experiment=finetune init_from=hf:models/gpt2 data=text data.path=notes.txt \\
         finetune.method=lora optim.lr=1e-3
     python sample.py ckpt=out/finetune                          # adapters loaded unmerged
-    python -m gpt.lora merge ckpt=out/finetune out=out/merged   # a plain full checkpoint
+    python -m gpt.lora merge ckpt=out/finetune out=out/merged   # a plain checkpoint (lora/__main__.py)
 
 A targeted ``nn.Linear`` (y = x W^T + b, W (out, in)) becomes a ``LoRALinear`` computing
 y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T with A (rank, in) and B (out, rank). B starts
@@ -131,9 +131,3 @@ def describe(model: nn.Module, spec: dict[str, Any]) -> str:
         f"LoRA: rank {spec['rank']}, alpha {spec['alpha']}, on {n_layers} layers ({targets}); "
         f"{trainable / 1e6:.3f}M trainable parameters ({100 * trainable / total:.2f}%), base {spec['base']}"
     )
-
-
-if __name__ == "__main__":  # the documented command; it lives with the other commands
-    from gpt.export import merge_main
-
-    merge_main()
