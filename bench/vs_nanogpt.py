@@ -9,12 +9,14 @@ allocator warm-up). Printed per shape: median ms/step and tokens/s of each, and 
     python bench/vs_nanogpt.py ~/src/nanoGPT                       # both shapes, 3 rounds
     python bench/vs_nanogpt.py ~/src/nanoGPT --shapes cpu --rounds 5 --iters 60
     python bench/vs_nanogpt.py ~/src/nanoGPT --ours-dtype fp32     # same precision as nanoGPT's CPU run
+    python bench/vs_nanogpt.py ~/src/nanoGPT --compile             # ours with train.compile=true
 
 Shapes (nanoGPT's): ``cpu`` is the README's CPU recipe (4 layers, 4 heads, width 128, block 64,
 batch 12), ``6x384`` its Shakespeare model (6 layers, 6 heads, width 384, block 256, batch 8).
 Dropout is 0 for both. nanoGPT runs as its README says for CPUs (``--device=cpu --compile=False``,
 fp32 there); ours runs ``train.py`` with the same shape and batch and its default precision policy
-(``train.dtype=auto``: bf16 on CPUs with AVX512-BF16/AMX), or ``--ours-dtype``.
+(``train.dtype=auto``: bf16 on CPUs with AVX512-BF16/AMX), or ``--ours-dtype``; eager unless
+``--compile`` (the compiled turns' first steps include compilation: raise --skip if they show).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def nanogpt_command(nanogpt: Path, shape: dict, iters: int, out_dir: Path) -> li
     ]  # fmt: skip
 
 
-def ours_command(shape: dict, iters: int, out_dir: Path, dtype: str) -> list[str]:
+def ours_command(shape: dict, iters: int, out_dir: Path, dtype: str, compile: bool = False) -> list[str]:
     """Our train.py at the same shape and batch, logging every step, no evals or checkpoints."""
     return [
         sys.executable, str(REPO / "train.py"), f"model.n_layer={shape['n_layer']}",
@@ -57,7 +59,7 @@ def ours_command(shape: dict, iters: int, out_dir: Path, dtype: str) -> list[str
         f"model.block_size={shape['block_size']}", f"train.batch_size={shape['batch_size']}",
         "model.dropout=0.0", f"train.max_steps={iters}", "train.eval_interval=0", "train.log_interval=1",
         "train.ckpt_interval=0", "train.progress=false", f"train.dtype={dtype}", "wandb.mode=disabled",
-        "device=cpu", f"out_dir={out_dir}", "overwrite=true",
+        "device=cpu", f"out_dir={out_dir}", "overwrite=true", f"train.compile={str(compile).lower()}",
     ]  # fmt: skip
 
 
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=40, help="optimizer steps per turn")
     p.add_argument("--skip", type=int, default=5, help="first steps of a turn not timed")
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="ours with train.compile=true (nanoGPT's CPU run is eager)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per turn")
     args = p.parse_args(argv)
     nanogpt = args.nanogpt.expanduser().resolve()
@@ -125,14 +128,14 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 nano += step_times(out, NANO_LINE, args.skip)
                 out = run(
-                    ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype), REPO, args.timeout
+                    ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype, args.compile), REPO, args.timeout
                 )
                 ours += step_times(out, OURS_LINE, args.skip)
                 print(f"{name} round {r + 1}/{args.rounds}: nanoGPT {statistics.median(nano):.1f} ms, "
                       f"ours {statistics.median(ours):.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
             results.append(summary(name, shape, nano, ours))
     print(
-        f"cpus {os.cpu_count()}, ours train.dtype={args.ours_dtype}, "
+        f"cpus {os.cpu_count()}, ours train.dtype={args.ours_dtype} train.compile={args.compile}, "
         f"{args.rounds} rounds x {args.iters} steps"
     )
     print(

@@ -45,6 +45,7 @@ class ModelConfig:
     pos_emb: str | None = None
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
+    activation: str | None = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

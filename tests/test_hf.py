@@ -11,7 +11,7 @@ from helpers_hf import write_hf_gpt2_files
 from gpt.checkpoint import save_checkpoint
 from gpt.errors import CheckpointError, ConfigError, DataError
 from gpt.export import export_main
-from gpt.interop.hf import import_hf
+from gpt.interop.hf import config_from_hf, import_hf
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
 
@@ -153,11 +153,13 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
         assert torch.allclose(again(idx)[..., :50258], ours, atol=1e-5, rtol=0)
 
 
-def test_export_of_untied_embeddings_without_biases(tmp_path, capsys):
-    """bias=false exports as zero biases, untied embeddings as tie_word_embeddings=false."""
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu2"])
+def test_export_of_untied_embeddings_without_biases(tmp_path, capsys, activation):
+    """bias=false exports as zero biases, untied embeddings as tie_word_embeddings=false, and each
+    model.activation as the activation_function transformers computes the same way."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=False,
-                          tie_embeddings=False)).eval()  # fmt: skip
+                          tie_embeddings=False, activation=activation)).eval()  # fmt: skip
     noisy_(model)
     tokenizer = char_tokenizer(["abcdefghij klmnop"])
     save_run(tmp_path / "run", model, tokenizer)
@@ -168,6 +170,7 @@ def test_export_of_untied_embeddings_without_biases(tmp_path, capsys):
     with torch.no_grad():
         ours, theirs = model(idx)[..., : tokenizer.vocab_size], ref(idx).logits
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert config_from_hf(ref.config.to_dict()).activation == activation  # and back on import
 
 
 def test_export_refuses_what_gpt2_cannot_express_and_writes_nothing(tmp_path, capsys):

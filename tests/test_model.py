@@ -11,6 +11,8 @@ from gpt.model import GPT, GPTConfig
 OPTIONS = [
     dict(norm="layernorm", pos_emb="learned", bias=True, tie_embeddings=True),
     dict(norm="rmsnorm", pos_emb="rope", bias=False, tie_embeddings=False),
+    dict(norm="rmsnorm", pos_emb="rope", bias=False, activation="gelu"),
+    dict(norm="layernorm", pos_emb="learned", bias=True, activation="relu2"),
 ]
 
 
@@ -80,6 +82,7 @@ def test_flops_per_token_follows_6n_plus_attention():
         (dict(norm="batchnorm"), "model.norm"),
         (dict(pos_emb="alibi"), "model.pos_emb"),
         (dict(n_layer=0), "model.n_layer"),
+        (dict(activation="swiglu"), "model.activation"),
     ],
 )
 def test_impossible_shapes_are_rejected_with_the_key(kw, key):
@@ -99,3 +102,39 @@ def test_dropout_only_in_training_mode():
         assert torch.equal(model(idx), model(idx))
         model.train()
         assert not torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("activation, reference", [
+    ("gelu_tanh", lambda h: torch.nn.functional.gelu(h, approximate="tanh")),
+    ("gelu", torch.nn.functional.gelu),
+    ("relu2", lambda h: torch.relu(h) ** 2),
+])  # fmt: skip
+def test_mlp_activation_is_the_one_configured(activation, reference):
+    mlp = small(activation=activation).transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = mlp.c_proj(reference(mlp.c_fc(x)))
+        assert torch.allclose(mlp(x), expected, atol=1e-6)
+
+
+def test_cpu_bf16_attention_backward_runs_in_fp32_and_matches():
+    """Under CPU bf16 autocast, attention with head size < 64 is computed in fp32 when training (the
+    bf16 flash backward is several times slower there); the gradients still match fp32's closely,
+    and inference (no grad) keeps bf16."""
+    from gpt.model import cpu_attention_upcast
+
+    q = torch.randn(1, 2, 4, 32, dtype=torch.bfloat16, requires_grad=True)
+    assert cpu_attention_upcast(q)
+    assert not cpu_attention_upcast(q.detach())  # inference
+    assert not cpu_attention_upcast(torch.randn(1, 2, 4, 64, dtype=torch.bfloat16, requires_grad=True))
+    assert not cpu_attention_upcast(torch.randn(1, 2, 4, 32, requires_grad=True))  # fp32 already
+    model, idx = small(norm="rmsnorm", pos_emb="rope", bias=False).train(), torch.randint(0, 64, (2, 16))
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(idx, idx)
+        loss.backward()
+        grads[dtype] = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    rel = (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm()
+    assert rel < 0.05, rel

@@ -41,7 +41,9 @@ from gpt.tokenizer import EOT, GPT2_PATTERN
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the GELU our MLP computes
+# Hugging Face's activation_function names for ours (model.activation), and back
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
+FROM_HF_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 
 
@@ -62,8 +64,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model_type={hf['model_type']!r} (only the GPT-2 family, model_type 'gpt2')")
-    if hf.get("activation_function", "gelu_new") not in TANH_GELU:
-        problems.append(f"activation_function={hf['activation_function']!r} (ours is gelu_new)")
+    if hf.get("activation_function", "gelu_new") not in FROM_HF_ACTIVATION:
+        problems.append(
+            f"activation_function={hf['activation_function']!r} (ours: {', '.join(FROM_HF_ACTIVATION)})"
+        )
     if abs(float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)) - LAYER_NORM_EPS) > 1e-12:
         problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (ours is {LAYER_NORM_EPS})")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
@@ -91,6 +95,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig
         norm="layernorm",
         pos_emb="learned",
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        activation=FROM_HF_ACTIVATION[hf.get("activation_function", "gelu_new")],
     )
     if int(config.mlp_ratio * n_embd) != hidden:
         raise ConfigError(f"{source}: n_inner={hidden} is not expressible as mlp_ratio * n_embd")
@@ -233,7 +238,7 @@ def hf_config(config: GPTConfig, n_vocab: int, eot_id: int) -> dict[str, Any]:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": int(config.mlp_ratio * config.n_embd),
-        "activation_function": "gelu_new",
+        "activation_function": HF_ACTIVATION[config.activation],
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
