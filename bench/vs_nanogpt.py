@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=40, help="optimizer steps per turn")
     p.add_argument("--skip", type=int, default=5, help="first steps of a turn not timed")
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="ours with train.compile=true (nanoGPT's CPU run is eager)")
+    p.add_argument("--compile", action="store_true", help="ours with train.compile=true (nanoGPT: eager)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per turn")
     args = p.parse_args(argv)
     nanogpt = args.nanogpt.expanduser().resolve()
@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                     nanogpt_command(nanogpt, shape, args.iters, Path(tmp) / "nano"), nanogpt, args.timeout
                 )
                 nano += step_times(out, NANO_LINE, args.skip)
-                out = run(
-                    ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype, args.compile), REPO, args.timeout
-                )
+                cmd = ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype, args.compile)
+                out = run(cmd, REPO, args.timeout)
                 ours += step_times(out, OURS_LINE, args.skip)
                 print(f"{name} round {r + 1}/{args.rounds}: nanoGPT {statistics.median(nano):.1f} ms, "
                       f"ours {statistics.median(ours):.1f} ms", file=sys.stderr, flush=True)  # fmt: skip

@@ -43,7 +43,9 @@ from gpt.tokenizer import EOT, GPT2_PATTERN
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Hugging Face's activation_function names for ours (model.activation), and back
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
-FROM_HF_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}
+FROM_HF_ACTIVATION = {
+    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2",
+}  # fmt: skip
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 
 
