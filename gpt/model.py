@@ -15,6 +15,7 @@ documents into one row, each attending only to itself with positions restarting 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
@@ -29,7 +30,12 @@ from gpt.errors import ConfigError
 SHAPE_FIELDS = (
     "n_layer", "n_head", "n_embd", "mlp_ratio", "bias", "norm", "pos_emb", "tie_embeddings", "activation",
 )  # fmt: skip
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
+# model.activation -> the MLP's nonlinearity
+ACTIVATIONS = {
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # as GPT-2 was trained
+    "gelu": F.gelu,  # exact (erf)
+    "relu2": lambda h: F.relu(h).square(),  # ReLU squared
+}
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -223,14 +229,11 @@ class CausalSelfAttention(nn.Module):
             # several new tokens after a non-empty cache: query i sees keys up to past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # (one-token decode: no mask, the new query may see every cached key)
-        dtype = q.dtype
-        if cpu_attention_upcast(q):
-            # autocast would cast the inputs back to bf16: attend in fp32 with autocast off
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=causal
-                )
-        else:
+        dtype, upcast = q.dtype, cpu_attention_upcast(q)
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        # upcast: autocast would cast the inputs back to bf16, so it is off around the call
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -244,17 +247,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
-        self.activation = config.activation
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden)
-        if self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")  # as GPT-2 was trained
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.relu(h).square()  # relu2
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, hidden) inside
 
 
 class Block(nn.Module):

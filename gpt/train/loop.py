@@ -141,6 +141,8 @@ class Trainer:
         self.flops_per_token = self.raw_model.flops_per_token(run.block_size)
         self.peak = cfg.train.peak_flops or measure_peak_flops(info.device, self.dtype)
         self.meter = Throughput()
+        # clipping with foreach kernels: one norm over all gradients, not a Python loop (the CPU default)
+        self.clip_foreach = info.device.type in ("cpu", "cuda")
         self.t_start = time.time()
         # val_bpb = val_loss in bits x tokens per byte of the val split (text corpora only)
         val = run.val_data
@@ -181,9 +183,7 @@ class Trainer:
         # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient; with
         # clipping off (an infinite limit) the gradients are multiplied by exactly 1
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        # foreach: one fused norm over all gradients instead of a Python loop (the default off-GPU)
-        foreach = self.info.device.type in ("cpu", "cuda")
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip, foreach=foreach)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip, foreach=self.clip_foreach)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         # non-finite gradients under fp16 are the GradScaler's overflows: it skips and lowers its scale
         bad = ~torch.isfinite(loss) | (~torch.isfinite(norm) & (not self.scaler.is_enabled()))
