@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
+from gpt.ops import relu_squared, rms_norm, rotate
 
 # fields that define the weights' shapes and meaning: a loaded checkpoint must agree on them
 SHAPE_FIELDS = (
@@ -34,7 +35,7 @@ SHAPE_FIELDS = (
 ACTIVATIONS = {
     "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # as GPT-2 was trained
     "gelu": F.gelu,  # exact (erf)
-    "relu2": lambda h: F.relu(h).square(),  # ReLU squared
+    "relu2": relu_squared,  # ReLU squared
 }
 
 
@@ -150,7 +151,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -166,21 +167,14 @@ def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def cpu_attention_upcast(q: torch.Tensor) -> bool:
-    """Whether attention on this CPU should run in fp32 although q is bf16 (autocast).
+def cpu_attention_upcast(qkv: torch.Tensor, head_size: int) -> bool:
+    """Whether attention on this CPU should run in fp32 although its inputs are bf16 (autocast).
 
     Measured on a 2-core AVX512-BF16/AMX CPU (torch 2.13, fwd + bwd of causal SDPA): with head size
     32 the bf16 flash backward is 3-5x slower than fp32 (3.8 vs 0.8 ms at B=12, nh=4, T=64), with
     head size 64 it is even or faster. Only backward is slow, so inference keeps bf16.
     """
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(-1) < 64 and q.requires_grad
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of x (B, nh, T, hs) by the angles for its positions."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B, nh
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and head_size < 64 and qkv.requires_grad
 
 
 class CausalSelfAttention(nn.Module):
@@ -204,13 +198,17 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys, values side by side
+        dtype, upcast = qkv.dtype, cpu_attention_upcast(qkv, hs)
+        if upcast:
+            qkv = qkv.float()  # one copy for q, k and v (and the rotation in fp32)
+        qk, v = qkv.split((2 * C, C), dim=2)
+        qk = qk.view(B, T, 2 * nh, hs)  # the queries' heads, then the keys'
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = rotate(qk, *rope)  # one rotation for q and k; tables (T or B x T, 1, hs/2)
+        q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
+        v = v.view(B, T, nh, hs).transpose(1, 2)
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
@@ -229,9 +227,6 @@ class CausalSelfAttention(nn.Module):
             # several new tokens after a non-empty cache: query i sees keys up to past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # (one-token decode: no mask, the new query may see every cached key)
-        dtype, upcast = q.dtype, cpu_attention_upcast(q)
-        if upcast:
-            q, k, v = q.float(), k.float(), v.float()
         # upcast: autocast would cast the inputs back to bf16, so it is off around the call
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
@@ -355,10 +350,10 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
-        elif pos.dim() == 2:  # per-row positions: (B, 1, T, hs/2), broadcast over heads
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        elif pos.dim() == 2:  # per-row positions: (B, T, 1, hs/2), broadcast over heads
+            rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
+        else:  # (T, 1, hs/2)
+            rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, attn_mask)

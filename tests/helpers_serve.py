@@ -37,7 +37,7 @@ DIALOGS = [
 ]
 
 
-def tiny_run(directory: Path, block_size: int = 128, pos_emb: str = "rope", steps: int = 150) -> Path:
+def tiny_run(directory: Path, block_size: int = 128, pos_emb: str = "rope", steps: int = 300) -> Path:
     """A run directory with a tiny char-level model trained for a moment on TEXT and DIALOGS (so that
     greedy text varies with the prompt and replies end their turn); a chat-trained run."""
     directory.mkdir(parents=True, exist_ok=True)

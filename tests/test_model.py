@@ -123,11 +123,11 @@ def test_cpu_bf16_attention_backward_runs_in_fp32_and_matches():
     and inference (no grad) keeps bf16."""
     from gpt.model import cpu_attention_upcast
 
-    q = torch.randn(1, 2, 4, 32, dtype=torch.bfloat16, requires_grad=True)
-    assert cpu_attention_upcast(q)
-    assert not cpu_attention_upcast(q.detach())  # inference
-    assert not cpu_attention_upcast(torch.randn(1, 2, 4, 64, dtype=torch.bfloat16, requires_grad=True))
-    assert not cpu_attention_upcast(torch.randn(1, 2, 4, 32, requires_grad=True))  # fp32 already
+    qkv = torch.randn(1, 4, 3 * 64, dtype=torch.bfloat16, requires_grad=True)  # (B, T, 3C), 2 heads
+    assert cpu_attention_upcast(qkv, 32)
+    assert not cpu_attention_upcast(qkv.detach(), 32)  # inference
+    assert not cpu_attention_upcast(qkv, 64)
+    assert not cpu_attention_upcast(torch.randn(1, 4, 192, requires_grad=True), 32)  # fp32 already
     model, idx = small(norm="rmsnorm", pos_emb="rope", bias=False).train(), torch.randint(0, 64, (2, 16))
     grads = {}
     for dtype in ("fp32", "bf16"):
