@@ -2,7 +2,8 @@
 
 What docs/benchmarks.md ("CPU training speed") rests on: causal attention fwd + bwd in fp32, in bf16
 and with bf16 inputs computed in fp32 (what ``gpt.model.cpu_attention_upcast`` does for heads < 64);
-the MLP nonlinearities fwd + bwd; matmuls in fp32 and bf16; and, with --profile, torch.profiler's
+the MLP nonlinearities fwd + bwd; gpt.ops' hand-written backward passes against autograd of the same
+formulas; matmuls in fp32 and bf16; and, with --profile, torch.profiler's
 table of one training step of a model (forward, backward, clipping, fused AdamW) under autocast.
 
     python bench/bench_cpu_ops.py                      # the kernel tables (about a minute on 2 cores)
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.model import GPT, GPTConfig
+from gpt.ops import relu_squared, rms_norm, rotate
 
 
 def timed(fn, n: int, repeats: int) -> float:
@@ -71,6 +73,45 @@ def activation_table(repeats: int) -> None:
             print(
                 f"| {str(dtype)[6:]}, {shape[0]} x {shape[1]} | " + " | ".join(f"{t:.0f}" for t in row) + " |"
             )
+
+
+def ops_table(repeats: int) -> None:
+    """gpt.ops (hand-written backward passes) against autograd of the same formulas, fwd + bwd, at the
+    tensors a step of nanoGPT's CPU shape (B=12, T=64, 4 heads of 32, width 128) and of the default
+    model (B=16, T=128) gives them: RoPE on q and k together, RMSNorm on the fp32 residual stream,
+    ReLU^2 on the bf16 MLP hidden layer."""
+
+    def rope_ref(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def rms_ref(x, w):
+        return F.rms_norm(x, (x.size(-1),), w, 1e-6)
+
+    def rms_ours(x, w):
+        return rms_norm(x, w, 1e-6)
+
+    def relu2_ref(x):
+        return F.relu(x).square()
+
+    print("\n| op, shape | autograd of the formula us | gpt.ops us |\n| --- | --- | --- |")
+    for B, T in ((12, 64), (16, 128)):
+        angles = torch.randn(T, 1, 16)
+        tables = (angles.cos(), angles.sin())
+        w = torch.ones(128, requires_grad=True)
+        cases = [  # (name, input shape and dtype, extra arguments, the formula, gpt.ops)
+            (f"rotate q+k ({B}, {T}, 8, 32) fp32", (B, T, 8, 32), torch.float32, tables, rope_ref, rotate),
+            (f"rms_norm ({B}, {T}, 128) fp32", (B, T, 128), torch.float32, (w,), rms_ref, rms_ours),
+            (f"relu^2 ({B}, {T}, 512) bf16", (B, T, 512), torch.bfloat16, (), relu2_ref, relu_squared),
+        ]  # fmt: skip
+        for name, shape, dtype, extra, ref, ours in cases:
+            x = torch.randn(shape, dtype=dtype, requires_grad=True)
+            g = torch.randn_like(x)
+            row = [
+                timed(lambda f=f, x=x, g=g, e=extra: f(x, *e).backward(g), 20, repeats) * 1e3
+                for f in (ref, ours)
+            ]
+            print(f"| {name} | {row[0]:.0f} | {row[1]:.0f} |")
 
 
 def matmul_table(repeats: int) -> None:
@@ -139,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.only_profile:
         attention_table(args.repeats)
         activation_table(args.repeats)
+        ops_table(args.repeats)
         matmul_table(args.repeats)
     if args.profile or args.only_profile:
         profile_step(args)

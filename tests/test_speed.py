@@ -2,6 +2,8 @@
 fp32), Muon (parameter split, its own LR on the schedule, exact resume), the last-position-only
 prefill, and the CPU-safe parts of the GPU check."""
 
+import sys
+
 import pytest
 import torch
 
@@ -47,6 +49,33 @@ def test_cpu_capability_probe_agrees_with_the_cpu_flags():
     except OSError:
         pytest.skip("no /proc/cpuinfo here")
     assert device_mod.cpu_bf16_native() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_training_steps_on_the_cpu_take_no_fresh_pages():
+    """What training on the CPU sets (gpt.device.keep_freed_memory): once warm, a step reuses the
+    memory the previous one freed. glibc's default gave 60-1100 page faults a step at this shape
+    (it varies from run to run), each paid on memory the step had just freed."""
+    import resource
+
+    if not device_mod.keep_freed_memory():
+        pytest.skip("not glibc")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 128, (12, 64))
+
+    def step() -> None:
+        model(x, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10 < 20
 
 
 def test_bf16_training_tracks_fp32(make_cfg, one_thread):

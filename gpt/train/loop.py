@@ -33,7 +33,7 @@ import torch
 from gpt.checkpoint import BEST_NAME, CKPT_NAME, load_latest, non_finite_tensors, save_checkpoint
 from gpt.config import TrainRunConfig
 from gpt.data.shards import TokenWindows
-from gpt.device import autocast_for, measure_peak_flops, resolve_dtype
+from gpt.device import autocast_for, keep_freed_memory, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError, DivergenceError
 from gpt.eval.bpb import bytes_per_token
 from gpt.train import distributed as D
@@ -405,6 +405,8 @@ def train(
     ``should_stop(step)`` lets Python callers interrupt the run as Ctrl-C would; ``after_backward``
     is a test hook (fault injection)."""
     info = D.init_distributed(cfg.device, cfg.train.timeout_s)
+    if info.device.type == "cpu":
+        keep_freed_memory()  # no page faults on the blocks each step frees and takes back
     try:
         with StopFlag() as stop:
             lock = claim_out_dir(cfg.out_dir, info)  # held by rank 0 for the whole run
