@@ -99,8 +99,8 @@ def keep_freed_memory() -> bool:
     Why: a CPU training step frees and re-allocates the same activation-sized blocks every step.
     By default glibc serves blocks above an adaptive threshold (128 KiB at first) with fresh mmap
     pages and trims the heap's top when it is freed, so the next step pays a page fault per 4 KiB
-    touched again. Measured on 2 cores at nanoGPT's CPU shape: 670 faults a step and 1.1-1.3x
-    slower steps (docs/benchmarks.md). The cost: the process's resident memory stays at its peak.
+    touched again. Measured on 2 cores at nanoGPT's CPU shape: 60-1100 faults a step without it and
+    ~1.18x slower steps (docs/benchmarks.md). The cost: the process's resident memory stays at its peak.
     Returns whether it applied (glibc on Linux only; elsewhere nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False

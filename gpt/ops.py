@@ -7,10 +7,10 @@ for them. RoPE's chunk and cat backward allocates, zero-fills and copies. ``F.rm
 is composite both ways: about 15 kernels forward and 14 backward (only CUDA has fused ones). ReLU²'s
 ``pow`` backward recomputes ``x ** 1``. Here each backward is the math itself: a rotation by the
 opposite angle, RMSNorm's closed form (mostly in LayerNorm's fused kernel), ``2 relu(x) g`` in one
-kernel. docs/benchmarks.md ("CPU training speed") has the measurements.
+kernel. docs/benchmarks.md ("The eager CPU step, second pass") has the measurements.
 
 Under ``torch.compile`` each function is the plain expression instead, which inductor fuses forward
-and backward better than any hand-written pass. tests/test_model.py checks the values and gradients
+and backward better than any hand-written pass. tests/test_ops.py checks the values and gradients
 against the plain expressions.
 
     from gpt.ops import relu_squared, rms_norm, rotate
@@ -86,7 +86,7 @@ class _RMSNorm(torch.autograd.Function):
         dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
             grad, x, [x.size(-1)], torch.zeros_like(rstd), rstd, weight, None, [True, need_w, False]
         )
-        mean_gw = (grad @ weight.to(grad.dtype)).unsqueeze(-1) / x.size(-1)  # (..., 1)
+        mean_gw = (grad @ weight).unsqueeze(-1) / x.size(-1)  # (..., 1); all fp32 on this path
         return torch.addcmul(dx, rstd, mean_gw), dw, None
 
 
