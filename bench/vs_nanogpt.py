@@ -10,13 +10,17 @@ allocator warm-up). Printed per shape: median ms/step and tokens/s of each, and 
     python bench/vs_nanogpt.py ~/src/nanoGPT --shapes cpu --rounds 5 --iters 60
     python bench/vs_nanogpt.py ~/src/nanoGPT --ours-dtype fp32     # same precision as nanoGPT's CPU run
     python bench/vs_nanogpt.py ~/src/nanoGPT --compile             # ours with train.compile=true
+    python bench/vs_nanogpt.py ~/src/nanoGPT --compile --nanogpt-compile --skip 10   # both compiled
 
 Shapes (nanoGPT's): ``cpu`` is the README's CPU recipe (4 layers, 4 heads, width 128, block 64,
 batch 12), ``6x384`` its Shakespeare model (6 layers, 6 heads, width 384, block 256, batch 8).
 Dropout is 0 for both. nanoGPT runs as its README says for CPUs (``--device=cpu --compile=False``,
 fp32 there); ours runs ``train.py`` with the same shape and batch and its default precision policy
 (``train.dtype=auto``: bf16 on CPUs with AVX512-BF16/AMX), or ``--ours-dtype``; eager unless
-``--compile`` (the compiled turns' first steps include compilation: raise --skip if they show).
+``--compile`` (the compiled turns' first steps include compilation: raise --skip if they show);
+nanoGPT with ``--compile=True`` under ``--nanogpt-compile``. Besides the medians over all rounds,
+the table gives the median and range of the per-round ratio (each round's turns run back to back,
+so that ratio drifts least with the machine's load).
 """
 
 from __future__ import annotations
@@ -39,12 +43,15 @@ NANO_LINE = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 OURS_LINE = re.compile(r"^step +(\d+)/\d+ \|.*\| ([\d.]+) ms/step")
 
 
-def nanogpt_command(nanogpt: Path, shape: dict, iters: int, out_dir: Path) -> list[str]:
+def nanogpt_command(
+    nanogpt: Path, shape: dict, iters: int, out_dir: Path, compile: bool = False
+) -> list[str]:
     """nanoGPT's CPU command line for ``shape``; evaluation and checkpoints pushed out of the way
     (it evaluates once at iteration 0, on one batch)."""
     return [
-        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-        f"--n_layer={shape['n_layer']}", f"--n_head={shape['n_head']}", f"--n_embd={shape['n_embd']}",
+        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+        f"--compile={compile}", f"--n_layer={shape['n_layer']}", f"--n_head={shape['n_head']}",
+        f"--n_embd={shape['n_embd']}",
         f"--block_size={shape['block_size']}", f"--batch_size={shape['batch_size']}", "--dropout=0.0",
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--eval_iters=1", "--eval_interval=100000",
         "--log_interval=1", "--always_save_checkpoint=False", "--wandb_log=False", f"--out_dir={out_dir}",
@@ -84,8 +91,9 @@ def run(cmd: list[str], cwd: Path, timeout: float) -> str:
     return p.stdout + p.stderr
 
 
-def summary(name: str, shape: dict, nano: list[float], ours: list[float]) -> dict:
-    """Median ms/step and tokens/s of each trainer, and our speed over nanoGPT's."""
+def summary(name: str, shape: dict, nano: list[float], ours: list[float], rounds: list[float]) -> dict:
+    """Median ms/step and tokens/s of each trainer, our speed over nanoGPT's, and the median and
+    range of that ratio per round (``rounds``: nanoGPT's median / ours, one per round)."""
     tokens = shape["batch_size"] * shape["block_size"]
     n_ms, o_ms = statistics.median(nano), statistics.median(ours)
     return {
@@ -96,6 +104,7 @@ def summary(name: str, shape: dict, nano: list[float], ours: list[float]) -> dic
         "nanogpt_tok_s": round(tokens / n_ms * 1000),
         "ours_tok_s": round(tokens / o_ms * 1000),
         "speedup": round(n_ms / o_ms, 2),
+        "per_round": f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})",
     }
 
 
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=40, help="optimizer steps per turn")
     p.add_argument("--skip", type=int, default=5, help="first steps of a turn not timed")
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--compile", action="store_true", help="ours with train.compile=true (nanoGPT: eager)")
+    p.add_argument("--compile", action="store_true", help="ours with train.compile=true")
+    p.add_argument("--nanogpt-compile", action="store_true", help="nanoGPT with --compile=True")
     p.add_argument("--timeout", type=float, default=900, help="seconds per turn")
     args = p.parse_args(argv)
     nanogpt = args.nanogpt.expanduser().resolve()
@@ -121,30 +131,31 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
-            shape, nano, ours = SHAPES[name], [], []
+            shape, nano, ours, rounds = SHAPES[name], [], [], []
             for r in range(args.rounds):
-                out = run(
-                    nanogpt_command(nanogpt, shape, args.iters, Path(tmp) / "nano"), nanogpt, args.timeout
-                )
-                nano += step_times(out, NANO_LINE, args.skip)
+                cmd = nanogpt_command(nanogpt, shape, args.iters, Path(tmp) / "nano", args.nanogpt_compile)
+                n_times = step_times(run(cmd, nanogpt, args.timeout), NANO_LINE, args.skip)
                 cmd = ours_command(shape, args.iters, Path(tmp) / "ours", args.ours_dtype, args.compile)
-                out = run(cmd, REPO, args.timeout)
-                ours += step_times(out, OURS_LINE, args.skip)
-                print(f"{name} round {r + 1}/{args.rounds}: nanoGPT {statistics.median(nano):.1f} ms, "
-                      f"ours {statistics.median(ours):.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
-            results.append(summary(name, shape, nano, ours))
+                o_times = step_times(run(cmd, REPO, args.timeout), OURS_LINE, args.skip)
+                nano, ours = nano + n_times, ours + o_times
+                rounds.append(statistics.median(n_times) / statistics.median(o_times))
+                print(f"{name} round {r + 1}/{args.rounds}: nanoGPT {statistics.median(n_times):.1f} ms, "
+                      f"ours {statistics.median(o_times):.1f} ms, ratio {rounds[-1]:.2f}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            results.append(summary(name, shape, nano, ours, rounds))
     print(
         f"cpus {os.cpu_count()}, ours train.dtype={args.ours_dtype} train.compile={args.compile}, "
-        f"{args.rounds} rounds x {args.iters} steps"
+        f"nanoGPT --compile={args.nanogpt_compile}, {args.rounds} rounds x {args.iters} steps"
     )
     print(
         "| shape | tokens/step | nanoGPT ms/step | ours ms/step | nanoGPT tok/s | ours tok/s "
-        "| ours / nanoGPT |"
+        "| ours / nanoGPT | per round: median (range) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for s in results:
         print(f"| {s['shape']} | {s['tokens_per_step']} | {s['nanogpt_ms']} | {s['ours_ms']} | "
-              f"{s['nanogpt_tok_s']:,} | {s['ours_tok_s']:,} | {s['speedup']}x |")  # fmt: skip
+              f"{s['nanogpt_tok_s']:,} | {s['ours_tok_s']:,} | {s['speedup']}x | "
+              f"{s['per_round']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ class _RMSNorm(torch.autograd.Function):
             grad, x, [x.size(-1)], torch.zeros_like(rstd), rstd, weight, None, [True, need_w, False]
         )
         mean_gw = (grad @ weight).unsqueeze(-1) / x.size(-1)  # (..., 1); all fp32 on this path
-        return torch.addcmul(dx, rstd, mean_gw), dw, None
+        # + rstd * mean(g w): the (..., 1) product first, then one broadcast add into dx (addcmul
+        # with two broadcast operands takes a slow path on the CPU: 3x the time at (12, 64, 128))
+        return dx.add_(rstd * mean_gw), dw, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -240,8 +240,9 @@ def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
         for i in range(1, 9)
     )
     assert vs.step_times(ours_log, vs.OURS_LINE, skip=6) == [27.0, 28.0]
-    s = vs.summary("cpu", vs.SHAPES["cpu"], [40.0, 30.0, 50.0], [20.0, 25.0])
+    s = vs.summary("cpu", vs.SHAPES["cpu"], [40.0, 30.0, 50.0], [20.0, 25.0], [1.5, 1.1, 1.3])
     assert s["tokens_per_step"] == 768 and s["speedup"] == round(40.0 / 22.5, 2) and s["ours_tok_s"] == 34133
+    assert s["per_round"] == "1.30x (1.10-1.50)"
     # every override of our command is a real key, giving nanoGPT's shape
     cmd = vs.ours_command(vs.SHAPES["6x384"], 10, tmp_path / "o", "auto")
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
@@ -256,6 +257,8 @@ def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
     assert cfg.train.eval_interval == 0 and cfg.train.dtype == "auto"
     nano = vs.nanogpt_command(tmp_path, vs.SHAPES["cpu"], 10, tmp_path / "n")
     assert "--compile=False" in nano and "--block_size=64" in nano and "--batch_size=12" in nano
+    compiled = vs.nanogpt_command(tmp_path, vs.SHAPES["cpu"], 10, tmp_path / "n", compile=True)
+    assert "--compile=True" in compiled
     with pytest.raises(SystemExit, match="not a nanoGPT checkout"):
         vs.main([str(tmp_path)])
 
