@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import gpt.data.prepare as data
+import gpt.data.encode as encode
 from gpt.config import DataConfig
 from gpt.data.__main__ import run as prepare_main
 from gpt.data.corpus import iter_documents, iter_pieces
@@ -247,8 +247,8 @@ def test_too_little_text_for_one_window(tmp_path):
 
 
 def test_parallel_tokenization_matches_single_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 8192)  # many tasks from a small file
-    monkeypatch.setattr(data, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(encode, "CHUNK_BYTES", 8192)  # many tasks from a small file
+    monkeypatch.setattr(encode, "PARALLEL_MIN_BYTES", 0)
     (tmp_path / "in.txt").write_text(corpus(3000))
     tok = gpt2_tokenizer()
     out = []
