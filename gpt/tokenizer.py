@@ -3,7 +3,7 @@
 Four kinds share one interface (``Tokenizer``):
 
 * ``"char"``  -- one id per character seen in the corpus (``char_tokenizer(texts)``);
-* ``"bpe"``   -- byte-level BPE trained on the corpus with rustbpe (``train_bpe(texts, vocab_size)``);
+* ``"bpe"``   -- byte-level BPE trained on the corpus with rustbpe (``gpt.data.tokenizers.train_bpe``);
 * ``"gpt2"``  -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
 * ``"hf"``    -- a Hugging Face BPE pair vocab.json + merges.txt (``gpt.hf_vocab.hf_bpe_tokenizer``).
 
@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import tiktoken
 
 from gpt.atomic import atomic_write
 from gpt.config import REPO_ROOT, resolve_path
-from gpt.errors import ConfigError, DataError
+from gpt.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ STATE_FORMAT = 1
 # GPT-2's split pattern as tiktoken ships it (equivalent to the original, but faster). Hard-coded so
 # that nothing here ever needs tiktoken.get_encoding, which downloads.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-# rustbpe holds `buffer_size` pieces in memory at once; capping the piece length bounds that buffer
-# (~64M characters) however the corpus is laid out (one giant string or millions of small documents).
-_TRAIN_PIECE_CHARS = 1 << 16
-_TRAIN_BUFFER_PIECES = 1024
 
 
 class Tokenizer(ABC):
@@ -331,38 +326,6 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     return CharTokenizer(sorted(seen))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = None) -> Tokenizer:
-    """Train a byte-level BPE tokenizer with rustbpe on ``texts`` (streamed; at most ``max_bytes``
-    UTF-8 bytes of them when given). ``vocab_size`` includes the special tokens."""
-    import rustbpe  # only needed for training; keeps importing this module cheap
-
-    n_special = len(SPECIAL_TOKENS)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
-        raise ConfigError(
-            f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE tokenizer: it must be an "
-            f"integer >= {256 + n_special} (256 byte tokens + {n_special} special tokens)"
-        )
-    seen = [0]  # bytes fed to rustbpe, counted by the generator
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(
-        _training_pieces(texts, max_bytes, seen),
-        vocab_size - n_special,
-        buffer_size=_TRAIN_BUFFER_PIECES,
-    )
-    if seen[0] == 0:
-        raise DataError("cannot train a BPE tokenizer: the corpus is empty")
-    ranks = {bytes(b): int(r) for b, r in trainer.get_mergeable_ranks()}
-    if len(ranks) + n_special < vocab_size:
-        log.warning(
-            "BPE training found only %d merges in the corpus: vocab_size is %d, not the requested %d",
-            len(ranks) - 256,
-            len(ranks) + n_special,
-            vocab_size,
-        )
-    specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
-    return TiktokenTokenizer("bpe", ranks, trainer.get_pattern(), specials)
-
-
 def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """GPT-2's encoding from a tiktoken rank file (default: the repository's data/gpt2/gpt2.tiktoken).
     <|endoftext|> and <|end_of_turn|> get the two ids after the ranks (50256 and 50257 for GPT-2)."""
@@ -377,37 +340,6 @@ def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _training_pieces(
-    texts: Iterable[str], max_bytes: int | None, seen: list[int], piece_chars: int = _TRAIN_PIECE_CHARS
-) -> Iterator[str]:
-    """Stream texts to rustbpe in pieces of at most ``piece_chars`` characters, stopping after
-    ``max_bytes`` UTF-8 bytes; ``seen[0]`` counts the bytes fed. Long texts are cut just after a newline
-    followed by a non-space character: the GPT-4 split pattern never joins a chunk across such a point,
-    so the cuts do not change what is learned."""
-    for text in texts:
-        start, n = 0, len(text)
-        while start < n:
-            end = min(start + piece_chars, n)
-            if end < n:
-                lo = start + piece_chars // 2
-                cut = text.rfind("\n", lo, end - 1)
-                while cut != -1 and text[cut + 1].isspace():
-                    cut = text.rfind("\n", lo, cut)
-                end = end if cut == -1 else cut + 1  # no good cut point: an (almost harmless) hard cut
-            piece, start = text[start:end], end
-            data = piece.encode("utf-8", "replace")  # "replace": lone surrogates, which rustbpe rejects
-            if max_bytes is not None and seen[0] + len(data) >= max_bytes:
-                data = data[: max_bytes - seen[0]]
-                piece, start = data.decode("utf-8", "ignore"), n
-            elif not piece.isascii():
-                piece = data.decode("utf-8")
-            if piece:
-                seen[0] += len(data)
-                yield piece
-            if max_bytes is not None and seen[0] >= max_bytes:
-                return
 
 
 @lru_cache(maxsize=1)

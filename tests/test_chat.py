@@ -12,8 +12,9 @@ import torch
 from gpt.chat_template import fit_dialog, fit_history, render_dialog, render_prompt, render_turns
 from gpt.data.dialogs import read_dialogs, split_dialogs
 from gpt.data.sft import DialogBatches
+from gpt.data.tokenizers import train_bpe
 from gpt.errors import DataError
-from gpt.tokenizer import EOT, EOT_TURN, char_tokenizer, train_bpe
+from gpt.tokenizer import EOT, EOT_TURN, char_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are Ada."}
 TURNS = [

@@ -14,18 +14,16 @@ import tiktoken.load
 from helpers_hf import write_hf_gpt2_files
 
 from gpt.config import REPO_ROOT
-from gpt.data.tokenizers import build_tokenizer
+from gpt.data.tokenizers import _training_pieces, build_tokenizer, train_bpe
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_bpe_tokenizer
 from gpt.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
-    _training_pieces,
     char_tokenizer,
     gpt2_tokenizer,
     load_tokenizer,
     tokenizer_from_state,
-    train_bpe,
 )
 
 SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare" / "input.txt"
