@@ -40,6 +40,7 @@ from gpt.train import distributed as D
 from gpt.train.evaluation import EvalInterrupted, estimate_loss, estimate_pair_metrics, task_suite
 from gpt.train.guard import Guard
 from gpt.train.memory import check_memory
+from gpt.train.monitor import Throughput
 from gpt.train.objective import make_objective
 from gpt.train.optim import configure_optimizer, lr_at
 from gpt.train.rundir import claim_out_dir
@@ -81,27 +82,6 @@ def try_compile(model, run_step: Callable[[Any], Any], info: D.DistInfo):
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         D.print0(f"notice: torch.compile failed ({msg}); continuing without compilation", info=info)
         return model
-
-
-class Throughput:
-    """Token positions run and wall time since the last log line; evals and saves restart it, so
-    they never count as training time."""
-
-    def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
-        self.t0, self.steps, self.positions = time.time(), 0, 0
-
-    def add(self, positions: int) -> None:
-        self.steps, self.positions = self.steps + 1, self.positions + positions
-
-    def take(self, world_size: int) -> tuple[float, float]:
-        """(seconds per step, tokens per second over all ranks), then restart."""
-        elapsed = max(time.time() - self.t0, 1e-9)
-        result = elapsed / max(self.steps, 1), self.positions * world_size / elapsed
-        self.restart()
-        return result
 
 
 class Trainer:

@@ -1,6 +1,7 @@
-"""What a training run reports: a console line per log step, a progress bar, ``metrics.jsonl``
-(one JSON object per eval) and wandb (offline by default: no account needed; ``wandb.mode=online``
-after ``wandb login`` to sync, ``wandb.mode=disabled`` for none). Only rank 0 reports anything.
+"""What a training run reports: a console line per log step (tokens/s from ``Throughput``), a
+progress bar, ``metrics.jsonl`` (one JSON object per eval) and wandb (offline by default: no
+account needed; ``wandb.mode=online`` after ``wandb login`` to sync, ``wandb.mode=disabled`` for
+none). Only rank 0 reports anything.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,27 @@ from gpt.atomic import atomic_write
 from gpt.config import TrainRunConfig
 from gpt.runs.metrics import json_safe, parse_record
 from gpt.train import distributed as D
+
+
+class Throughput:
+    """Token positions run and wall time since the last log line; evals and saves restart it, so
+    they never count as training time."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps, self.positions = time.time(), 0, 0
+
+    def add(self, positions: int) -> None:
+        self.steps, self.positions = self.steps + 1, self.positions + positions
+
+    def take(self, world_size: int) -> tuple[float, float]:
+        """(seconds per step, tokens per second over all ranks), then restart."""
+        elapsed = max(time.time() - self.t0, 1e-9)
+        result = elapsed / max(self.steps, 1), self.positions * world_size / elapsed
+        self.restart()
+        return result
 
 
 class _NoBar:
