@@ -41,10 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT, GenerationConfig
+from gpt.config import REPO_ROOT
 from gpt.device import pick_device, resolve_dtype
 from gpt.infer.engine import Decoder, KVCache, choose_next
 from gpt.infer.generate import generate
+from gpt.infer_config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 
 MODELS = {

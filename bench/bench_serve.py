@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import itertools
 
-from gpt.config import ServeConfig
 from gpt.device import resolve_dtype
+from gpt.infer_config import ServeConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
 

@@ -8,8 +8,9 @@ import pytest
 
 from gpt.cli import Command, compose_config, split_args
 from gpt.commands import SAMPLE, TRAIN
-from gpt.config import REPO_ROOT, SampleConfig
+from gpt.config import REPO_ROOT
 from gpt.errors import UserError
+from gpt.infer_config import SampleConfig
 
 # every character Hydra's override grammar would reject or change
 FREE_TEXTS = [

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers_eval import save_run, tiny_model
 
 from gpt.chat_template import render_prompt
-from gpt.config import REPO_ROOT, GenerationConfig
+from gpt.config import REPO_ROOT
 from gpt.errors import DataError
 from gpt.eval.__main__ import run as eval_main
 from gpt.eval.cloze import cloze_items
@@ -25,6 +25,7 @@ from gpt.eval.tasks import (
     mc_context,
 )
 from gpt.infer.generate import generate_text
+from gpt.infer_config import GenerationConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["a", "be", "cat", "dog", "eel", "fine", "gone", "house", "island", "jumping", "kingdoms", "lantern"]

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.config import GenerationConfig
 from gpt.errors import ConfigError
 from gpt.infer.generate import (
     Decoder,
@@ -20,6 +19,7 @@ from gpt.infer.generate import (
     generate_text,
     stream,
 )
+from gpt.infer_config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 

@@ -21,8 +21,8 @@ from gpt.config import REPO_ROOT
 PKG = REPO_ROOT / "gpt"
 
 # the layers, bottom to top; a module may import its own layer (no cycles) and the layers listed
-CORE = {"errors", "config", "device", "ops", "model", "tokenizer", "chat_template", "lora", "checkpoint",
-        "atomic"}  # fmt: skip
+CORE = {"errors", "config", "infer_config", "device", "ops", "model", "tokenizer", "chat_template", "lora",
+        "checkpoint", "atomic"}  # fmt: skip
 ALLOWED = {
     "core": {"core"},
     "interop": {"core", "interop"},

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import REPO_ROOT, GenerationConfig, SampleConfig
+from gpt.config import REPO_ROOT
 from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.errors import DataError
@@ -25,6 +25,7 @@ from gpt.infer.engine import choose_next
 from gpt.infer.generate import generate_text
 from gpt.infer.repl import Repl
 from gpt.infer.sample import read_prompt
+from gpt.infer_config import GenerationConfig, SampleConfig
 from gpt.model import GPT, GPTConfig
 from gpt.runs.load import load_model
 from gpt.tokenizer import char_tokenizer

@@ -15,9 +15,10 @@ import yaml
 
 from gpt.checkpoint import save_checkpoint
 from gpt.cli import run
-from gpt.config import REPO_ROOT, GenerationConfig, SampleConfig
+from gpt.config import REPO_ROOT
 from gpt.infer.repl import SEPARATOR, Repl, parse_setting
 from gpt.infer.sample import sample
+from gpt.infer_config import GenerationConfig, SampleConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 

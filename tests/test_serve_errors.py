@@ -20,7 +20,8 @@ httpx = pytest.importorskip("httpx")
 
 from helpers_serve import free_port, live_server, tiny_run  # noqa: E402
 
-from gpt.config import REPO_ROOT, ServeConfig  # noqa: E402
+from gpt.config import REPO_ROOT  # noqa: E402
+from gpt.infer_config import ServeConfig  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.serve.__main__ import run  # noqa: E402
 from gpt.serve.server import is_loopback, load_for_serving  # noqa: E402

@@ -160,7 +160,7 @@ def chat_session(run, lines, **kw):
     import io
 
     model, tok, _ = load_model(run)
-    from gpt.config import GenerationConfig
+    from gpt.infer_config import GenerationConfig
 
     settings = GenerationConfig(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 12))
     script = iter(lines)

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpt.chat_template import fit_history
-from gpt.config import unescape
 from gpt.errors import DataError
 from gpt.infer.engine import Decoder
 from gpt.infer.generate import Completion, Generation
 from gpt.infer.repl import Repl
+from gpt.infer_config import unescape
 from gpt.tokenizer import EOT_TURN
 
 

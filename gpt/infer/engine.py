@@ -20,8 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from gpt.config import GenerationConfig
 from gpt.errors import ConfigError
+from gpt.infer_config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 from typing import Any, BinaryIO, TextIO
 
-from gpt.config import SampleConfig, resolve_path
+from gpt.config import resolve_path
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
+from gpt.infer_config import SampleConfig
 from gpt.runs.load import load_model
 
 

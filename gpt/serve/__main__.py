@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpt.cli import Command, main
-from gpt.config import ServeConfig
+from gpt.infer_config import ServeConfig
 from gpt.serve.server import serve
 
 COMMAND = Command(

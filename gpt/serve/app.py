@@ -29,8 +29,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from gpt.chat_template import check_messages, render_prompt
-from gpt.config import ServeConfig
 from gpt.errors import DataError
+from gpt.infer_config import ServeConfig
 from gpt.model import GPT
 from gpt.serve.batcher import Batcher, Done, Failed, Finish, Piece, QueueFull, Request
 from gpt.serve.metrics import Counters, render_metrics
