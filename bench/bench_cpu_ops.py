@@ -3,7 +3,8 @@
 What docs/benchmarks.md ("CPU training speed") rests on: causal attention fwd + bwd in fp32, in bf16
 and with bf16 inputs computed in fp32 (what ``gpt.model.cpu_attention_upcast`` does for heads < 64);
 the MLP nonlinearities fwd + bwd; gpt.ops' hand-written backward passes against autograd of the same
-formulas; matmuls in fp32 and bf16; and, with --profile, torch.profiler's
+formulas; what the default model's RMSNorm, RoPE and ReLU^2 cost against GPT-2's (nanoGPT's)
+LayerNorm, learned positions and GELU; matmuls in fp32 and bf16; and, with --profile, torch.profiler's
 table of one training step of a model (forward, backward, clipping, fused AdamW) under autocast.
 
     python bench/bench_cpu_ops.py                      # the kernel tables (about a minute on 2 cores)
@@ -11,7 +12,8 @@ table of one training step of a model (forward, backward, clipping, fused AdamW)
     python bench/bench_cpu_ops.py --profile --only-profile --batch 16 --block 128 --dtype fp32
 
 Times are medians of --repeats timed loops, in ms (us for the elementwise table); run it on a quiet
-machine, the kernels are short.
+machine, the kernels are short. Freed memory is kept in the process, as a training run does
+(``gpt.device.keep_freed_memory``): without it the larger elementwise kernels page-fault.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gpt.device import keep_freed_memory
 from gpt.model import GPT, GPTConfig
 from gpt.ops import relu_squared, rms_norm, rotate
 
@@ -114,6 +117,30 @@ def ops_table(repeats: int) -> None:
             print(f"| {name} | {row[0]:.0f} | {row[1]:.0f} |")
 
 
+def choices_table(repeats: int) -> None:
+    """The default char model's elementwise pieces against GPT-2's, fwd + bwd in fp32 at nanoGPT's CPU
+    recipe (B=12, T=64, width 128, 4 heads): per call, and per step (9 norms, 4 rotations of q and
+    k against one position add, 4 MLP activations)."""
+    B, T = 12, 64
+    angles = torch.randn(T, 1, 16)
+    cos, sin = angles.cos(), angles.sin()
+    w, pos = torch.ones(128, requires_grad=True), torch.randn(T, 128, requires_grad=True)
+    pairs = [  # (ours, GPT-2's, input shape, calls per step of each)
+        ("rms_norm", lambda x: rms_norm(x, w, 1e-6), "layer_norm", lambda x: F.layer_norm(x, (128,), w),
+         (B, T, 128), 9, 9),
+        ("rotate q+k", lambda x: rotate(x, cos, sin), "learned position add", lambda x: x + pos,
+         (B, T, 8, 32), 4, 1),
+        ("relu^2", relu_squared, "gelu (exact)", F.gelu, (B, T, 512), 4, 4),
+    ]  # fmt: skip
+    print("\n| ours | us | x per step | GPT-2's | us | x per step |\n| --- | --- | --- | --- | --- | --- |")
+    for name, ours, ref_name, ref, shape, n_ours, n_ref in pairs:
+        x = torch.randn(shape, requires_grad=True)
+        x_ref = torch.randn(B, T, 128, requires_grad=True) if ref_name.startswith("learned") else x
+        t_ours = timed(lambda x=x, f=ours: f(x).backward(x), 20, repeats) * 1e3
+        t_ref = timed(lambda x=x_ref, f=ref: f(x).backward(x), 20, repeats) * 1e3
+        print(f"| {name} | {t_ours:.0f} | {n_ours} | {ref_name} | {t_ref:.0f} | {n_ref} |")
+
+
 def matmul_table(repeats: int) -> None:
     print(
         "\n| M x K x N | fp32 ms | bf16 ms | fp32 TFLOP/s | bf16 TFLOP/s |\n| --- | --- | --- | --- | --- |"
@@ -176,11 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a training run on the CPU does
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if not args.only_profile:
         attention_table(args.repeats)
         activation_table(args.repeats)
         ops_table(args.repeats)
+        choices_table(args.repeats)
         matmul_table(args.repeats)
     if args.profile or args.only_profile:
         profile_step(args)

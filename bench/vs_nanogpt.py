@@ -11,6 +11,7 @@ allocator warm-up). Printed per shape: median ms/step and tokens/s of each, and 
     python bench/vs_nanogpt.py ~/src/nanoGPT --ours-dtype fp32     # same precision as nanoGPT's CPU run
     python bench/vs_nanogpt.py ~/src/nanoGPT --compile             # ours with train.compile=true
     python bench/vs_nanogpt.py ~/src/nanoGPT --compile --nanogpt-compile --skip 10   # both compiled
+    python bench/vs_nanogpt.py ~/src/nanoGPT --bare --shapes cpu --rounds 8   # the models alone
 
 Shapes (nanoGPT's): ``cpu`` is the README's CPU recipe (4 layers, 4 heads, width 128, block 64,
 batch 12), ``6x384`` its Shakespeare model (6 layers, 6 heads, width 384, block 256, batch 8).
@@ -21,6 +22,11 @@ fp32 there); ours runs ``train.py`` with the same shape and batch and its defaul
 nanoGPT with ``--compile=True`` under ``--nanogpt-compile``. Besides the medians over all rounds,
 the table gives the median and range of the per-round ratio (each round's turns run back to back,
 so that ratio drifts least with the machine's load).
+
+``--bare`` times the models alone, in this one process: forward, loss, backward, clipping and the
+optimizer step on one fixed batch, no data loading or logging, nanoGPT's model and optimizer (from
+its ``model.py``, fp32) against ours (the default char model at nanoGPT's shape, our optimizer,
+``--ours-dtype``'s autocast), ``--iters`` steps a turn, in alternating turns.
 """
 
 from __future__ import annotations
@@ -108,6 +114,66 @@ def summary(name: str, shape: dict, nano: list[float], ours: list[float], rounds
     }
 
 
+def bare_steps(nanogpt: Path, shape: dict, rounds: int, iters: int, dtype: str) -> tuple[list, list]:
+    """(nanoGPT's ms/step per turn, ours per turn): the models' steps alone, alternating in this
+    process (see the module docstring)."""
+    import contextlib
+    import importlib.util
+    import time
+
+    import torch
+    import yaml
+
+    from gpt.config import OptimConfig
+    from gpt.device import autocast_for, keep_freed_memory, resolve_dtype
+    from gpt.model import GPT, GPTConfig
+    from gpt.train.optim import configure_optimizer
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
+    nano = importlib.util.module_from_spec(spec)  # nanoGPT's model.py, not put on sys.path
+    spec.loader.exec_module(nano)
+
+    keep_freed_memory()  # as our training runs do on a CPU
+    dims = {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    B, T = shape["batch_size"], shape["block_size"]
+    x = torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter counts
+        theirs = nano.GPT(nano.GPTConfig(**dims, vocab_size=65, dropout=0.0, bias=False))
+        their_opt = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    preset = yaml.safe_load((REPO / "conf" / "model" / "shakespeare_char.yaml").read_text())
+    ours = GPT(GPTConfig(**{**preset, **dims, "vocab_size": 128, "dropout": 0.0}))  # the padded char vocab
+    our_opt = configure_optimizer(ours, OptimConfig(), "cpu")
+    autocast = autocast_for(torch.device("cpu"), resolve_dtype(dtype, torch.device("cpu")))
+
+    def their_step() -> None:
+        _, loss = theirs(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_opt.step()
+        their_opt.zero_grad(set_to_none=True)
+
+    def our_step() -> None:
+        with autocast:
+            loss = ours(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
+        our_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+
+    times: tuple[list, list] = ([], [])
+    for step in (their_step, our_step):  # warm-up
+        for _ in range(3):
+            step()
+    for _ in range(rounds):
+        for step, out in zip((their_step, our_step), times, strict=True):
+            t = time.perf_counter()
+            for _ in range(iters):
+                step()
+            out.append((time.perf_counter() - t) / iters * 1e3)
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("nanogpt", type=Path, help="path of a nanoGPT checkout (data/shakespeare_char prepared)")
@@ -118,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours-dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="ours with train.compile=true")
     p.add_argument("--nanogpt-compile", action="store_true", help="nanoGPT with --compile=True")
+    p.add_argument("--bare", action="store_true", help="the models' steps alone, in this process")
     p.add_argument("--timeout", type=float, default=900, help="seconds per turn")
     args = p.parse_args(argv)
     nanogpt = args.nanogpt.expanduser().resolve()
@@ -132,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
             shape, nano, ours, rounds = SHAPES[name], [], [], []
+            if args.bare:
+                nano, ours = bare_steps(nanogpt, shape, args.rounds, args.iters, args.ours_dtype)
+                rounds = [a / b for a, b in zip(nano, ours, strict=True)]
+                results.append(summary(name, shape, nano, ours, rounds))
+                continue
             for r in range(args.rounds):
                 cmd = nanogpt_command(nanogpt, shape, args.iters, Path(tmp) / "nano", args.nanogpt_compile)
                 n_times = step_times(run(cmd, nanogpt, args.timeout), NANO_LINE, args.skip)
@@ -146,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"cpus {os.cpu_count()}, ours train.dtype={args.ours_dtype} train.compile={args.compile}, "
         f"nanoGPT --compile={args.nanogpt_compile}, {args.rounds} rounds x {args.iters} steps"
+        + (" (--bare: the models alone, in one process)" if args.bare else "")
     )
     print(
         "| shape | tokens/step | nanoGPT ms/step | ours ms/step | nanoGPT tok/s | ours tok/s "

@@ -263,6 +263,27 @@ def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
         vs.main([str(tmp_path)])
 
 
+def test_vs_nanogpt_bare_times_both_models_in_turns(tmp_path):
+    """--bare loads nanoGPT's model.py from the checkout: here a stand-in with its interface."""
+    vs = load_bench("vs_nanogpt")
+    (tmp_path / "model.py").write_text(
+        "from dataclasses import dataclass\nimport torch\n\n"
+        "@dataclass\nclass GPTConfig:\n    n_layer: int; n_head: int; n_embd: int; block_size: int\n"
+        "    vocab_size: int; dropout: float; bias: bool\n\n"
+        "class GPT(torch.nn.Module):\n"
+        "    def __init__(self, c):\n        super().__init__(); print('number of parameters')\n"
+        "        self.emb = torch.nn.Embedding(c.vocab_size, c.vocab_size)\n"
+        "    def forward(self, x, y):\n        logits = self.emb(x)\n"
+        "        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())\n"
+        "    def configure_optimizers(self, wd, lr, betas, device):\n"
+        "        return torch.optim.AdamW(self.parameters(), lr=lr)\n"
+    )
+    shape = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2)
+    nano, ours = vs.bare_steps(tmp_path, shape, rounds=2, iters=2, dtype="fp32")
+    assert len(nano) == len(ours) == 2 and all(t > 0 for t in nano + ours)
+    assert "nanogpt_model" not in sys.modules and str(tmp_path) not in sys.path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_muon_on_two_ranks_matches_one_process(tmp_path, corpus, parallel):
