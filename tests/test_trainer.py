@@ -109,3 +109,30 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e6, float("inf")])
+def test_clip_gradients_equals_clip_grad_norm_bit_for_bit(clip):
+    """Clipped (0.05), unclipped (1e6) and off (inf): the same norm and the same gradients as
+    clip_grad_norm_, although the unclipped ones skip the multiply; NaN gradients stay NaN."""
+    from gpt.model import GPT, GPTConfig
+    from gpt.train.optim import clip_gradients
+
+    def model_with_grads(poison: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+        x = torch.randint(0, 32, (2, 8))
+        m(x, x).backward()
+        if poison:
+            next(m.parameters()).grad.view(-1)[0] = float("nan")
+        return m
+
+    for poison in (False, True):
+        ours, ref = model_with_grads(poison), model_with_grads(poison)
+        norm = clip_gradients(ours, clip, foreach=True)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip, foreach=True)
+        assert torch.equal(norm, ref_norm) or (poison and norm.isnan() and ref_norm.isnan())
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+        if poison:  # a NaN norm's factor is NaN: every gradient NaN, as clip_grad_norm_ leaves them
+            assert all(p.grad.isnan().all() for p in ours.parameters())

@@ -42,7 +42,7 @@ from gpt.train.guard import Guard
 from gpt.train.memory import check_memory
 from gpt.train.monitor import Throughput
 from gpt.train.objective import make_objective
-from gpt.train.optim import configure_optimizer, lr_at
+from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
 from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
 from gpt.train.signals import StopFlag
@@ -160,11 +160,8 @@ class Trainer:
         if self.after_backward is not None:
             self.after_backward(self.step, self.raw_model)
         self.scaler.unscale_(self.optimizer)
-        # clip_grad_norm_ on DDP/FSDP2 parameters computes the norm of the global gradient; with
-        # clipping off (an infinite limit) the gradients are multiplied by exactly 1
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip, foreach=self.clip_foreach)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = clip_gradients(self.raw_model, clip, foreach=self.clip_foreach)
         # non-finite gradients under fp16 are the GradScaler's overflows: it skips and lowers its scale
         bad = ~torch.isfinite(loss) | (~torch.isfinite(norm) & (not self.scaler.is_enabled()))
         # one all-reduce: (sum over ranks of the loss parts = the loss x world size, ranks that saw a fault)

@@ -6,6 +6,7 @@ not decayed: shrinking them towards zero only fights the normalisation), fused o
 the rest (embeddings, the head, norms, biases), stepped together as one ``Optimizers``.
 ``lr_at`` is the schedule as a pure function of the step, so resuming needs no scheduler state; a
 group's ``lr_scale`` (Muon's: muon_lr / lr) puts every group on the same schedule at its own LR.
+``clip_gradients`` is ``clip_grad_norm_`` without its multiply where the factor is 1 (on the CPU).
 
     opt = configure_optimizer(model, cfg.optim, device_type="cuda")
     for group in opt.param_groups: group["lr"] = lr_at(step, cfg.optim, max_steps) * group["lr_scale"]
@@ -126,3 +127,17 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "cosine":
         return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     raise ConfigError(f"optim.schedule={cfg.schedule!r} must be cosine, linear or constant")
+
+
+def clip_gradients(model: torch.nn.Module, clip: float, foreach: bool | None = None) -> torch.Tensor:
+    """``clip_grad_norm_`` in its two halves: the global gradient's norm (a plain tensor, also for
+    FSDP2's sharded gradients; returned), then every gradient times min(1, clip / (norm + 1e-6)).
+    Where that factor is exactly 1 (an unclipped step; clipping off: ``clip`` infinite) the multiply
+    is skipped on the CPU, where reading the norm costs no sync: a pass over every gradient saved,
+    the same numbers. Elsewhere the multiply is queued, as ``clip_grad_norm_`` does."""
+    params = list(model.parameters())
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=foreach)
+    norm = total.full_tensor() if hasattr(total, "full_tensor") else total
+    if norm.device.type != "cpu" or not bool(clip / (norm + 1e-6) >= 1.0):  # NaN: multiplied, as before
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total, foreach=foreach)
+    return norm
