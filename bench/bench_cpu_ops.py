@@ -3,9 +3,10 @@
 What docs/benchmarks.md ("CPU training speed") rests on: causal attention fwd + bwd in fp32, in bf16
 and with bf16 inputs computed in fp32 (what ``gpt.model.cpu_attention_upcast`` does for heads < 64);
 the MLP nonlinearities fwd + bwd; gpt.ops' hand-written backward passes against autograd of the same
-formulas; what the default model's RMSNorm, RoPE and ReLU^2 cost against GPT-2's (nanoGPT's)
-LayerNorm, learned positions and GELU; matmuls in fp32 and bf16; and, with --profile, torch.profiler's
-table of one training step of a model (forward, backward, clipping, fused AdamW) under autocast.
+formulas; what RMSNorm (the chat model's), RoPE and ReLU^2 (also the default char model's) cost
+against GPT-2's (nanoGPT's) LayerNorm, learned positions and GELU; matmuls in fp32 and bf16; and,
+with --profile, torch.profiler's table of one training step of a model (forward, backward,
+clipping, fused AdamW) under autocast.
 
     python bench/bench_cpu_ops.py                      # the kernel tables (about a minute on 2 cores)
     python bench/bench_cpu_ops.py --profile            # + the step profile of nanoGPT's CPU shape
@@ -118,9 +119,9 @@ def ops_table(repeats: int) -> None:
 
 
 def choices_table(repeats: int) -> None:
-    """The default char model's elementwise pieces against GPT-2's, fwd + bwd in fp32 at nanoGPT's CPU
-    recipe (B=12, T=64, width 128, 4 heads): per call, and per step (9 norms, 4 rotations of q and
-    k against one position add, 4 MLP activations)."""
+    """RMSNorm, RoPE and ReLU^2 against GPT-2's LayerNorm, learned positions and GELU, fwd + bwd in
+    fp32 at nanoGPT's CPU recipe (B=12, T=64, width 128, 4 heads): per call, and per step (9 norms, 4
+    rotations of q and k against one position add, 4 MLP activations)."""
     B, T = 12, 64
     angles = torch.randn(T, 1, 16)
     cos, sin = angles.cos(), angles.sin()
@@ -157,13 +158,14 @@ def matmul_table(repeats: int) -> None:
 
 
 def profile_step(args: argparse.Namespace) -> None:
-    """torch.profiler's top ops over 10 training steps of the default char model's architecture."""
+    """torch.profiler's top ops over 10 training steps of the default char model's architecture
+    (``--norm rmsnorm``: the chat model's norm)."""
     from torch.profiler import profile
 
     torch.manual_seed(0)
     shape = dict(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.block)
     config = GPTConfig(
-        **shape, vocab_size=128, bias=False, norm="rmsnorm", pos_emb="rope", activation=args.activation
+        **shape, vocab_size=128, bias=False, norm=args.norm, pos_emb="rope", activation=args.activation
     )
     model = GPT(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--activation", default="relu2", choices=["gelu_tanh", "gelu", "relu2"])
+    p.add_argument("--norm", default="layernorm", choices=["layernorm", "rmsnorm"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
