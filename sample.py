@@ -12,7 +12,7 @@
 Every key is documented in conf/sample.yaml; the library side is gpt.infer.
 """
 
-from gpt.commands import sample_main
+from gpt.commands.sample import sample_main
 
 if __name__ == "__main__":
     sample_main()

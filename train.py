@@ -9,7 +9,7 @@ Every key is documented in conf/train.yaml; the command line is read by gpt.cli,
 gpt.commands.train_job, the loop gpt.train.loop.
 """
 
-from gpt.commands import train_main
+from gpt.commands.train import train_main
 
 if __name__ == "__main__":
     train_main()

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
 from gpt.infer.chat_repl import ChatRepl
-from gpt.infer_config import GenerationConfig
+from gpt.infer.config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 

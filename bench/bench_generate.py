@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from gpt.config import REPO_ROOT
 from gpt.device import pick_device, resolve_dtype
+from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder, KVCache, choose_next
 from gpt.infer.generate import generate
-from gpt.infer_config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 
 MODELS = {

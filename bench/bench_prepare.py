@@ -1,4 +1,4 @@
-"""Data preparation benchmark: ``python -m gpt.data`` on a ~200 MB corpus with 1 and 2 processes
+"""Data preparation benchmark: ``gpt prepare`` on a ~200 MB corpus with 1 and 2 processes
 (``torchrun``), against the raw tokenizer's own throughput on the same text.
 
     python bench/bench_prepare.py              # 200 MB of Parquet, GPT-2 tokenizer, 1 and 2 processes

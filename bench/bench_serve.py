@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import itertools
 
 from gpt.device import resolve_dtype
-from gpt.infer_config import ServeConfig
+from gpt.infer.config import ServeConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
 

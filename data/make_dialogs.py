@@ -20,7 +20,7 @@ forgets its carry or a subtraction its borrow, a result off by ten, another name
 bot name), from a different seed than the SFT dialogs.
 
 The last ``--val-fraction`` of the lines (10%, matching ``data.val_fraction``) is the held-out split
-that training validates on and ``python -m gpt.evaluate`` scores: its arithmetic problems never occur
+that training validates on and ``gpt eval dialogs`` scores: its arithmetic problems never occur
 in the training part (names and numbers are drawn at random for both parts).
 """
 

@@ -1,7 +1,7 @@
 """Typed configuration: the training run's dataclasses, their validation, and ``from_dict``, which
-builds any of our config dataclasses (these and ``gpt.infer_config``'s) from a plain dict.
+builds any of our config dataclasses (these and ``gpt.infer.config``'s) from a plain dict.
 
-The entry points (``train.py``, ``sample.py``, ``python -m gpt.serve``) let Hydra compose ``conf/``
+The entry points (``train.py``, ``sample.py``, ``gpt serve``) let Hydra compose ``conf/``
 and then call ``TrainRunConfig.from_dict`` / ``SampleConfig.from_dict`` / ``ServeConfig.from_dict``
 on the resolved dictionary; nothing in ``gpt/`` sees a Hydra object. Unknown keys, wrong types and
 impossible values raise ``ConfigError`` naming the key and the fix.

@@ -18,7 +18,7 @@ import torch
 
 from gpt.chat_template import render_dialog
 from gpt.checkpoint import checkpoint_state, save_checkpoint
-from gpt.infer_config import ServeConfig
+from gpt.infer.config import ServeConfig
 from gpt.model import GPT, GPTConfig
 from gpt.serve.app import create_app
 from gpt.tokenizer import char_tokenizer

@@ -1,4 +1,4 @@
-"""Every bad input a new user tried, through the real ``train.py`` / ``sample.py`` / ``gpt.evaluate``:
+"""Every bad input a new user tried, through the real ``train.py`` / ``sample.py`` / ``gpt eval dialogs``:
 a non-zero exit, one ``error:`` line on stderr naming the key or the file, no traceback, and no file
 created or changed. docs/bad_inputs.md lists the same cases with their messages.
 
@@ -154,7 +154,7 @@ def test_every_bad_input_is_one_line_naming_the_key_and_changes_nothing(files, t
                    "train.max_steps=1", f"data.cache_dir={tmp_path}/cache", "wandb.mode=disabled"])],
         "sample": [(str(REPO_ROOT / "sample.py"), SAMPLE_CASES, [f"ckpt={files}/run", "device=cpu",
                     "max_new_tokens=4", "history_file=null"]),
-                   ("gpt.evaluate", EVAL_CASES, [f"ckpt={files}/run", "device=cpu"])],
+                   ("gpt", EVAL_CASES, ["eval", "dialogs", f"ckpt={files}/run", "device=cpu"])],
     }  # fmt: skip
     runs = [(target, common + fill(args, files), words) for target, cases, common in batches[which]
             for args, words in cases]  # fmt: skip
@@ -182,7 +182,8 @@ def test_a_closed_pipe_ends_quietly(files, tmp_path, command):
         dialog = {"messages": [{"role": "user", "content": "ROMEO"}, {"role": "assistant", "content": "Ay"}]}
         (tmp_path / "d.jsonl").write_text((json.dumps(dialog) + "\n") * 3000)
         char_tokenizer([TEXT]).save(tmp_path / "tok")
-        args = ["-m", "gpt.chat", str(tmp_path / "d.jsonl"), f"tokenizer={tmp_path / 'tok'}", "show=3000"]
+        args = ["-m", "gpt", "check-dialogs", str(tmp_path / "d.jsonl"), f"tokenizer={tmp_path / 'tok'}",
+                "show=3000"]
     p = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)  # fmt: skip
     assert p.stdout.read(20)  # like `head -c 20`, then close

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-from gpt.cli import Command, compose_config, split_args
-from gpt.commands import SAMPLE, TRAIN
+from gpt.commands.cli import Command, compose_config, split_args
+from gpt.commands.sample import SAMPLE
+from gpt.commands.train import TRAIN
 from gpt.config import REPO_ROOT
 from gpt.errors import UserError
-from gpt.infer_config import SampleConfig
+from gpt.infer.config import SampleConfig
 
 # every character Hydra's override grammar would reject or change
 FREE_TEXTS = [

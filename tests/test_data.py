@@ -10,10 +10,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from gpt.data.__main__ import run as prepare_main
 
 import gpt.data.encode as encode
 from gpt.config import DataConfig
-from gpt.data.__main__ import run as prepare_main
 from gpt.data.corpus import iter_documents, iter_pieces
 from gpt.data.prepare import load_prepared, prepare
 from gpt.data.shards import TokenWindows, read_shard, write_shard

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
-from gpt.cli import to_plain
+from gpt.commands.cli import to_plain
 from gpt.config import REPO_ROOT, TrainRunConfig
 from gpt.data.prepare import prepare
 from gpt.data.shards import TokenWindows

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gpt.eval.__main__ import run as eval_main
 from helpers_eval import save_run, tiny_model
 
-from gpt.eval.__main__ import run as eval_main
 from gpt.eval.bpb import TextConfig, bits_per_byte, bytes_per_token, read_texts
 from gpt.eval.scoring import rolling_logprobs, windows
 

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from gpt.eval.__main__ import run as eval_main
 from helpers_eval import save_run, tiny_model
 
 from gpt.chat_template import render_prompt
 from gpt.config import REPO_ROOT
 from gpt.errors import DataError
-from gpt.eval.__main__ import run as eval_main
 from gpt.eval.cloze import cloze_items
 from gpt.eval.scoring import choice_logprobs, encode_pair
 from gpt.eval.tasks import (
@@ -24,8 +24,8 @@ from gpt.eval.tasks import (
     load_task,
     mc_context,
 )
+from gpt.infer.config import GenerationConfig
 from gpt.infer.generate import generate_text
-from gpt.infer_config import GenerationConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["a", "be", "cat", "dog", "eel", "fine", "gone", "house", "island", "jumping", "kingdoms", "lantern"]

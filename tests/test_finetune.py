@@ -1,6 +1,6 @@
 """Fine-tuning a Hugging Face GPT-2 on new text: the imported model's val loss on that text goes down,
 its tokenizer is reused (never rebuilt from the data), block_size may shrink but never grow, and the
-README's commands (train.py experiment=finetune with LoRA, gpt.lora merge, gpt.export, sampling)
+README's commands (train.py experiment=finetune with LoRA, gpt merge, gpt export, sampling)
 work end to end."""
 
 import io
@@ -15,11 +15,10 @@ import torch
 from helpers_hf import bytes_to_unicode
 
 from gpt.checkpoint import load_checkpoint
-from gpt.commands import train_main
+from gpt.commands.export import export_main, merge_main
+from gpt.commands.train import train_main
 from gpt.config import REPO_ROOT
 from gpt.errors import CheckpointError
-from gpt.export import export_main
-from gpt.export import merge_main as lora_main
 from gpt.infer.sample import sample
 from gpt.runs.load import load_model
 from gpt.runs.metrics import read_metrics
@@ -112,7 +111,7 @@ def test_readme_commands_lora_finetune_merge_export_and_sample(tmp_path, corpus,
            out=out, err=io.StringIO())  # fmt: skip
     assert out.getvalue().startswith("ROMEO:")
 
-    lora_main(["merge", f"ckpt={run}", f"out={merged}"])
+    merge_main([f"ckpt={run}", f"out={merged}"])
     export_main([f"ckpt={merged}", f"out={exported}"])
     capsys.readouterr()
     model, tokenizer, _ = load_model(run)  # unmerged adapters

@@ -1,5 +1,5 @@
 """The dialog formats people have: ShareGPT, Alpaca and HH transcripts read to the same messages as
-their OpenAI ``messages`` equivalents, the format detected per file and shown by ``python -m gpt.chat``."""
+their OpenAI ``messages`` equivalents, the format detected per file and shown by ``gpt check-dialogs``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gpt.chat import run as chat_main
+from gpt.commands.check_dialogs import run as chat_main
 from gpt.data.dialogs import read_dialogs
 from gpt.data.formats import hh_messages
 from gpt.data.preference import read_pairs

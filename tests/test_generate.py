@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
+from gpt.infer.config import GenerationConfig
 from gpt.infer.generate import (
     Decoder,
     Generation,
@@ -19,7 +20,6 @@ from gpt.infer.generate import (
     generate_text,
     stream,
 )
-from gpt.infer_config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 

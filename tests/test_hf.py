@@ -9,8 +9,8 @@ import torch
 from helpers_hf import write_hf_gpt2_files
 
 from gpt.checkpoint import save_checkpoint
+from gpt.commands.export import export_main
 from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.export import export_main
 from gpt.interop.hf import config_from_hf, import_hf
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer

@@ -1,10 +1,10 @@
 """The house rules of gpt/: wings by concern, arrows pointing one way, no import cycle.
 
 Every import of every module (at the top, inside functions and in ``if __name__ == "__main__":``
-blocks: a command at a core module's path lives in a package's ``__main__.py`` instead, as
-``gpt/lora/__main__.py`` does) is read with ``ast``. The test fails on an import cycle, on an arrow
-the layers forbid, and on a function-level import of our own modules (they hide cycles); only heavy
-optional dependencies may be imported inside functions.
+blocks; a command never sits at a core module's path, it lives in ``gpt/commands/``) is read with
+``ast``. The test fails on an import cycle, on an arrow the layers forbid, and on a function-level
+import of our own modules (they hide cycles); only heavy optional dependencies may be imported
+inside functions.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gpt.config import REPO_ROOT
 PKG = REPO_ROOT / "gpt"
 
 # the layers, bottom to top; a module may import its own layer (no cycles) and the layers listed
-CORE = {"errors", "config", "infer_config", "device", "ops", "model", "tokenizer", "chat_template", "lora",
+CORE = {"errors", "config", "device", "ops", "model", "tokenizer", "chat_template", "lora",
         "checkpoint", "atomic"}  # fmt: skip
 ALLOWED = {
     "core": {"core"},
@@ -183,10 +183,10 @@ def test_the_checker_reads_a_real_file(tmp_path, monkeypatch):
     bad = tmp_path / "bad.py"
     bad.write_text("from gpt.train.loop import train\n\ndef f():\n    from gpt.data.prepare import prepare\n")
     with bad.open("a") as f:
-        f.write('\nif __name__ == "__main__":\n    from gpt.export import merge_main\n')
+        f.write('\nif __name__ == "__main__":\n    from gpt.commands.export import merge_main\n')
     found = imports(bad)
     assert ("gpt.train.loop", False, 1) in found and ("gpt.data.prepare", True, 4) in found
-    assert any(m == "gpt.export" for m, _, _ in found), "a __main__ block's import is an arrow too"
+    assert any(m == "gpt.commands.export" for m, _, _ in found), "a __main__ block's import is an arrow too"
 
 
 @pytest.mark.parametrize("module", ["gpt.infer.generate", "gpt.infer.sample", "gpt.chat_template"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
+from gpt.commands.export import merge_main
 from gpt.config import FinetuneConfig
 from gpt.errors import CheckpointError, ConfigError
-from gpt.export import merge_main as lora_main
 from gpt.infer.generate import GenerationConfig, generate
 from gpt.lora import LoRALinear, adapter_weights, apply_lora, merge_lora
 from gpt.model import GPT, GPTConfig
@@ -114,14 +114,14 @@ def test_lora_run_trains_and_saves_only_adapters_and_samples_merged_or_not(
     assert any(v.abs().sum() > 0 for k, v in tuned.items() if k.endswith("lora_B"))
     # sampling: unmerged adapters, merged on load, and the merged checkpoint all agree
     merged, _, _ = load_model(cfg.out_dir, merge=True)
-    lora_main(["merge", f"ckpt={cfg.out_dir}", f"out={tmp_path / 'merged'}"])
+    merge_main([f"ckpt={cfg.out_dir}", f"out={tmp_path / 'merged'}"])
     assert "merged the LoRA adapters" in capsys.readouterr().out
     plain, _, plain_state = load_model(tmp_path / "merged")
     assert "lora" not in plain_state and set(plain_state["model"]) == set(base)
     out = greedy(model, tokenizer)
     assert out == greedy(merged, tokenizer) == greedy(plain, tokenizer)
     with pytest.raises(SystemExit):  # an existing merged checkpoint is never replaced silently
-        lora_main(["merge", f"ckpt={cfg.out_dir}", f"out={tmp_path / 'merged'}"])
+        merge_main([f"ckpt={cfg.out_dir}", f"out={tmp_path / 'merged'}"])
     assert "overwrite=true" in capsys.readouterr().err
 
 

@@ -1,12 +1,12 @@
-"""python -m gpt.plot: a PNG of the curves of several runs, with the panels their metrics allow."""
+"""gpt plot: a PNG of the curves of several runs, with the panels their metrics allow."""
 
 import json
 
 import pytest
 
+from gpt.commands.plot import load_runs, panels
+from gpt.commands.plot import run as plot_main
 from gpt.errors import DataError
-from gpt.plot import load_runs, panels
-from gpt.plot import run as plot_main
 
 pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: pip install 'gpt[plot]'")
 

@@ -21,11 +21,11 @@ from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
+from gpt.infer.config import GenerationConfig, SampleConfig
 from gpt.infer.engine import choose_next
 from gpt.infer.generate import generate_text
 from gpt.infer.repl import Repl
 from gpt.infer.sample import read_prompt
-from gpt.infer_config import GenerationConfig, SampleConfig
 from gpt.model import GPT, GPTConfig
 from gpt.runs.load import load_model
 from gpt.tokenizer import char_tokenizer

@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from gpt.checkpoint import save_checkpoint
-from gpt.cli import run
+from gpt.commands.cli import run
 from gpt.config import REPO_ROOT
+from gpt.infer.config import GenerationConfig, SampleConfig
 from gpt.infer.repl import SEPARATOR, Repl, parse_setting
 from gpt.infer.sample import sample
-from gpt.infer_config import GenerationConfig, SampleConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 

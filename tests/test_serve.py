@@ -20,10 +20,10 @@ from helpers_serve import live_server, tiny_run  # noqa: E402
 
 from gpt.chat_template import render_prompt  # noqa: E402
 from gpt.checkpoint import checkpoint_state, save_checkpoint  # noqa: E402
+from gpt.infer.config import GenerationConfig, ServeConfig  # noqa: E402
 from gpt.infer.engine import KVCache, RaggedKVCache  # noqa: E402
 from gpt.infer.generate import generate  # noqa: E402
 from gpt.infer.sample import sample  # noqa: E402
-from gpt.infer_config import GenerationConfig, ServeConfig  # noqa: E402
 from gpt.interop.hf import export_hf  # noqa: E402
 from gpt.lora import adapter_weights, apply_lora  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402

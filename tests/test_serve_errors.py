@@ -18,12 +18,12 @@ import yaml
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+from gpt.serve.__main__ import run  # noqa: E402
 from helpers_serve import free_port, live_server, tiny_run  # noqa: E402
 
 from gpt.config import REPO_ROOT  # noqa: E402
-from gpt.infer_config import ServeConfig  # noqa: E402
+from gpt.infer.config import ServeConfig  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from gpt.serve.__main__ import run  # noqa: E402
 from gpt.serve.server import is_loopback, load_for_serving  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,7 +229,7 @@ def test_loopback_check():
 
 
 def test_sigterm_lets_the_stream_finish_and_exits_0(run_dir):
-    """The command itself: python -m gpt.serve starts, streams, and on SIGTERM finishes the running
+    """The command itself: gpt serve starts, streams, and on SIGTERM finishes the running
     stream before exiting with status 0."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -237,7 +237,8 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(run_dir):
         [
             sys.executable,
             "-m",
-            "gpt.serve",
+            "gpt",
+            "serve",
             f"ckpt={run_dir}",
             f"port={port}",
             "device=cpu",

@@ -17,7 +17,7 @@ from helpers_serve import live_server, tiny_run  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from gpt.infer_config import ServeConfig  # noqa: E402
+from gpt.infer.config import ServeConfig  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,5 +1,5 @@
 """Instruction tuning end to end on tiny CPU runs: the demo data generator, SFT through the one
-training loop (init_from + data.format=dialogs), gpt.evaluate, and chat in sample.py / the REPL."""
+training loop (init_from + data.format=dialogs), gpt eval dialogs, and chat in sample.py / the REPL."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import re
 import pytest
 
 from gpt.chat_template import check_messages, render_dialog, render_prompt
+from gpt.commands.eval import run as eval_main
 from gpt.config import REPO_ROOT, TrainRunConfig
 from gpt.data.dialogs import read_dialogs
 from gpt.eval.dialogs import EvalConfig, evaluate
-from gpt.evaluate import run as evaluate_main
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.sample import sample
 from gpt.runs.load import load_model
@@ -131,11 +131,11 @@ def test_evaluate_scores_exact_match_per_task_and_end_of_turn(chat_run, capsys):
     assert set(result["tasks"]) == {"math", "who", "hi", "name"}
     assert result["all"]["replies"] == 5
     assert result["all"]["exact_match"] == 1.0 and result["ended_with_eot"] == 1.0, result
-    evaluate_main([f"ckpt={run}", f"data={path}", "limit=1"])
+    eval_main(["dialogs", f"ckpt={run}", f"data={path}", "limit=1"])
     out = capsys.readouterr().out
     assert re.search(r"math\s+1\s+100.0%", out) and "end-of-turn: 100.0%" in out
     with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([f"ckpt={run}", "limits=1"])
+        eval_main(["dialogs", f"ckpt={run}", "limits=1"])
     assert exit_info.value.code == 2 and "limits" in capsys.readouterr().err
 
 
@@ -160,7 +160,7 @@ def chat_session(run, lines, **kw):
     import io
 
     model, tok, _ = load_model(run)
-    from gpt.infer_config import GenerationConfig
+    from gpt.infer.config import GenerationConfig
 
     settings = GenerationConfig(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 12))
     script = iter(lines)

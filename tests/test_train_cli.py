@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from gpt.cli import run
-from gpt.commands import train_job
+from gpt.commands.cli import run
+from gpt.commands.train import train_job
 from gpt.config import REPO_ROOT
 
 

@@ -7,7 +7,7 @@ Files: ``.jsonl`` holds one dialog per line, as OpenAI ``messages``, ShareGPT ``
 Alpaca ``instruction``/``output`` (``gpt.data.formats``, detected per file); any other file is a plain-text
 transcript whose turns start with ``User:`` / ``Assistant:`` (optionally ``System:`` first), dialogs
 separated by a blank line or by a separator line (``data.separator``). Every problem is reported with
-its file and line. Check a file with ``python -m gpt.chat FILE``; the rendering to tokens is
+its file and line. Check a file with ``gpt check-dialogs FILE``; the rendering to tokens is
 ``gpt.chat_template``, the SFT batches ``gpt.data.sft``.
 """
 

@@ -89,7 +89,7 @@ def _arrive(rank: int, world: int, notice_every_s: float = 60.0) -> None:
 
 class Ranks:
     """This process's place among the processes preparing together, and their agreements (on the
-    CPU: ``group`` is a gloo group, None = the default group, which is gloo in ``python -m gpt.data``)."""
+    CPU: ``group`` is a gloo group, None = the default group, which is gloo in ``gpt prepare``)."""
 
     def __init__(self, rank: int = 0, world: int = 1, group: Any = None) -> None:
         self.rank, self.world, self.group = rank, world, group

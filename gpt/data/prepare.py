@@ -1,8 +1,8 @@
 """Data preparation: tokenize the user's text (read by ``gpt.data.corpus``) once into cached token
 shards (``gpt.data.shards``), streamed, in parallel, and shared out between the ranks of a job.
 
-    python -m gpt.data data/tinyshakespeare/input.txt data.tokenizer=char   # prepare ahead of time
-    torchrun --nproc_per_node=8 -m gpt.data fineweb/ data.tokenizer=gpt2  # 8 processes share the work
+    gpt prepare data/tinyshakespeare/input.txt data.tokenizer=char   # prepare ahead of time
+    torchrun --nproc_per_node=8 -m gpt prepare fineweb/ data.tokenizer=gpt2  # 8 processes share the work
 
     from gpt.data.prepare import prepare
     data = prepare(cfg.data, block_size=256)             # cached under data/cache/<name>-<key>/

@@ -26,7 +26,7 @@ MAGIC = 0x4E4B5447  # the bytes b"GTKN" read as a little-endian int32
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-REDO = "delete the cache folder and re-run the data preparation (python -m gpt.data PATH)"
+REDO = "delete the cache folder and re-run the data preparation (gpt prepare PATH)"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

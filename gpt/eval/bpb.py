@@ -2,8 +2,8 @@
 Unlike the loss per token, it compares models of different tokenizers (a char model and a BPE model
 of the same corpus).
 
-    python -m gpt.eval bpb ckpt=out/shakespeare_char data.path=data/tinyshakespeare/input.txt data.split=val
-    python -m gpt.eval bpb ckpt=out/run data.path=notes/ stride=64 out=bpb.json
+    gpt eval bpb ckpt=out/shakespeare_char data.path=data/tinyshakespeare/input.txt data.split=val
+    gpt eval bpb ckpt=out/run data.path=notes/ stride=64 out=bpb.json
 
     from gpt.eval.bpb import bits_per_byte
     result = bits_per_byte(model, tokenizer, ["To be, or not to be"])   # {"bpb", "tokens", "bytes", ...}

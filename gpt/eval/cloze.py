@@ -1,7 +1,7 @@
 """A cloze task made from any corpus: a corpus-agnostic "HellaSwag" that works offline, for base
 models of any tokenizer.
 
-    python -m gpt.eval cloze ckpt=out/shakespeare_char data.path=data/tinyshakespeare/input.txt data.split=val
+    gpt eval cloze ckpt=out/shakespeare_char data.path=data/tinyshakespeare/input.txt data.split=val
 
     from gpt.eval.cloze import cloze_items, score_cloze
     items = cloze_items(held_out_text, n=500, seed=0)     # [{"context", "choices", "answer"}]

@@ -1,7 +1,7 @@
 """Score a chat model on held-out dialogs: greedy replies, exact match per task, end-of-turn rate.
 
-    python -m gpt.evaluate ckpt=out/chat                 # the held-out dialogs of the run's own data
-    python -m gpt.evaluate ckpt=out/chat data=my_dialogs.jsonl limit=200 show=5 out=eval.json
+    gpt eval dialogs ckpt=out/chat                 # the held-out dialogs of the run's own data
+    gpt eval dialogs ckpt=out/chat data=my_dialogs.jsonl limit=200 show=5 out=eval.json
 
     from gpt.eval.dialogs import EvalConfig, evaluate, report
     print(report(evaluate(EvalConfig(ckpt="out/chat"))))

@@ -1,8 +1,8 @@
 """A task runner for local task files (JSONL): multiple choice and generative, few-shot, one JSON
 result per run and a printed table. No network: users evaluate on their own data.
 
-    python -m gpt.eval tasks ckpt=out/run tasks=[my_tasks/capitals,my_tasks/arith.jsonl] num_fewshot=3
-    python -m gpt.eval tasks ckpt=out/shakespeare_char tasks=[cloze] out=results.json
+    gpt eval tasks ckpt=out/run tasks=[my_tasks/capitals,my_tasks/arith.jsonl] num_fewshot=3
+    gpt eval tasks ckpt=out/shakespeare_char tasks=[cloze] out=results.json
 
 A task is a directory holding ``test.jsonl`` (and optionally ``train.jsonl``), or a file ``NAME.jsonl``
 (few-shot examples then come from ``NAME_train.jsonl`` beside it, or ``train.jsonl`` beside

@@ -12,10 +12,10 @@ from typing import Any
 
 from gpt.chat_template import fit_history
 from gpt.errors import DataError
+from gpt.infer.config import unescape
 from gpt.infer.engine import Decoder
 from gpt.infer.generate import Completion, Generation
 from gpt.infer.repl import Repl
-from gpt.infer_config import unescape
 from gpt.tokenizer import EOT_TURN
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
-from gpt.infer_config import GenerationConfig
+from gpt.infer.config import GenerationConfig
 from gpt.model import GPT, GPTConfig
 
 

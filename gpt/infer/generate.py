@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder, KVCache, apply_penalties, check_memory, choose_next
-from gpt.infer_config import GenerationConfig
 from gpt.model import GPT
 
 __all__ = [

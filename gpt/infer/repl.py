@@ -23,9 +23,9 @@ import torch
 from gpt.atomic import atomic_write
 from gpt.config import from_dict
 from gpt.errors import ConfigError, UserError
+from gpt.infer.config import GenerationConfig, unescape
 from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.generate import Completion, Generation
-from gpt.infer_config import GenerationConfig, unescape
 
 SEPARATOR = "---------------"  # printed on its own line between samples
 

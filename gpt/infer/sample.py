@@ -14,9 +14,9 @@ from gpt.config import resolve_path
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
+from gpt.infer.config import SampleConfig
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
-from gpt.infer_config import SampleConfig
 from gpt.runs.load import load_model
 
 

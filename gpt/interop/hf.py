@@ -7,7 +7,7 @@ Import (``python train.py init_from=hf:DIR ...`` does this; no network access an
     model = GPT(config)                                         # vocab.json, merges.txt
     model.load_state_dict(state_dict)
 
-Export (the command line is ``python -m gpt.export ckpt=DIR out=HF_DIR``):
+Export (the command line is ``gpt export ckpt=DIR out=HF_DIR``):
 
     from gpt.interop.hf import export_hf
     export_hf(model, tokenizer, "out/hf")  # then transformers.GPT2LMHeadModel.from_pretrained("out/hf")
@@ -305,7 +305,7 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
 
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError(
-            "the model still has LoRA adapters: merge them first (python -m gpt.lora merge ckpt=... out=...)"
+            "the model still has LoRA adapters: merge them first (gpt merge ckpt=... out=...)"
         )
     problems = export_problems(model.config)
     if problems:

@@ -3,7 +3,7 @@
     python train.py experiment=finetune init_from=hf:models/gpt2 data=text data.path=notes.txt \\
         finetune.method=lora optim.lr=1e-3
     python sample.py ckpt=out/finetune                          # adapters loaded unmerged
-    python -m gpt.lora merge ckpt=out/finetune out=out/merged   # a plain checkpoint (lora/__main__.py)
+    gpt merge ckpt=out/finetune out=out/merged   # a plain checkpoint (lora/__main__.py)
 
 A targeted ``nn.Linear`` (y = x W^T + b, W (out, in)) becomes a ``LoRALinear`` computing
 y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T with A (rank, in) and B (out, rank). B starts

@@ -73,7 +73,7 @@ def base_weights(spec: dict[str, Any], config: GPTConfig, source: str) -> dict[s
         raise CheckpointError(
             f"{source} holds LoRA adapters for the base model {spec['base']}, which is not found (looked "
             f"at {refs}); put the base model back there, or merge the adapters where it exists "
-            "(python -m gpt.lora merge ckpt=... out=...)"
+            "(gpt merge ckpt=... out=...)"
         )
     base_config, weights, _, _ = load_base(found)
     diffs = [k for k in (*SHAPE_FIELDS, "vocab_size") if getattr(base_config, k) != getattr(config, k)]

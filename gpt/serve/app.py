@@ -1,7 +1,7 @@
 """The HTTP server: OpenAI's routes over the continuous batcher, the chat page, health and metrics.
 
     app = create_app(model, tokenizer, ServeConfig(), model_name="shakespeare_char")
-    uvicorn.run(app, host="127.0.0.1", port=8000)         # what ``python -m gpt.serve`` does
+    uvicorn.run(app, host="127.0.0.1", port=8000)         # what ``gpt serve`` does
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
 answers server-sent events ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics``
@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from gpt.chat_template import check_messages, render_prompt
 from gpt.errors import DataError
-from gpt.infer_config import ServeConfig
+from gpt.infer.config import ServeConfig
 from gpt.model import GPT
 from gpt.serve.batcher import Batcher, Done, Failed, Finish, Piece, QueueFull, Request
 from gpt.serve.metrics import Counters, render_metrics

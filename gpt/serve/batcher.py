@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import KVCache, RaggedKVCache, apply_penalties, choose_next
 from gpt.infer.generate import TextStream
-from gpt.infer_config import GenerationConfig
 from gpt.model import GPT
 
 log = logging.getLogger("gpt.serve")

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from gpt.infer_config import GenerationConfig
+from gpt.infer.config import GenerationConfig
 from gpt.serve.batcher import TokenLogprob
 
 

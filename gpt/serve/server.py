@@ -21,7 +21,7 @@ from typing import Any
 from gpt.checkpoint import load_state_dict_strict
 from gpt.config import resolve_path
 from gpt.device import pick_device, resolve_dtype
-from gpt.infer_config import ServeConfig
+from gpt.infer.config import ServeConfig
 from gpt.model import GPT
 from gpt.runs.load import load_base, load_model
 from gpt.serve.app import create_app

@@ -1,8 +1,8 @@
-"""``python -m gpt.serve ckpt=DIR [host=...] [port=...] [KEY=VALUE ...]`` (or ``gpt serve ...``):
+"""``gpt serve ckpt=DIR [host=...] [port=...] [KEY=VALUE ...]``:
 serve a model over an OpenAI-compatible HTTP API with a chat page at ``/``. Keys: conf/serve.yaml.
 
-    python -m gpt.serve ckpt=out/chat                      # http://127.0.0.1:8000/
-    python -m gpt.serve ckpt=hf:models/gpt2 port=8080 api_key=secret
+    gpt serve ckpt=out/chat                      # http://127.0.0.1:8000/
+    gpt serve ckpt=hf:models/gpt2 port=8080 api_key=secret
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gpt.cli import Command, main
-from gpt.infer_config import ServeConfig
+from gpt.commands.cli import Command, main
+from gpt.infer.config import ServeConfig
 from gpt.serve.server import serve
 
 COMMAND = Command(
     "serve",
-    usage="python -m gpt.serve ckpt=RUN_DIR|hf:DIR [host=127.0.0.1] [port=8000] (conf/serve.yaml)",
+    usage="gpt serve ckpt=RUN_DIR|hf:DIR [host=127.0.0.1] [port=8000] (conf/serve.yaml)",
     positional=("ckpt",),
     free_text=("ckpt", "host", "api_key", "model_name"),
 )
@@ -30,6 +30,3 @@ def job(cfg: dict[str, Any]) -> None:
 def run(argv: Sequence[str] | None = None) -> None:
     main(job, COMMAND, argv)
 
-
-if __name__ == "__main__":
-    run()

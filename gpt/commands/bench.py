@@ -1,8 +1,8 @@
 """Training throughput benchmark: tokens/s, ms/step, MFU against the device's measured matmul peak,
 and peak memory, for model presets on random tokens (no data preparation involved).
 
-    python -m gpt.bench                                   # shakespeare_char and gpt2 shapes, this device
-    python -m gpt.bench models=[gpt2] dtype=bf16 compile=true batch=8 steps=20
+    gpt bench                                   # shakespeare_char and gpt2 shapes, this device
+    gpt bench models=[gpt2] dtype=bf16 compile=true batch=8 steps=20
 
 MFU here is the model's training FLOPs per second divided by the *measured* peak of a large matmul
 in the same dtype on this device (not the vendor's datasheet number), so it says how much of what
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import yaml
 
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.config import REPO_ROOT, OptimConfig
 from gpt.device import autocast_for, measure_peak_flops, pick_device, resolve_dtype, synchronize
 from gpt.model import GPT, GPTConfig
 from gpt.train.optim import configure_optimizer
 
-COMMAND = Command("bench", usage="python -m gpt.bench [models=[gpt2]] [dtype=bf16] [compile=true] ...",
+COMMAND = Command("bench", usage="gpt bench [models=[gpt2]] [dtype=bf16] [compile=true] ...",
                   free_text=("json",))  # fmt: skip
 
 
@@ -113,6 +113,3 @@ def job(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return main(job, COMMAND, argv)
 
-
-if __name__ == "__main__":
-    run()

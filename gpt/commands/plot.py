@@ -1,8 +1,8 @@
 """Plot the curves of one or several runs as a PNG: train/val loss, and val bits per byte and task
 scores when the runs logged them (``pip install 'gpt[plot]'`` for matplotlib).
 
-    python -m gpt.plot out/shakespeare_char out/shakespeare               # -> runs.png
-    python -m gpt.plot out/a out/b x=tokens out=docs/loss.png title='char vs BPE'
+    gpt plot out/shakespeare_char out/shakespeare               # -> runs.png
+    gpt plot out/a out/b x=tokens out=docs/loss.png title='char vs BPE'
     gpt plot out/a x=time
 
 Every bare word is a run directory (its ``metrics.jsonl``); the legend names each run by its
@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpt.atomic import atomic_write
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.config import from_dict
 from gpt.errors import ConfigError, DataError
 from gpt.runs.metrics import read_metrics
 
 COMMAND = Command(
     "plot",
-    usage="python -m gpt.plot RUN_DIR [RUN_DIR ...] [x=step|tokens|time] [out=FILE.png]",
+    usage="gpt plot RUN_DIR [RUN_DIR ...] [x=step|tokens|time] [out=FILE.png]",
     free_text=("runs", "out", "title"),
     repeatable=("runs",),
 )
@@ -47,7 +47,7 @@ class PlotConfig:
 
     def __post_init__(self) -> None:
         if not self.runs:
-            raise ConfigError("no run to plot; give run directories: python -m gpt.plot out/a out/b")
+            raise ConfigError("no run to plot; give run directories: gpt plot out/a out/b")
 
 
 def load_runs(runs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -121,6 +121,3 @@ def run(argv: Sequence[str] | None = None) -> Path:
     argv = [a if "=" in a or a.startswith("-") else f"runs={a}" for a in argv]
     return main(job, COMMAND, argv)
 
-
-if __name__ == "__main__":
-    run()

@@ -4,7 +4,7 @@ usable from Python), sample.py's run config (conf/sample.yaml) and the server's 
 Built like the training run's config (``gpt.config``): ``SampleConfig.from_dict(d)`` on the dict
 Hydra resolved; bad keys, types and values raise ``ConfigError`` naming the key.
 
-    from gpt.infer_config import GenerationConfig
+    from gpt.infer.config import GenerationConfig
     gen = GenerationConfig(max_new_tokens=100, temperature=0.7, stop=["\n\n"])
 """
 
@@ -128,7 +128,7 @@ class SampleConfig(GenerationConfig):
 
 @dataclass
 class ServeConfig:
-    """``python -m gpt.serve``'s configuration (conf/serve.yaml): the model, the address and the limits
+    """``gpt serve``'s configuration (conf/serve.yaml): the model, the address and the limits
     of the OpenAI-compatible server (``gpt.serve``)."""
 
     ckpt: str = "out/shakespeare_char"

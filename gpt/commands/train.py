@@ -1,8 +1,7 @@
-"""The jobs of ``train.py`` and ``sample.py`` (also ``gpt train`` / ``gpt sample`` / ``gpt chat``):
-how each reads its command line (``gpt.cli.Command``) and what it runs.
+"""``python train.py`` (``gpt train``): how it reads its command line and what it runs; every key is
+in conf/train.yaml, the loop is gpt.train.loop.
 
     python train.py data=text data.path=notes/ out_dir=out/notes
-    python sample.py ckpt=out/notes 'prompt=Once upon a time, there was'
 """
 
 from __future__ import annotations
@@ -10,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.config import TrainRunConfig
-from gpt.infer.sample import sample
 from gpt.train.loop import train
 
 # paths and text: verbatim (a path may hold '[' or ',', a separator any character)
@@ -20,12 +18,6 @@ TRAIN = Command(
     "train",
     usage="python train.py [key=value ...] (conf/train.yaml documents every key)",
     free_text=("out_dir", "init_from", "data.path", "data.separator", "data.tokenizer_path", "wandb.name"),
-)
-SAMPLE = Command(
-    "sample",
-    usage="python sample.py [ckpt=DIR] [prompt=TEXT] [key=value ...] (conf/sample.yaml documents every key)",
-    free_text=("prompt", "system", "stop", "ckpt", "prompt_file", "history_file"),
-    repeatable=("stop",),
 )
 
 
@@ -36,13 +28,6 @@ def train_job(cfg: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
     return summary
 
 
-def sample_job(cfg: dict[str, Any], given: frozenset[str]) -> None:
-    sample(cfg)
-
 
 def train_main(argv: Sequence[str] | None = None) -> Any:
     return main(train_job, TRAIN, argv)
-
-
-def sample_main(argv: Sequence[str] | None = None) -> Any:
-    return main(sample_job, SAMPLE, argv)

@@ -1,12 +1,12 @@
-"""Check a dialog or preference-pair file and show it rendered: ``python -m gpt.chat FILE
-[tokenizer=RUN] [show=N]`` (or ``gpt check-dialogs FILE``). The format detected per file is printed
+"""Check a dialog or preference-pair file and show it rendered: ``gpt check-dialogs FILE
+[tokenizer=RUN] [show=N]``. The format detected per file is printed
 (messages, sharegpt, alpaca, transcript; or pairs), with the counts; every problem is listed with its
 file and line; with a tokenizer, the first ``show`` dialogs (or both replies of the first pairs)
 are printed as the model sees them, the trained tokens in [brackets].
 
-    python -m gpt.chat data/chat/demo.jsonl
-    python -m gpt.chat my_dialogs.txt separator=--- tokenizer=out/chat show=3
-    python -m gpt.chat data/chat/pairs.jsonl tokenizer=out/sft show=1
+    gpt check-dialogs data/chat/demo.jsonl
+    gpt check-dialogs my_dialogs.txt separator=--- tokenizer=out/chat show=3
+    gpt check-dialogs data/chat/pairs.jsonl tokenizer=out/sft show=1
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpt.chat_template import render_dialog
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.data.preference import read_pairs, render_pair
@@ -26,7 +26,7 @@ from gpt.tokenizer import load_tokenizer
 
 COMMAND = Command(
     "check_dialogs",
-    usage="python -m gpt.chat FILE [separator=LINE] [tokenizer=RUN_DIR] [show=N]",
+    usage="gpt check-dialogs FILE [separator=LINE] [tokenizer=RUN_DIR] [show=N]",
     positional=("path",),
     free_text=("path", "separator", "tokenizer"),
 )
@@ -77,6 +77,3 @@ def job(cfg: dict[str, Any]) -> None:
 def run(argv: Sequence[str] | None = None) -> None:
     main(job, COMMAND, argv)
 
-
-if __name__ == "__main__":
-    run()

@@ -1,9 +1,9 @@
 """Export a checkpoint to a Hugging Face GPT-2 directory that ``transformers`` loads as is, and fold
 a LoRA run's adapters into a plain checkpoint.
 
-    python -m gpt.export ckpt=out/finetune out=out/finetune-hf            # or: gpt export ...
-    python -m gpt.export ckpt=out/finetune/best.pt out=out/best-hf overwrite=true check=true
-    python -m gpt.lora merge ckpt=out/finetune out=out/merged             # or: gpt merge ...
+    gpt export ckpt=out/finetune out=out/finetune-hf
+    gpt export ckpt=out/finetune/best.pt out=out/best-hf overwrite=true check=true
+    gpt merge ckpt=out/finetune out=out/merged
 
 Export writes config.json and model.safetensors (plus vocab.json, merges.txt and
 tokenizer_config.json when the tokenizer is GPT-2's byte-level BPE), so that
@@ -26,19 +26,19 @@ from typing import Any
 import torch
 
 from gpt.checkpoint import CKPT_NAME, checkpoint_path, checkpoint_state, save_checkpoint
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.errors import ConfigError
 from gpt.interop.hf import export_hf
 from gpt.runs.load import load_model
 
 EXPORT = Command(
     "export",
-    usage="python -m gpt.export ckpt=RUN_DIR_OR_FILE out=HF_DIR [overwrite=true] [check=true]",
+    usage="gpt export ckpt=RUN_DIR_OR_FILE out=HF_DIR [overwrite=true] [check=true]",
     free_text=("ckpt", "out"),
 )
 MERGE = Command(
     "merge",
-    usage="python -m gpt.lora merge ckpt=RUN_DIR_OR_FILE out=OUT_DIR [overwrite=true]",
+    usage="gpt merge ckpt=RUN_DIR_OR_FILE out=OUT_DIR [overwrite=true]",
     free_text=("ckpt", "out"),
 )
 
@@ -115,15 +115,5 @@ def export_main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 def merge_main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m gpt.lora merge ...``: the word ``merge`` first, then the keys."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "merge":
-        print(
-            f"error: unknown command {' '.join(argv[:1]) or '(none)'}; usage: {MERGE.usage}", file=sys.stderr
-        )
-        sys.exit(2)
-    return main(merge_job, MERGE, argv[1:])
+    return main(merge_job, MERGE, argv)
 
-
-if __name__ == "__main__":
-    export_main()

@@ -1,11 +1,10 @@
-"""Prepare a corpus ahead of training: ``python -m gpt.data PATH [data.KEY=VALUE ...]`` (or
-``gpt prepare PATH ...``). The data keys are train.py's (conf/data/), so the same keys give the same
-cache entry and the training run starts at once:
+"""Prepare a corpus ahead of training: ``gpt prepare PATH [data.KEY=VALUE ...]``. The data keys are
+train.py's (conf/data/), so the same keys give the same cache entry and the training run starts at once:
 
-    python -m gpt.data data/tinyshakespeare/input.txt data.tokenizer=char
-    python -m gpt.data my_corpus/ data.tokenizer=bpe data.vocab_size=8192
-    python -m gpt.data data=shakespeare                      # a shipped preset as it is
-    torchrun --standalone --nproc_per_node=8 -m gpt.data fineweb/ data.tokenizer=gpt2   # 8 processes
+    gpt prepare data/tinyshakespeare/input.txt data.tokenizer=char
+    gpt prepare my_corpus/ data.tokenizer=bpe data.vocab_size=8192
+    gpt prepare data=shakespeare                      # a shipped preset as it is
+    torchrun --standalone --nproc_per_node=8 -m gpt prepare fineweb/ data.tokenizer=gpt2   # 8 processes
 
 Under ``torchrun`` the processes share the work (over a gloo process group) and give the same
 cache entry as one process would.
@@ -18,13 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.cli import Command, main
+from gpt.commands.cli import Command, main
 from gpt.config import DataConfig, from_dict
 from gpt.data.prepare import prepare
 
 COMMAND = Command(
     "prepare",
-    usage="python -m gpt.data PATH [data.tokenizer=char|bpe|gpt2|hf] [data.KEY=VALUE ...]",
+    usage="gpt prepare PATH [data.tokenizer=char|bpe|gpt2|hf] [data.KEY=VALUE ...]",
     positional=("data.path",),
     free_text=("data.path", "data.tokenizer_path", "data.cache_dir"),
 )
@@ -56,6 +55,3 @@ def job(cfg: dict[str, Any], given: frozenset[str]) -> None:
 def run(argv: Sequence[str] | None = None) -> None:
     main(job, COMMAND, argv)
 
-
-if __name__ == "__main__":
-    run()

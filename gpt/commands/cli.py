@@ -4,7 +4,7 @@ verbatim, and one error wrapper (a user mistake is one line on stderr and exit s
 
     python train.py model=gpt2 optim.lr=3e-4                 # conf/train.yaml + overrides
     python sample.py 'prompt=Hello, <|endoftext|> "you"'     # free text: never parsed by Hydra
-    python -m gpt.data notes/ data.tokenizer=bpe             # a positional word: data.path
+    gpt prepare notes/ data.tokenizer=bpe             # a positional word: data.path
 
 A command module declares a ``Command`` and calls ``main(job, command)``; ``job(cfg, given)``
 receives the resolved config as a plain dict (nothing in ``gpt/`` sees a Hydra object) and the set
@@ -42,7 +42,7 @@ class Command:
     usage: str = ""
     """One line shown with a mistake in the arguments."""
     positional: tuple[str, ...] = ()
-    """Keys that bare words (no ``=``) fill, in order: ``python -m gpt.data PATH`` sets data.path."""
+    """Keys that bare words (no ``=``) fill, in order: ``gpt prepare PATH`` sets data.path."""
     free_text: tuple[str, ...] = ()
     """Keys whose values pass verbatim (see the module docstring)."""
     repeatable: tuple[str, ...] = ()
