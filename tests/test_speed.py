@@ -76,9 +76,11 @@ def test_bf16_training_tracks_fp32(make_cfg, one_thread):
         runs[name] = read_metrics(cfg.out_dir)
     first, last = runs["fp32"][0]["val_loss"], runs["fp32"][-1]["val_loss"]
     assert last < first - 0.5  # it learned something for the comparison to mean anything
+    # 0.05 of a loss near 3.4: bf16 matmuls round differently per CPU (AMX on Intel, AVX512-BF16 on AMD
+    # gave train_loss 3.427 against fp32's 3.393 at step 20), but a broken bf16 path is off by far more
     for a, b in zip(runs["fp32"], runs["bf16"], strict=True):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=0.03), (a, b)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=0.03), (a, b)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=0.05), (a, b)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=0.05), (a, b)
 
 
 # ----------------------------------------------------------------------------------------------- Muon
