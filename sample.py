@@ -9,7 +9,8 @@
     python sample.py mode=chat ckpt=out/chat                # chat with an instruction-tuned model
     python sample.py mode=chat ckpt=out/chat prompt="What is 47 + 85?"   # print just the reply
 
-Every key is documented in conf/sample.yaml; the library side is gpt.infer.
+Every key, its default and its doc: `python sample.py --help` (gpt.infer.config.SampleConfig); the
+library side is gpt.infer.
 """
 
 from gpt.commands.sample import sample_main

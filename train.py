@@ -5,8 +5,8 @@ python train.py model=gpt2 data=shakespeare train.compile=true
 python train.py data=text data.path=my_corpus/ out_dir=out/mine
 torchrun --nproc_per_node=4 train.py model=gpt2 ...
 
-Every key is documented in conf/train.yaml; the command line is read by gpt.cli, the job is
-gpt.commands.train_job, the loop gpt.train.loop.
+Every key, its default and its doc: `python train.py --help` (gpt.config.TrainRunConfig); the command
+line is read by gpt.commands.cli, the job is gpt.commands.train.train_job, the loop gpt.train.loop.
 """
 
 from gpt.commands.train import train_main

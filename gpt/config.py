@@ -1,52 +1,59 @@
-"""Typed configuration: the training run's dataclasses, their validation, and ``from_dict``, which
-builds any of our config dataclasses (these and ``gpt.infer.config``'s) from a plain dict.
+"""The training run's typed configuration: ``TrainRunConfig`` and its groups (model, data, optim,
+train, finetune, dpo, wandb), each with its checks in ``__post_init__``.
 
-The entry points (``train.py``, ``sample.py``, ``gpt serve``) let Hydra compose ``conf/``
-and then call ``TrainRunConfig.from_dict`` / ``SampleConfig.from_dict`` / ``ServeConfig.from_dict``
-on the resolved dictionary; nothing in ``gpt/`` sees a Hydra object. Unknown keys, wrong types and
-impossible values raise ``ConfigError`` naming the key and the fix.
+These dataclasses are the one source of every key, its default (the default run: ``TrainRunConfig()``
+is what ``python train.py`` runs) and its doc (the string under each field; ``python train.py
+--help`` prints them). The commands register them as the schema of Hydra's composition
+(``gpt.commands.cli``); conf/ holds only the presets' differences. ``train.py`` calls
+``TrainRunConfig.from_command_line`` on the resolved dictionary (built by ``gpt.typed_config.from_dict``);
+nothing in ``gpt/`` sees a Hydra object. Unknown keys, wrong types and impossible values raise
+``ConfigError`` naming the key and the fix: the one place they are checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal
 
 from gpt.errors import ConfigError
+from gpt.typed_config import Dtype, check_ranges, finite, from_dict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A user path as given; a relative path that does not exist from the working directory is
-    also looked up from the repository root, so the shipped ``data/...`` works from anywhere."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists() or any(ch in str(p) for ch in "*?["):
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
+# field(metadata=RESUMABLE): a setting a resume may change (how often things happen, how long, how it is
+# shown, where it runs; a whole group: the model's shape, checked against the checkpoint's instead).
+# Every other setting defines the run: a resume must keep it (gpt.train.setup.run_fingerprint).
+RESUMABLE = {"resumable": True}
 
 
 @dataclass
 class ModelConfig:
-    """Model shape; None means "take it from init_from's checkpoint" (or the GPTConfig default)."""
+    """Model shape; None means "take it from init_from's checkpoint" (or the GPTConfig default).
+    The default run's shape is TrainRunConfig.model's default."""
 
     block_size: int | None = None
+    """Context length (tokens); with init_from it may shrink, never grow."""
     n_layer: int | None = None
+    """Transformer blocks."""
     n_head: int | None = None
+    """Attention heads (n_embd must divide by it)."""
     n_embd: int | None = None
+    """Residual stream width."""
     mlp_ratio: float | None = None
+    """MLP hidden width = mlp_ratio * n_embd."""
     dropout: float | None = None
+    """Dropout probability (0 = off); with init_from, set it to regularise."""
     bias: bool | None = None
+    """Biases in linear layers and norms."""
     norm: str | None = None
+    """layernorm | rmsnorm."""
     pos_emb: str | None = None
+    """learned (GPT-2's table) | rope (rotary)."""
     rope_theta: float | None = None
+    """RoPE base frequency (unused with learned positions)."""
     tie_embeddings: bool | None = None
+    """Share the token embedding with the output head."""
     activation: str | None = None
+    """MLP nonlinearity: gelu_tanh (GPT-2's) | gelu (exact) | relu2 (ReLU squared)."""
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -54,8 +61,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare_char"
-    """Preset name, for display and for the prepared-data cache folder."""
+    name: str = field(default="shakespeare_char", metadata=RESUMABLE)
+    """Preset name: names the prepared-data cache folder and the default out_dir."""
     format: Literal["text", "dialogs", "pairs"] = "text"
     """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts;
     'pairs': preference pairs (chosen and rejected replies), trained with the DPO objective."""
@@ -66,6 +73,7 @@ class DataConfig:
     """'char' (built from the corpus), 'bpe' (trained on the corpus), 'gpt2' (shipped ranks),
     'hf' (vocab.json + merges.txt in tokenizer_path)."""
     tokenizer_path: str | None = None
+    """tokenizer=hf: the directory with vocab.json + merges.txt."""
     vocab_size: int = 4096
     """Target vocabulary size of a trained BPE tokenizer (special tokens included)."""
     bpe_train_bytes: int = 100_000_000
@@ -81,9 +89,9 @@ class DataConfig:
     """Stop after this many tokens (train + val) of the corpus, in input order; 0 = all of it."""
     val_tokens: int = 0
     """A val split of exactly this many tokens, the last ones kept; 0 = val_fraction decides."""
-    cache_dir: str = "data/cache"
+    cache_dir: str = field(default="data/cache", metadata=RESUMABLE)
     """Prepared shards are cached here, keyed by the inputs and the tokenizer."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=RESUMABLE)
     """Tokenization processes per rank; 0 = the CPU cores, shared by the ranks of a node."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file."""
@@ -119,20 +127,25 @@ class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     """'adamw'; 'muon': torch.optim.Muon for the blocks' 2-D weights (at muon_lr), AdamW for the
     embeddings, the head, norms and biases (at lr); both follow the one schedule."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate, reached after warmup (with name=muon: the AdamW part's)."""
     min_lr_ratio: float = 0.1
     """The schedule ends at lr * min_lr_ratio."""
-    weight_decay: float = 0.1
+    weight_decay: float = 0.5
     """Applied to the 2-D weights (matrices and embedding tables), not to biases or norms (see
-    gpt.train.optim)."""
+    gpt.train.optim). 0.5: the default char model overfits (0.1 is usual for large ones)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW denominator epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     warmup_steps: int = 100
+    """Linear warmup from lr / warmup_steps to lr."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """The decay after warmup, to lr * min_lr_ratio."""
     muon_lr: float = 0.05
     """name=muon: peak learning rate of the Muon part (the blocks' matrices)."""
     muon_momentum: float = 0.95
@@ -150,51 +163,61 @@ class OptimConfig:
             ("eps", finite(self.eps) and self.eps > 0, "must be a finite number > 0, e.g. 1e-8"),
             ("grad_clip", finite(self.grad_clip) and self.grad_clip >= 0, "must be >= 0 (0 = off)"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("muon_lr", finite(self.muon_lr) and self.muon_lr > 0, "must be a finite number > 0, e.g. 0.02"),
+            ("muon_momentum", 0 <= self.muon_momentum < 1, "must be in [0, 1), e.g. 0.95"),
+            ("muon_weight_decay", finite(self.muon_weight_decay) and self.muon_weight_decay >= 0,
+             "must be >= 0"),
         ])  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 5000
-    batch_size: int = 64
+    max_steps: int = field(default=4000, metadata=RESUMABLE)
+    """Optimizer steps."""
+    batch_size: int = 16
     """Global batch: sequences per optimizer step, summed over all processes."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = field(default=None, metadata=RESUMABLE)
     """Sequences per device per forward; None = the whole per-process batch (no accumulation)."""
-    eval_interval: int = 250
-    eval_steps: int = 20
+    eval_interval: int = field(default=500, metadata=RESUMABLE)
+    """Steps between evals (train/val loss -> metrics.jsonl); 0 = never."""
+    eval_steps: int = field(default=20, metadata=RESUMABLE)
     """Global batches (of batch_size windows) averaged for each of train_loss and val_loss."""
     eval_tasks: list[str] = field(default_factory=list)
     """Tasks scored at each eval (gpt.eval.tasks): task files or directories, or 'cloze'."""
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    compile: bool = False
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_interval: int = field(default=10, metadata=RESUMABLE)
+    """Steps between console lines."""
+    ckpt_interval: int = field(default=500, metadata=RESUMABLE)
+    """Steps between checkpoints (also at the end and on Ctrl-C/SIGTERM); 0 = only then."""
+    compile: bool = field(default=False, metadata=RESUMABLE)
+    """torch.compile the model (falls back to eager with a notice)."""
+    dtype: Dtype = "auto"
     """'auto': bf16 autocast on GPUs that have it (else fp16 + GradScaler), on CPUs with native bf16
     (AVX512-BF16/AMX) too, fp32 elsewhere (gpt.device.resolve_dtype)."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata=RESUMABLE)
     """Under torchrun: 'ddp' replicates the model on every rank, 'fsdp' shards it (FSDP2)."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """Recompute each block's activations in the backward pass: less memory, one more forward."""
-    keep_best: bool = False
+    keep_best: bool = field(default=False, metadata=RESUMABLE)
     """Also keep best.pt, the checkpoint with the lowest val_loss so far."""
-    peak_flops: float | None = None
+    peak_flops: float | None = field(default=None, metadata=RESUMABLE)
     """Device peak FLOP/s for MFU; None = measure a matmul at start-up."""
-    progress: bool = True
+    progress: bool = field(default=True, metadata=RESUMABLE)
     """Show a progress bar (when the console is a terminal)."""
-    timeout_s: int = 1800
+    timeout_s: int = field(default=1800, metadata=RESUMABLE)
     """Multi-process runs: seconds a collective waits for the other ranks before the job fails."""
-    keep_last: int = 2
+    keep_last: int = field(default=2, metadata=RESUMABLE)
     """Checkpoints kept: ckpt.pt and the previous ones as ckpt-STEP.pt (a damaged newest one is
     passed over on resume)."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = field(default=5, metadata=RESUMABLE)
     """A step with a non-finite loss or gradient norm is skipped; this many in a row roll back."""
-    spike_std: float = 0.0
+    spike_std: float = field(default=0.0, metadata=RESUMABLE)
     """Roll back on a loss above the mean + spike_std standard deviations of the last spike_window
     good steps; 0 = off."""
-    spike_window: int = 50
-    max_rollbacks: int = 3
+    spike_window: int = field(default=50, metadata=RESUMABLE)
+    """Recent good steps the loss spike test averages over."""
+    max_rollbacks: int = field(default=3, metadata=RESUMABLE)
     """Rollbacks in a row (without a checkpoint past the failing step) before the run stops."""
-    rollback_lr_factor: float = 1.0
+    rollback_lr_factor: float = field(default=1.0, metadata=RESUMABLE)
     """Each rollback multiplies the learning rate by this (1 = unchanged)."""
 
     def __post_init__(self) -> None:
@@ -268,39 +291,61 @@ class DPOConfig:
 @dataclass
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline (no account needed) | online (after `wandb login`) | disabled."""
     project: str = "gpt"
+    """wandb project name."""
     name: str | None = None
+    """Run name; None = out_dir's name."""
     entity: str | None = None
+    """wandb team or user; None = your default."""
 
 
 @dataclass
 class TrainRunConfig:
-    out_dir: str = "out/shakespeare_char"
+    """A training run. The defaults are the default run: char-level Tiny Shakespeare in under 5 minutes
+    on a 2-core CPU (docs/benchmarks.md has the experiments behind it)."""
+
+    out_dir: str | None = field(default=None, metadata=RESUMABLE)
+    """Run directory (config.yaml, tokenizer.json, ckpt.pt, metrics.jsonl); None = out/<data.name>."""
     seed: int = 1337
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    resume: bool = False
+    """Initial weights, dropout and the batch sequence."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = field(default="auto", metadata=RESUMABLE)
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    resume: bool = field(default=False, metadata=RESUMABLE)
     """Continue the run in out_dir from its latest checkpoint."""
-    init_from: str | None = None
+    init_from: str | None = field(default=None, metadata=RESUMABLE)
     """Start from another run's weights: a run directory, or hf:DIR for Hugging Face GPT-2."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=RESUMABLE)
     """Allow starting a fresh run in an out_dir that already holds a checkpoint."""
-    resume_force: bool = False
+    resume_force: bool = field(default=False, metadata=RESUMABLE)
     """Resume even though settings that define the run (data, seed, batch, optimizer) changed."""
     experiment: str = "pretrain"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The stage (conf/experiment/ preset), recorded in config.yaml."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        block_size=128, n_layer=4, n_head=4, n_embd=128, mlp_ratio=4.0, dropout=0.0, bias=False,
+        norm="layernorm", pos_emb="rope", rope_theta=10000.0, tie_embeddings=True, activation="relu2",
+    ), metadata=RESUMABLE)  # fmt: skip
+    """The shape; the default is char-level Tiny Shakespeare's (layernorm: the same val_loss as rmsnorm
+    here, and one fused kernel each way on CPUs; relu2: the lowest val_loss here)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
+        if self.out_dir is None:
+            self.out_dir = f"out/{self.data.name}"
         # the run seeds seed + rank and seed + 2 streams: keep them inside a signed 64-bit integer
         check_ranges("", self, [("seed", 0 <= self.seed < 2**63 - 1024, "must be in [0, 2**63 - 1024)")])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainRunConfig:
+        """From a plain dict; a run that loads a checkpoint (``init_from``, ``resume``) and names no
+        ``model`` keys takes its whole shape from the checkpoint, as ``python train.py`` does."""
+        if (d.get("init_from") or d.get("resume")) and "model" not in d:
+            d = {**d, "model": {}}
         return from_dict(cls, d)
 
     @classmethod
@@ -315,81 +360,3 @@ class TrainRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-T = TypeVar("T")
-
-
-def finite(x: float) -> bool:
-    """Not NaN, not infinite."""
-    return x == x and abs(x) != float("inf")
-
-
-def check_ranges(prefix: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise ConfigError naming the first key of ``checks`` (name, ok, valid range) that fails."""
-    for name, ok, why in checks:
-        if not ok:
-            raise ConfigError(f"{prefix}{name}={getattr(obj, name)!r} is out of range: {why}")
-
-
-def _check_value(key: str, tp: Any, value: Any) -> Any:
-    """Check (and lightly coerce: int -> float) one value against its annotation."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(key, arg, value)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}={value!r} must be one of {list(get_args(tp))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        return [_check_value(f"{key}[{i}]", get_args(tp)[0], v) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a group of keys, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return value
-    return value
-
-
-def from_dict(cls: type[T], d: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys and wrong types."""
-    if d is None:
-        d = {}
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
-            f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(names)}"
-        )
-    kwargs = {k: _check_value(f"{prefix}{k}", hints[k], v) for k, v in d.items()}
-    return cls(**kwargs)

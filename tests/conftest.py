@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt.config import REPO_ROOT, TrainRunConfig
+from gpt.config import TrainRunConfig
+from gpt.typed_config import REPO_ROOT
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare" / "input.txt"
@@ -47,7 +48,7 @@ def make_cfg(tmp_path, corpus):
                 cache_dir=str(tmp_path / "cache"),
                 num_workers=1,
             ),
-            "optim": dict(lr=3e-3, warmup_steps=5),
+            "optim": dict(lr=3e-3, warmup_steps=5, weight_decay=0.1),  # the tests' settings since they began
             "train": dict(
                 max_steps=30,
                 batch_size=8,

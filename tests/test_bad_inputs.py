@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import REPO_ROOT
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
+from gpt.typed_config import REPO_ROOT
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n"
 

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
-from gpt.commands.cli import Command, compose_config, split_args
+from gpt.commands.cli import Command, compose_config, defaults_of, main, split_args
+from gpt.commands.prepare import COMMAND as PREPARE
 from gpt.commands.sample import SAMPLE
-from gpt.commands.train import TRAIN
-from gpt.config import REPO_ROOT
+from gpt.commands.train import TRAIN, train_job
+from gpt.config import TrainRunConfig
 from gpt.errors import UserError
 from gpt.infer.config import SampleConfig
+from gpt.typed_config import REPO_ROOT
 
 # every character Hydra's override grammar would reject or change
 FREE_TEXTS = [
@@ -46,7 +48,7 @@ def test_repeated_stop_strings_make_a_list_and_one_stays_a_string():
 
 
 def test_positional_words_and_typed_keys():
-    command = Command("prepare", positional=("data.path",), free_text=("data.path",))
+    command = Command("prepare", PREPARE.schema, positional=("data.path",), free_text=("data.path",))
     overrides, free, given = split_args(["my corpus, v2/", "data.tokenizer=char", "model=x"], command)
     assert free == {"data.path": "my corpus, v2/"} and overrides == ["data.tokenizer=char", "model=x"]
     assert given == {"data.path", "data.tokenizer", "model"}
@@ -62,10 +64,25 @@ def test_paths_with_glob_characters_and_commas_pass_verbatim():
 def test_mistakes_are_one_line_user_errors():
     with pytest.raises(UserError, match="unknown config key 'train.max_step'"):
         compose_config(TRAIN, ["train.max_step=3"])
-    with pytest.raises(UserError, match="missing mandatory value data.path"):
-        compose_config(TRAIN, ["data=text"])
+    with pytest.raises(UserError, match="missing mandatory value data.path"):  # the preset's null path
+        TrainRunConfig.from_dict(compose_config(TRAIN, ["data=text"])[0])
     with pytest.raises(UserError, match="unknown preset model=nope"):
         compose_config(TRAIN, ["model=nope"])
+
+
+def test_help_lists_the_presets_and_every_key_with_its_value_and_doc(capsys):
+    main(train_job, TRAIN, ["--help", "model=gpt2", "optim.lr=3e-4"])
+    out = capsys.readouterr().out
+    assert "model=NAME presets (conf/model/): chat_small, gpt2," in out and "experiment=NAME" in out
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    top = defaults_of(TrainRunConfig)
+    keys = [k for k, v in top.items() if not isinstance(v, dict)]
+    keys += [f"{k}.{sub}" for k, v in top.items() if isinstance(v, dict) for sub in v]
+    assert set(keys) == set(lines)
+    assert all("  # " in line for line in lines.values())  # each with its doc
+    assert lines["model.n_layer"].split("#")[0].split(":")[1].strip() == "12"  # the composed value
+    assert "3e-4" in lines["optim.lr"] or "0.0003" in lines["optim.lr"]
+    assert "Peak learning rate" in lines["optim.lr"]
 
 
 def run_gpt(*args: str) -> subprocess.CompletedProcess:

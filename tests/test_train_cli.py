@@ -9,7 +9,7 @@ import pytest
 
 from gpt.commands.cli import run
 from gpt.commands.train import train_job
-from gpt.config import REPO_ROOT
+from gpt.typed_config import REPO_ROOT
 
 
 def run_job(make_cfg, capsys, **sections):

@@ -17,19 +17,46 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import yaml
 
 from gpt.commands.cli import Command, main
-from gpt.config import REPO_ROOT, OptimConfig
+from gpt.config import OptimConfig, TrainRunConfig
 from gpt.device import autocast_for, measure_peak_flops, pick_device, resolve_dtype, synchronize
 from gpt.model import GPT, GPTConfig
 from gpt.train.optim import configure_optimizer
+from gpt.typed_config import REPO_ROOT, Dtype, check_ranges, from_dict
 
-COMMAND = Command("bench", usage="gpt bench [models=[gpt2]] [dtype=bf16] [compile=true] ...",
-                  free_text=("json",))  # fmt: skip
+
+@dataclass
+class BenchConfig:
+    """``gpt bench``: which model shapes to time, and how."""
+
+    models: list[str] = field(default_factory=lambda: ["shakespeare_char", "gpt2"])
+    """conf/model presets to measure."""
+    device: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
+    """auto | fp32 | bf16 | fp16 (the one dtype policy of gpt.device)."""
+    batch: int | None = None
+    """Sequences per step; None = 64 for shakespeare_char, 4 otherwise."""
+    steps: int = 10
+    """Timed steps (after 3 warm-up steps); the median is reported."""
+    compile: bool = False
+    """torch.compile the model."""
+    json: str | None = None
+    """Append the results as JSON lines to this file."""
+
+    def __post_init__(self) -> None:
+        check_ranges("", self, [("batch", self.batch is None or self.batch >= 1, "must be >= 1 or null"),
+                                ("steps", self.steps >= 1, "must be >= 1")])  # fmt: skip
+
+
+COMMAND = Command("bench", schema=BenchConfig, free_text=("json",),
+                  usage="gpt bench [models=[gpt2]] [dtype=bf16] [compile=true] ...")  # fmt: skip
 
 
 def bench_training(
@@ -81,30 +108,33 @@ def bench_training(
 
 
 def load_preset(name: str) -> dict:
-    """A model preset from conf/model/NAME.yaml as a GPTConfig dict (vocab: 50304 unless set)."""
+    """A model preset (the default run's shape changed by conf/model/NAME.yaml) as a GPTConfig dict
+    (vocab: 50304 unless set)."""
     path = REPO_ROOT / "conf" / "model" / f"{name}.yaml"
-    d = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if v is not None}
+    shape = {**TrainRunConfig().model.given(), **(yaml.safe_load(path.read_text()) or {})}
+    d = {k: v for k, v in shape.items() if v is not None}
     d.setdefault("vocab_size", 128 if name == "shakespeare_char" else 50304)
     return d
 
 
-def job(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    device = pick_device(cfg["device"])
-    dtype = resolve_dtype(cfg["dtype"], device)
+def job(plain: dict[str, Any]) -> list[dict[str, Any]]:
+    cfg = from_dict(BenchConfig, plain)
+    device = pick_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}")  # fmt: skip
     results = []
-    for model_name in cfg["models"]:
-        batch = cfg["batch"] or (64 if model_name == "shakespeare_char" else 4)
+    for model_name in cfg.models:
+        batch = cfg.batch or (64 if model_name == "shakespeare_char" else 4)
         preset = load_preset(model_name)
         r = {
             "model": model_name,
-            **bench_training(preset, device, dtype, batch, cfg["steps"], cfg["compile"]),
+            **bench_training(preset, device, dtype, batch, cfg.steps, cfg.compile),
         }
         print(json.dumps(r))
-        if cfg["json"]:
-            with open(cfg["json"], "a") as f:  # appending a log of lines: no atomic rewrite wanted
+        if cfg.json:
+            with open(cfg.json, "a") as f:  # appending a log of lines: no atomic rewrite wanted
                 f.write(json.dumps({"device": name, **r}) + "\n")
         results.append(r)
     return results

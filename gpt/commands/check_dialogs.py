@@ -15,6 +15,7 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gpt.chat_template import render_dialog
@@ -22,10 +23,33 @@ from gpt.commands.cli import Command, main
 from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.data.preference import read_pairs, render_pair
+from gpt.errors import ConfigError
 from gpt.tokenizer import load_tokenizer
+from gpt.typed_config import from_dict
+
+
+@dataclass
+class CheckDialogsConfig:
+    """``gpt check-dialogs``: the file to check and how to show it."""
+
+    path: str
+    """A .jsonl (messages, ShareGPT, Alpaca, pairs) or plain-text dialog file, a directory or a glob
+    (the bare word on the command line)."""
+    separator: str | None = None
+    """Plain text: the line between dialogs (None = a blank line)."""
+    tokenizer: str | None = None
+    """A run directory or tokenizer.json to render with (None = check only)."""
+    show: int = 1
+    """Dialogs (or pairs) printed rendered when a tokenizer is given."""
+
+    def __post_init__(self) -> None:
+        if self.show < 0:
+            raise ConfigError(f"show={self.show} must be >= 0")
+
 
 COMMAND = Command(
     "check_dialogs",
+    schema=CheckDialogsConfig,
     usage="gpt check-dialogs FILE [separator=LINE] [tokenizer=RUN_DIR] [show=N]",
     positional=("path",),
     free_text=("path", "separator", "tokenizer"),
@@ -56,21 +80,22 @@ def show_rendered(tok, source: str, ids: list[int], mask: list[int]) -> None:
     print()
 
 
-def job(cfg: dict[str, Any]) -> None:
-    tok = load_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else None
-    if is_pairs_file(cfg["path"]):
-        pairs, _ = read_pairs(cfg["path"])
+def job(plain: dict[str, Any]) -> None:
+    cfg = from_dict(CheckDialogsConfig, plain)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if is_pairs_file(cfg.path):
+        pairs, _ = read_pairs(cfg.path)
         print(f"format: pairs; {len(pairs)} preference pairs: all valid")
-        for pair in pairs[: int(cfg["show"])] if tok else []:
+        for pair in pairs[: cfg.show] if tok else []:
             for name, (ids, mask) in zip(("chosen", "rejected"), render_pair(tok, pair, 10**9), strict=True):
                 show_rendered(tok, f"{pair.source} {name}", ids, mask)
         return
-    dialogs, _ = read_dialogs(cfg["path"], cfg["separator"])
+    dialogs, _ = read_dialogs(cfg.path, cfg.separator)
     files = Counter(d.source.rsplit(":", 1)[0] for d in dialogs)
     for file, fmt in dict.fromkeys((d.source.rsplit(":", 1)[0], d.format) for d in dialogs):
         print(f"format: {fmt} ({file}, {files[file]} dialogs)")
     print(f"{len(dialogs)} dialogs, {sum(len(d.messages) for d in dialogs)} messages: all valid")
-    for d in dialogs[: int(cfg["show"])] if tok else []:
+    for d in dialogs[: cfg.show] if tok else []:
         show_rendered(tok, d.source, *render_dialog(tok, d.messages))
 
 

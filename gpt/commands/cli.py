@@ -2,7 +2,7 @@
 with a YAML file of ``conf/``, bare words for the command's positional keys, free text passed
 verbatim, and one error wrapper (a user mistake is one line on stderr and exit status 2).
 
-    python train.py model=gpt2 optim.lr=3e-4                 # conf/train.yaml + overrides
+    python train.py model=gpt2 optim.lr=3e-4                 # the defaults + presets + overrides
     python sample.py 'prompt=Hello, <|endoftext|> "you"'     # free text: never parsed by Hydra
     gpt prepare notes/ data.tokenizer=bpe             # a positional word: data.path
 
@@ -14,20 +14,33 @@ meaning (``init_from`` takes the shape from its checkpoint unless a shape key wa
 Free-text keys (``prompt``, ``system``, ``stop``, ...) are taken out before Hydra sees the command
 line, whose grammar rejects commas, quotes, ``|``, ``<`` and non-ASCII text: everything after the
 first ``=`` reaches the model unchanged. A repeatable key (``stop=a stop=b``) gives a list.
+
+One source of defaults: a command's config dataclass (``Command.schema``) is the schema. Its field
+defaults are registered in Hydra's ConfigStore as ``NAME_schema`` when the command composes, the
+YAML file of conf/ lists it first in its defaults list, and the YAML files hold only what a preset
+changes. Its field docstrings are the keys' documentation: ``--help`` prints every key with its
+composed value and its doc. Types and ranges are checked once, by the dataclass (``from_dict``).
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from gpt.config import REPO_ROOT
 from gpt.errors import UserError
+from gpt.typed_config import REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
 Job = Callable[[dict[str, Any], frozenset[str]], Any]
@@ -38,7 +51,9 @@ class Command:
     """How one command reads its command line."""
 
     config_name: str
-    """The YAML file of conf/ that holds every key with its default and meaning."""
+    """The YAML file of conf/: the presets it composes."""
+    schema: type
+    """The config dataclass: its defaults and field docs are the keys'."""
     usage: str = ""
     """One line shown with a mistake in the arguments."""
     positional: tuple[str, ...] = ()
@@ -95,7 +110,7 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------- composing
-def _explain(e: Exception, config_name: str) -> str:
+def _explain(e: Exception, command: Command) -> str:
     """One line for a Hydra/OmegaConf composition error: the key or preset, and the fix (Hydra's own
     hint kept where it gives one)."""
     text = f"{e}\n{e.__cause__ or ''}"
@@ -103,16 +118,11 @@ def _explain(e: Exception, config_name: str) -> str:
     first = lines[0] if lines else type(e).__name__
     key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
     if "not in struct" in text and key:
-        parent, _, name = key.group(1).rpartition(".")
-        valid = _keys_under(config_name, parent)
-        return f"unknown config key '{key.group(1)}'" + (
-            f"; valid keys under '{parent or 'top level'}': {valid}" if valid else ""
-        )
+        return _unknown_key(command, key.group(1))
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, name = missing.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        return f"unknown preset {group}={name}; available: {', '.join(options)}"
+        return f"unknown preset {group}={name}; available: {', '.join(_presets(group))}"
     if "Missing mandatory value" in text:
         full = getattr(e, "full_key", None) or first.split(":")[-1].strip()
         return f"missing mandatory value {full}: set it on the command line ({full}=...)"
@@ -132,11 +142,18 @@ def _explain(e: Exception, config_name: str) -> str:
     return f"{first} ({hint})" if hint and hint not in first else first
 
 
-def _keys_under(config_name: str, parent: str) -> str:
+def _unknown_key(command: Command, key: str) -> str:
+    parent = key.rpartition(".")[0]
+    valid = _keys_under(command, parent)
+    where = f"; valid keys under '{parent or 'top level'}': {valid}" if valid else ""
+    return f"unknown config key '{key}'{where}"
+
+
+def _keys_under(command: Command, parent: str) -> str:
     from omegaconf import OmegaConf
 
     try:
-        node = _compose(config_name, [])
+        node = _compose(command, [])
         for part in filter(None, parent.split(".")):
             node = node[part]
         return ", ".join(str(k) for k in OmegaConf.to_container(node))
@@ -144,11 +161,82 @@ def _keys_under(config_name: str, parent: str) -> str:
         return ""
 
 
-def _compose(config_name: str, overrides: list[str]):
+def _compose(command: Command, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
-        return compose(config_name=config_name, overrides=overrides)
+    register(command)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=command.config_name):
+        return compose(config_name=command.config_name, overrides=overrides)
+
+
+def register(command: Command) -> None:
+    """Store the defaults of ``command.schema`` in Hydra's ConfigStore as ``NAME_schema``, the
+    first entry of the command's defaults list (done when composing, never at import)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=f"{command.config_name}_schema", node=defaults_of(command.schema))
+
+
+def defaults_of(schema: type) -> dict[str, Any]:
+    """Every key of config dataclass ``schema`` at its field default, nested groups as dicts; a
+    field without a default is Hydra's mandatory ``???``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else lambda: "???"
+        value = f.default if f.default is not dataclasses.MISSING else factory()
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def field_docs(schema: type, prefix: str = "") -> dict[str, str]:
+    """{dotted key: its doc}: the string under each field of ``schema`` (its bases' and nested
+    groups' too), on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in schema.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        for node, doc in itertools.pairwise(body):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                    isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):  # fmt: skip
+                docs[prefix + node.target.id] = " ".join(str(doc.value.value).split())
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+    return docs
+
+
+def help_text(command: Command, argv: list[str]) -> str:
+    """``--help`` of a command: the presets to choose from and every key with its value for these
+    overrides and its doc."""
+    import yaml
+
+    plain, _ = compose_config(command, [a for a in argv if not a.startswith("-")], complete=False)
+    listed = yaml.safe_load((CONF_DIR / f"{command.config_name}.yaml").read_text()).get("defaults", [])
+    docs = field_docs(command.schema)
+    groups = [next(iter(d)) for d in listed if isinstance(d, dict) and (CONF_DIR / next(iter(d))).is_dir()]
+    lines = [f"usage: {command.usage or command.config_name}", ""]
+    lines += [f"{group}=NAME presets (conf/{group}/): {', '.join(_presets(group))}" for group in groups]
+    lines += [""] * bool(groups) + ["keys (key=value), with the value they take here:"]
+    flat = _flatten(plain)
+    width = min(48, max(len(f"{k}: {_show(v)}") for k, v in flat.items()))
+    for key, value in flat.items():
+        lines.append(f"  {f'{key}: {_show(value)}':<{width}}  # {docs.get(key, '')}".rstrip(" #"))
+    return "\n".join(lines)
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) and value.strip() == value != "" else json.dumps(value)
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
@@ -160,32 +248,31 @@ def to_plain(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-def compose_config(command: Command, argv: Sequence[str]) -> tuple[dict[str, Any], frozenset[str]]:
-    """The plain config of ``command`` for ``argv`` and the keys typed; UserError on any mistake.
-    Free text is set after composition and resolution, so Hydra never parses it and OmegaConf never
-    interpolates it."""
+def compose_config(command: Command, argv: Sequence[str], complete: bool = True
+                   ) -> tuple[dict[str, Any], frozenset[str]]:  # fmt: skip
+    """The plain config of ``command`` for ``argv`` and the keys typed; UserError on any mistake (but a
+    mandatory key left unset when not ``complete``: --help shows it as ???). Free text is set after
+    composition and resolution, so Hydra never parses it and OmegaConf never interpolates it."""
     from omegaconf import OmegaConf
 
     overrides, free, given = split_args(argv, command)
     try:
-        cfg = _compose(command.config_name, overrides)
+        cfg = _compose(command, overrides)
         for key in free:
             parent, _, last = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             if node is None or last not in node.keys():  # noqa: SIM118 -- `in` misses a mandatory ??? key
-                valid = _keys_under(command.config_name, parent)
-                raise UserError(f"unknown config key '{key}'" + (f"; valid keys under "
-                                f"'{parent or 'top level'}': {valid}" if valid else ""))  # fmt: skip
+                raise UserError(_unknown_key(command, key))
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except UserError:
         raise
     except Exception as e:
         if os.environ.get("HYDRA_FULL_ERROR"):
             raise
-        raise UserError(_explain(e, command.config_name)) from None
+        raise UserError(_explain(e, command)) from None
     for key, value in free.items():
         _set_dotted(plain, key, value)
-    missing = _missing(plain)
+    missing = _missing(plain) if complete else None
     if missing:
         raise UserError(f"missing mandatory value {missing}: set it on the command line ({missing}=...)")
     return plain, given
@@ -211,48 +298,33 @@ def run(job: Callable[..., Any], cfg: Any, given: frozenset[str] = frozenset()) 
 
 
 def _call(job: Callable[..., Any], cfg: dict[str, Any], given: frozenset[str]) -> Any:
-    import inspect
-
     takes_given = len(inspect.signature(job).parameters) >= 2
     return job(cfg, given) if takes_given else job(cfg)
 
 
-class errors_as_exit:
-    """Context manager: ``UserError`` (and OmegaConf's interpolation errors, which are configuration
-    mistakes too) become one ``error: ...`` line on stderr and exit status 2; a closed stdout (``|
-    head``) ends the command quietly, as Unix tools do."""
-
-    def __enter__(self) -> errors_as_exit:
-        return self
-
-    def __exit__(self, kind, e, tb) -> bool:
-        if e is None:
-            return False
-        if isinstance(e, UserError) or (
-            type(e).__module__.startswith("omegaconf") and not os.environ.get("HYDRA_FULL_ERROR")
-        ):
-            message = " ".join(str(e).split("\n")[:1]) if not isinstance(e, UserError) else str(e)
-            print(f"error: {message}", file=sys.stderr)
-            sys.stderr.flush()
-            sys.exit(2)
-        if isinstance(e, BrokenPipeError):
-            _quiet_stdout()
-            sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool cut off by `head`
-        return False
-
-
-def _quiet_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush is silent."""
+@contextlib.contextmanager
+def errors_as_exit() -> Iterator[None]:
+    """``UserError`` (and OmegaConf's interpolation errors, which are configuration mistakes too)
+    become one ``error: ...`` line on stderr and exit status 2; a closed stdout (``| head``) ends the
+    command quietly, as Unix tools do."""
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
+        yield
+    except BrokenPipeError:
+        # point stdout at /dev/null so that the interpreter's final flush is silent
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a tool cut off by `head`
+    except Exception as e:
+        omegaconf = type(e).__module__.startswith("omegaconf") and not os.environ.get("HYDRA_FULL_ERROR")
+        if not (isinstance(e, UserError) or omegaconf):
+            raise
+        message = " ".join(str(e).split("\n")[:1]) if not isinstance(e, UserError) else str(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
-def main(
-    job: Job | Callable[[dict[str, Any]], Any], command: Command, argv: Sequence[str] | None = None
-) -> Any:
+def main(job: Job | Callable[[dict[str, Any]], Any], command: Command, argv: Sequence[str] | None = None
+         ) -> Any:  # fmt: skip
     """The entry point of a command: read ``argv`` (default: ``sys.argv[1:]``), compose, run ``job``.
     Hydra's own flags (--help, --cfg job, --multirun, ...) go to Hydra's regular command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -260,6 +332,9 @@ def main(
         flags = [a for a in argv if a.startswith("-")]  # before split_args: --key VALUE is a mistake
         if flags:
             _check_flags(flags, command)
+            if {"-h", "--help"} & set(flags):
+                print(help_text(command, argv), flush=True)
+                return None
             return _hydra_flags(job, command, argv)
         cfg, given = compose_config(command, argv)
         return _call(job, cfg, given)
@@ -281,7 +356,7 @@ def _check_flags(flags: list[str], command: Command) -> None:
         if name in HYDRA_FLAGS:
             continue
         key = name.lstrip("-").replace("-", "_")
-        if key in _keys_under(command.config_name, "").split(", "):
+        if key in _keys_under(command, "").split(", "):
             raise UserError(f"{flag}: options are key=value here, e.g. {key}=..." + _usage(command))
         raise UserError(f"unknown option {flag}: use key=value (see --help)" + _usage(command))
 
@@ -292,6 +367,7 @@ def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
 
     overrides, free, given = split_args(argv, command)
     sys.argv = [sys.argv[0], *overrides]
+    register(command)
 
     def task(cfg) -> Any:
         plain = to_plain(cfg)
@@ -307,8 +383,3 @@ def _hydra_flags(job, command: Command, argv: list[str]) -> Any:
         if "can be specified" not in str(e):
             raise
         raise UserError(f"{e}{_usage(command)}") from None
-
-
-def conf_path(name: str) -> Path:
-    """The YAML file of a command (for the tests that check every key is documented)."""
-    return CONF_DIR / f"{name}.yaml"

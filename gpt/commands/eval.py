@@ -5,8 +5,10 @@
     gpt eval tasks ckpt=out/run tasks=[my_tasks/capitals] num_fewshot=3 out=results.json
     gpt eval dialogs ckpt=out/chat data=my_dialogs.jsonl limit=200 show=5   # a chat model's replies
 
-Each verb reads its own file of conf/ (eval_bpb.yaml, eval_cloze.yaml, eval_tasks.yaml,
-evaluate.yaml), prints a summary and, with ``out=FILE``, writes the result as JSON.
+``ckpt=REF`` is any model reference: a run directory, a checkpoint file, a LoRA run or hf:DIR.
+Each verb's keys are its config dataclass's (BpbConfig, ClozeConfig, TasksConfig, EvalConfig of
+gpt.eval; ``gpt eval VERB --help`` lists them); it prints a summary and, with ``out=FILE``, writes
+the result as JSON.
 """
 
 from __future__ import annotations
@@ -18,28 +20,32 @@ from typing import Any
 
 from gpt.atomic import atomic_write
 from gpt.commands.cli import Command, errors_as_exit, main
-from gpt.config import from_dict
 from gpt.errors import UserError
 from gpt.eval import bpb, cloze, dialogs, tasks
+from gpt.typed_config import from_dict
 
 BPB = Command(
     "eval_bpb",
-    usage="gpt eval bpb ckpt=RUN_DIR data.path=FILE [stride=N] [out=FILE.json]",
+    schema=bpb.BpbConfig,
+    usage="gpt eval bpb ckpt=REF data.path=FILE [stride=N] [out=FILE.json]",
     free_text=("ckpt", "data.path", "out"),
 )
 CLOZE = Command(
     "eval_cloze",
-    usage="gpt eval cloze ckpt=RUN_DIR data.path=FILE [n=N] [out=FILE.json]",
+    schema=cloze.ClozeConfig,
+    usage="gpt eval cloze ckpt=REF data.path=FILE [n=N] [out=FILE.json]",
     free_text=("ckpt", "data.path", "out"),
 )
 DIALOGS = Command(
     "eval_dialogs",
-    usage="gpt eval dialogs ckpt=RUN_DIR [data=FILE] [limit=N] [show=N] [out=FILE.json]",
+    schema=dialogs.EvalConfig,
+    usage="gpt eval dialogs ckpt=REF [data=FILE] [limit=N] [show=N] [out=FILE.json]",
     free_text=("ckpt", "data", "out"),
 )
 TASKS = Command(
     "eval_tasks",
-    usage="gpt eval tasks ckpt=RUN_DIR tasks=[DIR_OR_FILE,...] [out=FILE.json]",
+    schema=tasks.TasksConfig,
+    usage="gpt eval tasks ckpt=REF tasks=[DIR_OR_FILE,...] [out=FILE.json]",
     free_text=("ckpt", "out"),
 )
 

@@ -3,6 +3,7 @@ a LoRA run's adapters into a plain checkpoint.
 
     gpt export ckpt=out/finetune out=out/finetune-hf
     gpt export ckpt=out/finetune/best.pt out=out/best-hf overwrite=true check=true
+    gpt export ckpt=hf:models/gpt2 out=out/gpt2-again        # any model reference (gpt.runs.load)
     gpt merge ckpt=out/finetune out=out/merged
 
 Export writes config.json and model.safetensors (plus vocab.json, merges.txt and
@@ -20,27 +21,46 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt.checkpoint import CKPT_NAME, checkpoint_path, checkpoint_state, save_checkpoint
+from gpt.checkpoint import CKPT_NAME, checkpoint_state, save_checkpoint
 from gpt.commands.cli import Command, main
 from gpt.errors import ConfigError
 from gpt.interop.hf import export_hf
-from gpt.runs.load import load_model
+from gpt.runs.load import load
+from gpt.typed_config import from_dict
 
-EXPORT = Command(
-    "export",
-    usage="gpt export ckpt=RUN_DIR_OR_FILE out=HF_DIR [overwrite=true] [check=true]",
-    free_text=("ckpt", "out"),
-)
-MERGE = Command(
-    "merge",
-    usage="gpt merge ckpt=RUN_DIR_OR_FILE out=OUT_DIR [overwrite=true]",
-    free_text=("ckpt", "out"),
-)
+
+@dataclass
+class MergeConfig:
+    """``gpt merge``: fold a LoRA run's adapters into a plain checkpoint."""
+
+    ckpt: str
+    """The model: a run directory, a checkpoint file, a LoRA run (its adapters merged) or hf:DIR;
+    merge takes a LoRA run."""
+    out: str
+    """Where to write: merge, a directory (its ckpt.pt) or a .pt file; export, the Hugging Face
+    directory."""
+    overwrite: bool = False
+    """Allow replacing what is at out (merge: a checkpoint; export: a directory that is not empty)."""
+
+
+@dataclass
+class ExportConfig(MergeConfig):
+    """``gpt export``: write a Hugging Face GPT-2 directory."""
+
+    check: bool = False
+    """Load the result with transformers and compare logits."""
+
+
+EXPORT = Command("export", schema=ExportConfig, free_text=("ckpt", "out"),
+                 usage="gpt export ckpt=RUN_DIR|FILE|hf:DIR out=HF_DIR [overwrite=true] [check=true]")
+MERGE = Command("merge", schema=MergeConfig, free_text=("ckpt", "out"),
+                usage="gpt merge ckpt=LORA_RUN_DIR|FILE out=OUT_DIR [overwrite=true]")
 
 
 def check_with_transformers(model, out_dir: Path) -> float:
@@ -60,15 +80,14 @@ def check_with_transformers(model, out_dir: Path) -> float:
 
 def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) -> list[Path]:
     """Load ``ckpt`` (LoRA adapters merged) and write ``out``; returns the files written."""
-    model, tokenizer, _ = load_model(ckpt, merge=True)
+    loaded = load(ckpt, merge=True)
+    model, tokenizer = loaded.build(), loaded.tokenizer
     files = export_hf(model, tokenizer, out, overwrite=overwrite)
     print(f"exported {ckpt} to {out}: {', '.join(f.name for f in files)}")
     if not any(f.name == "vocab.json" for f in files):
-        print(
-            f"note: the tokenizer ({tokenizer.kind}) is not GPT-2's byte-level BPE, so no Hugging Face "
-            f"tokenizer files were written; its ids are described by {Path(ckpt)}'s tokenizer.json",
-            file=sys.stderr,
-        )
+        print(f"note: the tokenizer ({tokenizer.kind}) is not GPT-2's byte-level BPE, so no Hugging Face "
+              f"tokenizer files were written; its ids are described by {Path(ckpt)}'s tokenizer.json",
+              file=sys.stderr)  # fmt: skip
     if check:
         diff = check_with_transformers(model, Path(out))
         print(f"check: transformers' logits differ from ours by at most {diff:.2e}")
@@ -78,35 +97,32 @@ def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) ->
 def merge_checkpoint(ckpt: str, out: str, overwrite: bool = False) -> Path:
     """Write ``out/ckpt.pt`` (and tokenizer.json): the LoRA checkpoint ``ckpt`` with its adapters
     folded into the base weights, a plain checkpoint that needs no base model."""
-    model, tokenizer, state = load_model(ckpt, merge=True)
+    loaded = load(ckpt, merge=True)
+    state = loaded.state
     if "lora" not in state:
-        raise ConfigError(f"{checkpoint_path(ckpt)} has no LoRA adapters: there is nothing to merge")
+        raise ConfigError(f"{loaded.source} has no LoRA adapters: there is nothing to merge")
     target = Path(out).expanduser()
     target = target if target.suffix == ".pt" else target / CKPT_NAME
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; choose another out or set overwrite=true")
-    merged = checkpoint_state(
-        model.state_dict(),
-        model.config,
-        state["tokenizer"],
-        optimizer=None,  # a starting point (init_from), not a run to resume
-        step=state.get("step", 0),
-        tokens=state.get("tokens", 0),
-        config=state.get("config", {}),
-        best_val_loss=state.get("best_val_loss"),
-    )
+    # no optimizer: a starting point (init_from), not a run to resume
+    merged = checkpoint_state(loaded.weights, loaded.config, state["tokenizer"], optimizer=None,
+                              step=state.get("step", 0), tokens=state.get("tokens", 0),
+                              config=state.get("config", {}), best_val_loss=state.get("best_val_loss"))
     save_checkpoint(target, merged)
-    tokenizer.save(target.parent)
+    loaded.tokenizer.save(target.parent)
     return target
 
 
-def export_job(cfg: dict[str, Any]) -> list[Path]:
-    return export(cfg["ckpt"], cfg["out"], bool(cfg["overwrite"]), bool(cfg["check"]))
+def export_job(plain: dict[str, Any]) -> list[Path]:
+    cfg = from_dict(ExportConfig, plain)
+    return export(cfg.ckpt, cfg.out, cfg.overwrite, cfg.check)
 
 
-def merge_job(cfg: dict[str, Any]) -> Path:
-    target = merge_checkpoint(cfg["ckpt"], cfg["out"], bool(cfg["overwrite"]))
-    print(f"merged the LoRA adapters of {cfg['ckpt']} into {target} ({target.stat().st_size / 1e6:.1f} MB)")
+def merge_job(plain: dict[str, Any]) -> Path:
+    cfg = from_dict(MergeConfig, plain)
+    target = merge_checkpoint(cfg.ckpt, cfg.out, cfg.overwrite)
+    print(f"merged the LoRA adapters of {cfg.ckpt} into {target} ({target.stat().st_size / 1e6:.1f} MB)")
     return target
 
 
@@ -116,4 +132,3 @@ def export_main(argv: Sequence[str] | None = None) -> list[Path]:
 
 def merge_main(argv: Sequence[str] | None = None) -> Path:
     return main(merge_job, MERGE, argv)
-

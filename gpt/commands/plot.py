@@ -7,7 +7,7 @@ scores when the runs logged them (``pip install 'gpt[plot]'`` for matplotlib).
 
 Every bare word is a run directory (its ``metrics.jsonl``); the legend names each run by its
 directory. ``x`` is the optimizer step, the tokens seen, or the wall time in minutes. Keys:
-conf/plot.yaml.
+PlotConfig (``gpt plot --help``).
 """
 
 from __future__ import annotations
@@ -20,34 +20,35 @@ from typing import Any, Literal
 
 from gpt.atomic import atomic_write
 from gpt.commands.cli import Command, main
-from gpt.config import from_dict
 from gpt.errors import ConfigError, DataError
 from gpt.runs.metrics import read_metrics
+from gpt.typed_config import from_dict
 
-COMMAND = Command(
-    "plot",
-    usage="gpt plot RUN_DIR [RUN_DIR ...] [x=step|tokens|time] [out=FILE.png]",
-    free_text=("runs", "out", "title"),
-    repeatable=("runs",),
-)
-X_KEYS = {
-    "step": ("step", 1.0, "step"),
-    "tokens": ("tokens", 1.0, "tokens"),
-    "time": ("elapsed_s", 1 / 60, "minutes"),
-}
+# x: (metrics key, scale, axis label)
+X_KEYS = {"step": ("step", 1.0, "step"), "tokens": ("tokens", 1.0, "tokens"),
+          "time": ("elapsed_s", 1 / 60, "minutes")}  # fmt: skip
 
 
 @dataclass
 class PlotConfig:
     runs: list[str] = field(default_factory=list)
+    """Run directories (each bare word on the command line is one)."""
     x: Literal["step", "tokens", "time"] = "step"
+    """The x axis: step | tokens | time (wall-clock minutes)."""
     out: str = "runs.png"
+    """The PNG written."""
     title: str | None = None
+    """A title above the plots."""
     dpi: int = 120
+    """Resolution of the PNG."""
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise ConfigError("no run to plot; give run directories: gpt plot out/a out/b")
+
+
+COMMAND = Command("plot", schema=PlotConfig, free_text=("runs", "out", "title"), repeatable=("runs",),
+                  usage="gpt plot RUN_DIR [RUN_DIR ...] [x=step|tokens|time] [out=FILE.png]")
 
 
 def load_runs(runs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -81,7 +82,7 @@ def plot(cfg: PlotConfig) -> Path:
     import matplotlib.pyplot as plt
 
     runs = load_runs(cfg.runs)
-    x_key, scale, x_label = X_KEYS[cfg.x]
+    x, scale, x_label = X_KEYS[cfg.x]
     layout = panels(runs)
     fig, axes = plt.subplots(1, len(layout), figsize=(5.5 * len(layout), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -89,9 +90,7 @@ def plot(cfg: PlotConfig) -> Path:
     for ax, (title, keys) in zip(axes[0], layout):
         for i, (name, records) in enumerate(runs.items()):
             for j, key in enumerate(keys):
-                points = [
-                    (r[x_key] * scale, r[key]) for r in records if r.get(key) is not None and x_key in r
-                ]
+                points = [(r[x] * scale, r[key]) for r in records if r.get(key) is not None and x in r]
                 if points:
                     xs, ys = zip(*points)
                     label = name if len(keys) == 1 else f"{name} {key}"

@@ -14,15 +14,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpt.commands.cli import Command, main
-from gpt.config import DataConfig, from_dict
+from gpt.config import DataConfig
 from gpt.data.prepare import prepare
+from gpt.errors import ConfigError
+from gpt.ranks import Ranks
+from gpt.typed_config import from_dict
+
+
+@dataclass
+class PrepareConfig:
+    """``gpt prepare``: the data keys of train.py, and the one window length to check."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    block_size: int = 0
+    """Check that both splits hold a window of block_size + 1 tokens (the run's model.block_size);
+    0 = any block size (the cache does not depend on it)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 0:
+            raise ConfigError(f"block_size={self.block_size} must be >= 0 (0 = any)")
+
 
 COMMAND = Command(
     "prepare",
+    schema=PrepareConfig,
     usage="gpt prepare PATH [data.tokenizer=char|bpe|gpt2|hf] [data.KEY=VALUE ...]",
     positional=("data.path",),
     free_text=("data.path", "data.tokenizer_path", "data.cache_dir"),
@@ -33,16 +53,16 @@ def job(cfg: dict[str, Any], given: frozenset[str]) -> None:
     data = dict(cfg["data"])
     if "data.name" not in given and "data" not in given:  # the cache folder is named after the input
         data["name"] = Path(str(data["path"]).rstrip("/")).stem or "data"
-    data_cfg = from_dict(DataConfig, data, prefix="data.")
+    config = from_dict(PrepareConfig, {**cfg, "data": data})
     joined = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if joined:  # under torchrun: the CPU-only gloo group is all that preparation needs
         import torch.distributed as dist  # only then: one process does not pay torch's start-up memory
 
         dist.init_process_group("gloo")
     try:
-        rank = int(os.environ.get("RANK", "0")) if joined else 0
-        prepared = prepare(data_cfg, block_size=cfg["block_size"], show_progress=rank == 0, distributed=True)
-        if rank == 0:
+        ranks = Ranks.current()
+        prepared = prepare(config.data, config.block_size, show_progress=ranks.is_main, ranks=ranks)
+        if ranks.is_main:
             print(f"prepared {prepared.directory}")
             print(f"  tokenizer {prepared.tokenizer.kind}, vocab_size {prepared.tokenizer.vocab_size}")
             print(f"  train: {prepared.train_tokens:,} tokens in {len(prepared.train_shards)} shard(s)")

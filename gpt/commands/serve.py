@@ -1,5 +1,6 @@
 """``gpt serve ckpt=DIR [host=...] [port=...] [KEY=VALUE ...]``:
-serve a model over an OpenAI-compatible HTTP API with a chat page at ``/``. Keys: conf/serve.yaml.
+serve a model over an OpenAI-compatible HTTP API with a chat page at ``/``. Keys:
+gpt.infer.config.ServeConfig (``gpt serve --help``).
 
     gpt serve ckpt=out/chat                      # http://127.0.0.1:8000/
     gpt serve ckpt=hf:models/gpt2 port=8080 api_key=secret
@@ -16,7 +17,8 @@ from gpt.serve.server import serve
 
 COMMAND = Command(
     "serve",
-    usage="gpt serve ckpt=RUN_DIR|hf:DIR [host=127.0.0.1] [port=8000] (conf/serve.yaml)",
+    schema=ServeConfig,
+    usage="gpt serve ckpt=RUN_DIR|FILE|hf:DIR [host=127.0.0.1] [port=8000] (--help lists every key)",
     positional=("ckpt",),
     free_text=("ckpt", "host", "api_key", "model_name"),
 )
@@ -29,4 +31,3 @@ def job(cfg: dict[str, Any]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> None:
     main(job, COMMAND, argv)
-

@@ -1,5 +1,6 @@
 """Typed configuration of the inference side: the generation controls (``gpt.infer.generate``,
-usable from Python), sample.py's run config (conf/sample.yaml) and the server's (conf/serve.yaml).
+usable from Python), sample.py's run config and the server's: every key, its default and its doc
+(``python sample.py --help`` and ``gpt serve --help`` print them).
 
 Built like the training run's config (``gpt.config``): ``SampleConfig.from_dict(d)`` on the dict
 Hydra resolved; bad keys, types and values raise ``ConfigError`` naming the key.
@@ -15,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gpt.config import check_ranges, finite, from_dict
 from gpt.errors import ConfigError
+from gpt.typed_config import Dtype, check_ranges, finite, from_dict
 
 
 @dataclass
@@ -55,9 +56,7 @@ class GenerationConfig:
     sliding window, re-filled every token); None = a quarter of block_size."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         self.validate()
 
     def validate(self) -> None:
@@ -91,24 +90,25 @@ class GenerationConfig:
 
 @dataclass
 class SampleConfig(GenerationConfig):
-    """sample.py's configuration (conf/sample.yaml): the generation controls plus where the model
-    comes from and how to run it."""
+    """sample.py's configuration: the generation controls (all changeable live with /set in
+    interactive mode) plus where the model comes from and how to run it."""
 
     seed: int | None = 1337
     """Same seed, same samples (the library default is None: a fresh seed each call)."""
     ckpt: str = "out/shakespeare_char"
-    """Run directory (its ckpt.pt) or checkpoint file to sample from."""
+    """The model: a run directory, a checkpoint file, a LoRA run or hf:DIR (gpt.runs.load)."""
     prompt: str = ""
     """Text to continue, verbatim; empty = start from <|endoftext|>."""
     prompt_file: str | None = None
-    """Read the prompt from this UTF-8 file instead."""
+    """Read the prompt from this UTF-8 file instead (a pipe, /dev/stdin; - = stdin)."""
     mode: Literal["generate", "interactive", "chat"] = "generate"
     """generate: print the samples and exit; interactive: a prompt loop with live settings; chat: a
     conversation with an instruction-tuned model (with a prompt: print just the reply and exit)."""
     system: str | None = None
     """mode=chat: the system prompt (kept when old turns are dropped to fit the context)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
     """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16
     (AVX512-BF16/AMX), fp32 elsewhere."""
     echo_prompt: bool = True
@@ -128,20 +128,23 @@ class SampleConfig(GenerationConfig):
 
 @dataclass
 class ServeConfig:
-    """``gpt serve``'s configuration (conf/serve.yaml): the model, the address and the limits
-    of the OpenAI-compatible server (``gpt.serve``)."""
+    """``gpt serve``'s configuration: the model, the address and the limits of the OpenAI-compatible
+    server (``gpt.serve``)."""
 
     ckpt: str = "out/shakespeare_char"
     """Run directory, checkpoint file, LoRA run (adapters applied) or hf:DIR to serve."""
     host: str = "127.0.0.1"
     """Address to bind; anything but loopback is reachable from other machines (a warning says so)."""
     port: int = 8000
+    """TCP port (0 = any free port)."""
     model_name: str | None = None
     """The name clients give as ``model``; None = the checkpoint directory's name."""
     api_key: str | None = None
     """When set, /v1/* requires ``Authorization: Bearer <api_key>`` (401 otherwise)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
+    """Weights: auto (bf16, else fp16, on CUDA; else fp32) | fp32 | bf16 | fp16."""
     max_batch: int = 16
     """Rows decoded together (a request with n choices takes n rows)."""
     max_queue: int = 64
@@ -155,6 +158,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     """On SIGTERM: seconds granted to in-flight requests before the server exits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """debug (with access log) | info | warning | error."""
 
     def __post_init__(self) -> None:
         checks = [
