@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,6 @@ import torch
 from gpt.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
 
 
 def mps_available() -> bool:
@@ -71,16 +71,14 @@ def cpu_bf16_native() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device, key: str = "dtype") -> torch.dtype:
-    """The compute dtype for ``name`` (auto, fp32, bf16, fp16) on ``device``; ``key`` names the
-    setting in the error message (``train.dtype`` or ``dtype``)."""
+    """The compute dtype for ``name`` (auto, fp32, bf16, fp16: the config's ``Dtype`` checked it) on
+    ``device``; ``key`` names the setting where the device refuses it (``train.dtype`` or ``dtype``)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "cpu" and cpu_bf16_native():
             return torch.bfloat16
         return torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"{key}={name!r} must be one of auto, {', '.join(DTYPES)}")
     if name == "fp16" and device.type == "cpu":
         raise ConfigError(f"{key}=fp16 is not supported on the CPU (very slow there); use bf16 or fp32")
     return DTYPES[name]
@@ -106,11 +104,9 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
+        trim_threshold, mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
         # blocks up to 32 MiB (glibc's maximum) from the heap; trim only beyond 1 GiB free at its top
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-            libc.mallopt(m_trim_threshold, 1 << 30)
-        )
+        return bool(libc.mallopt(mmap_threshold, 32 << 20)) and bool(libc.mallopt(trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 
@@ -123,13 +119,28 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can still allocate (a CPU: the kernel's MemAvailable, which counts reclaimable
+    caches); None where it cannot be told. Training and decoding refuse shapes that cannot fit with it."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type != "cpu":
+            return None
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
+
+
+@functools.cache
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
     """Best FLOP/s of a square matmul in ``dtype`` on ``device`` (cached per process). The inputs
     come from a private generator: the probe never moves the global RNG (a resumed run draws the
     same dropout masks as an uninterrupted one)."""
-    key = (str(device), dtype)
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
     n = size or (8192 if device.type == "cuda" else 1024)
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
@@ -143,5 +154,4 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | Non
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    _PEAK_CACHE[key] = 2 * n**3 / best
-    return _PEAK_CACHE[key]
+    return 2 * n**3 / best

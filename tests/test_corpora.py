@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 import gpt.data.prepare as prep
-from gpt.config import REPO_ROOT, DataConfig
+from gpt.config import DataConfig
 from gpt.data.corpus import input_units, iter_documents
 from gpt.data.prepare import prepare
 from gpt.data.shards import read_shard
 from gpt.errors import ConfigError, DataError
+from gpt.typed_config import REPO_ROOT
 
 pa = pytest.importorskip("pyarrow")  # the [data] extra
 pq = pytest.importorskip("pyarrow.parquet")
@@ -227,7 +228,7 @@ def test_broken_inputs_give_one_line_and_leave_no_cache_entry(tmp_path, docs, na
 DRIVER = """
 import sys
 import gpt.data.prepare as prep
-from gpt.data.__main__ import run
+from gpt.commands.prepare import run
 prep.PART_BYTES = int(sys.argv[1])  # small parts: a small corpus still gives every rank work
 run(sys.argv[2:])
 """
@@ -269,7 +270,7 @@ def test_two_gloo_ranks_give_the_shards_of_one_process_and_share_its_cache(
 NODES_DRIVER = """
 import os, sys
 os.environ["LOCAL_RANK"] = "0"  # each process plays the first process of its own node
-from gpt.data.__main__ import run
+from gpt.commands.prepare import run
 run([sys.argv[1], "data.tokenizer=char", f"data.cache_dir={sys.argv[2]}/node{os.environ['RANK']}"])
 """
 

@@ -6,19 +6,22 @@ from __future__ import annotations
 import functools
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from gpt.data.__main__ import run as prepare_main
 
 import gpt.data.encode as encode
+from gpt.commands.prepare import run as prepare_main
 from gpt.config import DataConfig
 from gpt.data.corpus import iter_documents, iter_pieces
 from gpt.data.prepare import load_prepared, prepare
 from gpt.data.shards import TokenWindows, read_shard, write_shard
 from gpt.errors import DataError
 from gpt.tokenizer import gpt2_tokenizer as load_gpt2
+from gpt.typed_config import REPO_ROOT
 
 gpt2_tokenizer = functools.cache(load_gpt2)  # loading the 50k ranks takes a moment: once per session
 
@@ -322,3 +325,12 @@ def test_windows_never_cross_shards_and_cover_all_of_them(shards):
     assert seen == {1, 3}
     with pytest.raises(DataError, match="no shard holds a window"):
         TokenWindows(shards[1:2], block_size=64, seed=0)
+
+
+def test_preparing_in_one_process_never_imports_torch(tmp_path):
+    # gpt.ranks (shared with training) imports torch only for the agreements of several ranks
+    (tmp_path / "in.txt").write_text(corpus(200))
+    cfg = f"DataConfig(path={str(tmp_path / 'in.txt')!r}, cache_dir={str(tmp_path)!r})"
+    code = "import sys; from gpt.config import DataConfig; from gpt.data.prepare import prepare; "
+    code += f"prepare({cfg}, 8); sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True).returncode == 0

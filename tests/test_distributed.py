@@ -29,15 +29,18 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
-from gpt.commands.cli import to_plain
-from gpt.config import REPO_ROOT, TrainRunConfig
+from gpt.commands.cli import compose_config
+from gpt.commands.train import EXIT_STATUS, TRAIN
+from gpt.config import TrainRunConfig
 from gpt.data.prepare import prepare
 from gpt.data.shards import TokenWindows
 from gpt.errors import ConfigError
-from gpt.runs.load import load_model
+from gpt.ranks import Ranks
+from gpt.runs.load import load
 from gpt.runs.metrics import read_metrics
 from gpt.train import distributed as D
 from gpt.train.loop import split_batch, train
+from gpt.typed_config import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 MAX_STEPS = 4
@@ -85,11 +88,7 @@ def overrides(corpus: Path, cache: Path, out_dir: Path, *extra: str) -> list[str
 
 def compose(args: list[str]) -> TrainRunConfig:
     """The config train.py builds from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        return TrainRunConfig.from_dict(to_plain(hydra_compose(config_name="train", overrides=args)))
+    return TrainRunConfig.from_dict(compose_config(TRAIN, args)[0])
 
 
 def launch(cmd: list[str], env_extra: dict | None = None, timeout: float = 240) -> tuple[int, str, float]:
@@ -224,7 +223,8 @@ def test_fsdp_checkpoint_resumes_on_two_nodes_and_in_one_process(runs):
     a, b = load_checkpoint(tmp / "fsdp_stop"), load_checkpoint(tmp / "ddp")
     assert set(a["model"]) == set(b["model"]) and set(a["optimizer"]["state"]) == set(b["optimizer"]["state"])
     assert "transformer.wte.weight" in a["optimizer"]["state"]
-    model, tokenizer, _ = load_model(tmp / "fsdp_stop")  # what sample.py does
+    loaded = load(tmp / "fsdp_stop")  # what sample.py does
+    model, tokenizer = loaded.build(), loaded.tokenizer
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
     assert torch.isfinite(model(idx)).all()
 
@@ -239,7 +239,7 @@ def test_ranks_read_disjoint_slices_that_make_up_the_global_batch(corpus, tmp_pa
         for step in (0, 5):
             per_rank = []
             for rank in range(world):
-                info = D.DistInfo(rank=rank, world_size=world)
+                info = Ranks(rank=rank, world_size=world)
                 starts = D.micro_batch_starts(batch, mbs, info)
                 per_rank.append([p for s in starts for p in range(s, s + mbs)])
                 x = torch.cat([windows.get(step, batch, s, mbs)[0] for s in starts])
@@ -268,18 +268,18 @@ def test_activation_checkpointing_changes_nothing_but_memory(make_cfg):
 
 
 def test_bad_distributed_settings_are_config_errors():
+    # checked once, by the config: the process-group and wrapping code trusts it
     with pytest.raises(ConfigError, match="timeout_s"):
-        D.init_distributed("cpu", timeout_s=0)
-    with pytest.raises(ConfigError, match="ddp or fsdp"):
-        D.wrap_model(torch.nn.Linear(2, 2), D.DistInfo(), "zero3", None)
+        TrainRunConfig.from_dict({"train": {"timeout_s": 0}})
+    with pytest.raises(ConfigError, match=r"train.parallel='zero3' must be one of \['ddp', 'fsdp'\]"):
+        TrainRunConfig.from_dict({"train": {"parallel": "zero3"}})
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_exit_143(make_cfg):
     cfg = make_cfg(train=dict(max_steps=6, eval_interval=0))
     kill_at_2 = lambda step: step == 2 and os.kill(os.getpid(), signal.SIGTERM) and False
-    with pytest.raises(SystemExit) as exc:
-        train(cfg, should_stop=kill_at_2)
-    assert exc.value.code == 143
+    stopped = train(cfg, should_stop=kill_at_2)["stopped"]
+    assert stopped == "SIGTERM" and EXIT_STATUS[stopped] == 143  # train.py's exit status
     # the signal came after step 2's check: step 3 is finished and saved, then the run exits
     assert load_checkpoint(cfg.out_dir)["step"] == 3
 
@@ -289,13 +289,13 @@ def test_each_rank_resumes_its_own_random_stream():
     rng = {"torch": saved[0], "ranks": [{"torch": t} for t in saved]}
     draws = []
     for rank in range(3):  # the saving run had 2 ranks, this one has 3
-        D.restore_rng(rng, D.DistInfo(rank=rank, world_size=3), seed=7, step=10)
+        D.restore_rng(rng, Ranks(rank=rank, world_size=3), seed=7, step=10)
         draws.append(torch.rand(4))
     for rank in (0, 1):
         torch.set_rng_state(saved[rank])
         assert torch.equal(draws[rank], torch.rand(4))
     assert not torch.equal(draws[2], draws[0]) and not torch.equal(draws[2], draws[1])
-    D.restore_rng({"torch": saved[1]}, D.DistInfo(), seed=7, step=10)  # a one-process checkpoint
+    D.restore_rng({"torch": saved[1]}, Ranks(), seed=7, step=10)  # a one-process checkpoint
     assert torch.equal(torch.rand(4), draws[1])
 
 
@@ -314,3 +314,15 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(corpus, tmp_path)
     assert proc.returncode != 0, out
     step = load_checkpoint(tmp_path / "run")["step"]
     assert 20 <= step < 100000 and f"stopped at step {step}" in out, out[-3000:]
+
+
+def test_a_world_of_one_agrees_with_itself():
+    ranks = Ranks.current()  # no process group: a world of one, every agreement the identity
+    assert ranks == Ranks() and (ranks.is_main, ranks.enabled) == (True, False)
+    assert ranks.sum([3, 4]) == [3, 4] and ranks.max([2]) == [2] and ranks.broadcast(7) == 7
+    assert ranks.main_first(lambda: "made") == "made"
+    ranks.check_same("fingerprint", "settings")
+    ranks.wait_all("nothing")
+    ranks.agree(None)
+    with pytest.raises(ConfigError, match="this rank's own"):
+        ranks.agree(ConfigError("this rank's own error"))

@@ -1,15 +1,21 @@
 """Bits per byte: equal to a hand computation, windows that give every token its context, the
 held-out split, and the command."""
 
+import gzip
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gpt.eval.__main__ import run as eval_main
 from helpers_eval import save_run, tiny_model
 
+from gpt.commands.eval import run as eval_main
+from gpt.config import DataConfig
+from gpt.data import corpus
+from gpt.data.prepare import prepare
+from gpt.data.shards import read_shard
 from gpt.eval.bpb import TextConfig, bits_per_byte, bytes_per_token, read_texts
 from gpt.eval.scoring import rolling_logprobs, windows
 
@@ -78,3 +84,33 @@ def test_the_command_prints_and_writes_bpb(tmp_path, capsys):
     assert f"bpb {result['bpb']:.4f}" in capsys.readouterr().out
     expected = bits_per_byte(model, tok, [TEXT * 3], stride=8)["bpb"]
     assert result["bpb"] == pytest.approx(expected, rel=1e-4)
+
+
+def _val_inputs(tmp_path):
+    """A .txt file read in several pieces, a directory of JSONL documents (never cut), and a
+    gzipped .txt (the boundary is placed by input bytes, not text bytes)."""
+    lines = "".join(f"line {i}: {'word ' * (i % 7)}\n" for i in range(400))
+    (tmp_path / "plain.txt").write_text(lines)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = (f"doc {i}\n" * (1 + i % 5) for i in range(60))
+    (docs / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "packed.txt.gz").write_bytes(gzip.compress(lines.encode() * 3))
+    return [tmp_path / "plain.txt", docs, tmp_path / "packed.txt.gz"]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_bpb_val_split_is_the_val_split_training_prepares(tmp_path, monkeypatch, which):
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1000)  # the .txt comes in pieces: the cut lands inside one
+    path = _val_inputs(tmp_path)[which]
+    data = prepare(DataConfig(name="v", path=str(path), cache_dir=str(tmp_path / "cache"), tokenizer="char",
+                              val_fraction=0.23), block_size=8, show_progress=False)  # fmt: skip
+    tok = data.tokenizer
+    val_ids = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in data.val_shards]).tolist()
+    docs = read_texts(TextConfig(path=str(path), split="val", val_fraction=0.23))
+    # the same bytes ...
+    assert "".join(docs) == tok.decode([t for t in val_ids if t != tok.eot_id])
+    # ... and the same tokens: each val document encoded and ended with <|endoftext|>, as training holds it
+    assert [t for d in docs for t in [*tok.encode(d), tok.eot_id]] == val_ids
+    whole = "".join(read_texts(TextConfig(path=str(path))))
+    assert whole.endswith("".join(docs)) and 0 < len("".join(docs)) < len(whole)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from gpt.config import resolve_path
 from gpt.data.readers import (
     corrupt,
     file_kind,
@@ -32,6 +31,7 @@ from gpt.data.readers import (
     stream_errors,
 )
 from gpt.errors import DataError
+from gpt.typed_config import resolve_path
 
 CHUNK_BYTES = 1 << 20  # text is read and tokenized in pieces of about this many bytes
 MAX_PIECE_FACTOR = 16  # a line longer than 16 chunks is cut at a character boundary instead
@@ -63,10 +63,8 @@ def input_files(path: str | Path) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if file_kind(f) is not None and f.is_file())
         if not files:
-            raise DataError(
-                f"no .txt, .jsonl (or .gz/.zst of them) or .parquet files under {p}; point data.path "
-                f"at your text files"
-            )
+            raise DataError(f"no .txt, .jsonl (or .gz/.zst of them) or .parquet files under {p}; point "
+                            "data.path at your text files")  # fmt: skip
         return files
     if not p.is_file():
         raise DataError(f"{path} not found; data.path must be a file, a directory or a glob")
@@ -80,10 +78,8 @@ def _check_binary(path: Path) -> None:
 
 
 def _bad_utf8(path: Path, line: int, at: int) -> DataError:
-    return DataError(
-        f"{path}:{line}: invalid UTF-8 at byte offset {at}; convert the file to UTF-8 "
-        f"(e.g. iconv -f latin1 -t utf-8 FILE)"
-    )
+    return DataError(f"{path}:{line}: invalid UTF-8 at byte offset {at}; convert the file to UTF-8 "
+                     f"(e.g. iconv -f latin1 -t utf-8 FILE)")  # fmt: skip
 
 
 # Where a piece may end, best first. Ending right after a "\n" with non-space on both sides keeps every
@@ -125,9 +121,8 @@ def _txt_pieces(path: Path, chunk: int) -> Iterator[Piece]:
             try:
                 new = decoder.decode(raw, final=eof)
             except UnicodeDecodeError as e:  # e.object is the held bytes + raw
-                raise _bad_utf8(
-                    path, line + e.object.count(b"\n", 0, e.start), offset - held + e.start
-                ) from None
+                bad_line = line + e.object.count(b"\n", 0, e.start)
+                raise _bad_utf8(path, bad_line, offset - held + e.start) from None
             offset, line, text = offset + len(raw), line + new.count("\n"), text + new
             while text and (eof or len(text) >= chunk):
                 cut = len(text) if eof else _cut_point(text, chunk, len(text) >= MAX_PIECE_FACTOR * chunk)
@@ -175,10 +170,8 @@ def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
                 raise DataError(f"{path}:{ln}: not valid JSON ({e.msg}); fix or remove that line") from None
             doc = doc.get(text_field) if isinstance(doc, dict) else None
             if not isinstance(doc, str):
-                raise DataError(
-                    f'{path}:{ln}: no text field "{text_field}" (a JSON string); set data.text_field '
-                    f"to the key that holds each document's text"
-                )
+                raise DataError(f'{path}:{ln}: no text field "{text_field}" (a JSON string); set '
+                                "data.text_field to the key that holds each document's text")  # fmt: skip
             if doc:
                 yield Piece(doc, pending, True, False)
                 pending = 0
@@ -219,9 +212,8 @@ def no_text(path: str | Path, files: list[Path]) -> DataError:
     return DataError(f"{what}; data.path must point at some text")
 
 
-def iter_pieces(
-    path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
-) -> Iterator[Piece]:
+def iter_pieces(path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
+                ) -> Iterator[Piece]:  # fmt: skip
     """Stream the input as ``Piece``s: a JSONL or Parquet document is one piece; a .txt file larger
     than ``chunk_bytes`` (default ``CHUNK_BYTES``) comes as several, each ending at a line break
     followed by non-space text, so tokenizing the pieces one by one gives the tokens of the whole file."""
@@ -234,10 +226,8 @@ def iter_pieces(
         raise no_text(path, files)
 
 
-def iter_documents(
-    path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
-) -> Iterator[str]:
+def iter_documents(path: str | Path, text_field: str = "text", chunk_bytes: int | None = None
+                   ) -> Iterator[str]:  # fmt: skip
     """Stream the documents of ``path`` (see ``input_files``); a large .txt document comes in pieces
     (see ``iter_pieces``) that join back to exactly the file's text."""
-    for piece in iter_pieces(path, text_field, chunk_bytes):
-        yield piece.text
+    return (piece.text for piece in iter_pieces(path, text_field, chunk_bytes))

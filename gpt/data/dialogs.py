@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,39 +37,40 @@ class Dialog:
     format: str = "transcript"  # the file's format: transcript or one of gpt.data.formats.FORMATS
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """(file:line, object, problem) of each non-blank line of a JSONL file (dialogs, preference
+    pairs): the object is None when the line is not UTF-8 or not JSON, which the problem says."""
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield f"{path}:{ln}", json.loads(line), None
+            except UnicodeDecodeError as e:
+                yield f"{path}:{ln}", None, f"invalid UTF-8 at byte {e.start} of the line"
+            except json.JSONDecodeError as e:
+                yield f"{path}:{ln}", None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
 def _jsonl_dialogs(path: Path, problems: list[str]) -> list[Dialog | None]:
     """One dialog per non-blank line, in the file's format (``gpt.data.formats``, detected from its
     first record); a bad line adds its problems and gives None."""
     out: list[Dialog | None] = []
     fmt: str | None = None
-    with open(path, "rb") as f:
-        for ln, raw in enumerate(f, 1):
-            where = f"{path}:{ln}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{where}: invalid UTF-8 at byte {e.start} of the line")
-                out.append(None)
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                out.append(None)
-                continue
-            fmt = fmt or detect_format(obj)
-            if fmt is None:
-                problems.append(f'{where}: missing "messages" (or ShareGPT "conversations", or Alpaca '
-                                f'"instruction" and "output"); expected {EXPECTED["messages"]}')  # fmt: skip
-                out.append(None)
-                continue
-            messages, bad = to_messages(obj, fmt)
-            problems += [f"{where}: {text}" for text in bad]
-            found = check_messages(messages) if messages is not None else []
-            problems += [f"{where}: message {i + 1}: {text}" for i, text in found]
-            out.append(None if bad or found else Dialog(messages, where, fmt))
+    for where, obj, problem in jsonl_records(path):
+        fmt = fmt or (detect_format(obj) if problem is None else None)
+        if problem is None and fmt is None:
+            problem = ('missing "messages" (or ShareGPT "conversations", or Alpaca "instruction" and '
+                       f'"output"); expected {EXPECTED["messages"]}')  # fmt: skip
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+            out.append(None)
+            continue
+        messages, bad = to_messages(obj, fmt)
+        problems += [f"{where}: {text}" for text in bad]
+        found = check_messages(messages) if messages is not None else []
+        problems += [f"{where}: message {i + 1}: {text}" for i, text in found]
+        out.append(None if bad or found else Dialog(messages, where, fmt))
     return out
 
 
@@ -119,9 +121,8 @@ def _text_dialogs(path: Path, separator: str | None, problems: list[str]) -> lis
     return out
 
 
-def read_dialogs(
-    path: str | Path, separator: str | None = None, skip_invalid: bool = False
-) -> tuple[list[Dialog], int]:
+def read_dialogs(path: str | Path, separator: str | None = None, skip_invalid: bool = False
+                 ) -> tuple[list[Dialog], int]:  # fmt: skip
     """The valid dialogs of a file, directory or glob (see ``gpt.data.corpus.input_files``) and the count
     of skipped bad ones. Bad dialogs raise one DataError listing every problem with file and line,
     unless ``skip_invalid`` (then they are left out and counted)."""
@@ -152,9 +153,7 @@ def problems_error(what: str, problems: list[str]) -> DataError:
 
 def split_dialogs(dialogs: list[Dialog], val_fraction: float) -> tuple[list[Dialog], list[Dialog]]:
     """(train, held out): the last ``val_fraction`` of the dialogs, in file order, are held out."""
-    n_val = round(len(dialogs) * val_fraction) if val_fraction > 0 else 0
-    if val_fraction > 0 and n_val == 0:
-        n_val = 1
+    n_val = max(1, round(len(dialogs) * val_fraction)) if val_fraction > 0 else 0
     if n_val >= len(dialogs):
         raise DataError(
             f"{len(dialogs)} dialog(s) leave none for training with data.val_fraction={val_fraction}; "

@@ -24,10 +24,11 @@ import numpy as np
 
 from gpt.atomic import atomic_write
 from gpt.config import DataConfig
-from gpt.data.corpus import CHUNK_BYTES, unit_pieces
-from gpt.data.parts import Part, Progress, Ranks
+from gpt.data.corpus import CHUNK_BYTES
+from gpt.data.parts import Part, Progress, split_pieces
 from gpt.data.shards import HEADER_BYTES, shard_header, token_dtype
 from gpt.errors import DataError, UserError
+from gpt.ranks import Ranks
 from gpt.tokenizer import Tokenizer
 
 PARALLEL_MIN_BYTES = 4 << 20  # smaller inputs are tokenized in-process (no worker start-up cost)
@@ -69,34 +70,22 @@ class ShardWriter:
             self._f, self._n = None, 0
 
 
-def _tasks(
-    cfg: DataConfig, part: Part, boundary: int | None
-) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:
+def _tasks(cfg: DataConfig, part: Part, boundary: int | None
+           ) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:  # fmt: skip
     """Group the part's pieces into ``(split, [(text, ends_document), ...], source_bytes)`` tasks of
     about a chunk each. Val starts at the first line start at or after input byte ``boundary``."""
     split, items, nbytes = "train", [], 0
-    for pos, unit in part.units:  # pos: the unit's byte offset in the whole input
-        for piece in unit_pieces(unit, cfg.text_field):
-            parts = [(piece.text, piece.doc_end)]
-            if split == "train" and boundary is not None and max(pos, pos + piece.nbytes - 1) >= boundary:
-                k = max(boundary - pos, 0)  # the boundary's input-byte offset in this piece
-                raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
-                k = k * len(raw) // piece.nbytes if raw else k  # in text bytes (compressed input: scaled)
-                cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
-                if k == 0 or 0 < cut < len(raw):  # else: the next piece starts val (at a line start)
-                    if cut:  # the document goes on in val: no eot after its train part
-                        items.append((raw[:cut].decode("utf-8"), False))
-                        parts = [(raw[cut:].decode("utf-8"), piece.doc_end)]
-                    if items:
-                        yield split, items, nbytes
-                        items, nbytes = [], 0
-                    split = "val"
-            pos += piece.nbytes
-            items += parts
-            nbytes += piece.nbytes
-            if nbytes >= CHUNK_BYTES:
+    for is_val, text, doc_end, n in split_pieces(part.units, cfg.text_field, boundary):
+        if is_val and split == "train":
+            if items:
                 yield split, items, nbytes
                 items, nbytes = [], 0
+            split = "val"
+        items.append((text, doc_end))
+        nbytes += n
+        if nbytes >= CHUNK_BYTES:
+            yield split, items, nbytes
+            items, nbytes = [], 0
     if items:
         yield split, items, nbytes
 
@@ -138,9 +127,8 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _write(
-    writers: dict[str, ShardWriter], progress: Progress, watch: Any, split: str, result: Any, nbytes: int
-) -> None:
+def _write(writers: dict[str, ShardWriter], progress: Progress, watch: Any, split: str, result: Any,
+           nbytes: int) -> None:  # fmt: skip
     tokens = result if isinstance(result, np.ndarray) else _wait(result, *watch)
     writers[split].add(tokens)
     progress.update(nbytes, len(tokens))
@@ -154,9 +142,8 @@ def _tokenize_part(
     ``pool`` when there is one), stopping once ``budget`` train tokens are written (0: no limit);
     returns its shards as ``{split: [(name, tokens), ...]}``, also written to ``part<index>.json``."""
     prefix = f"part{part.index:06d}"
-    writers = {
-        s: ShardWriter(out, f"{prefix}-{s}", cfg.shard_tokens, tok.vocab_size) for s in ("train", "val")
-    }
+    writers = {s: ShardWriter(out, f"{prefix}-{s}", cfg.shard_tokens, tok.vocab_size)
+               for s in ("train", "val")}  # fmt: skip
     try:
         pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
         for split, items, nbytes in _tasks(cfg, part, boundary):
@@ -186,7 +173,7 @@ def tokenize_parts(
     the ranks add up their tokens: with ``max_tokens``, the rounds stop once there are enough).
     Returns how many parts were tokenized (the first ones)."""
     total, largest = sum(p.nbytes for p in parts), max(p.nbytes for p in parts)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ranks.world > 1 else 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ranks.world_size > 1 else 1
     workers = cfg.num_workers or max(1, (os.cpu_count() or 1) // per_node)  # the node's cores, shared
     workers = min(workers, -(-largest // CHUNK_BYTES))  # <= one per task
     if total < PARALLEL_MIN_BYTES:
@@ -202,14 +189,13 @@ def tokenize_parts(
             pool = ctx.Pool(workers, _init_worker, (tok,))
         # the worker processes as started: one that dies is noticed instead of waited for
         watch = (pool, {p.pid for p in pool._pool}) if pool is not None else None
-        for first in range(0, len(parts), ranks.world):
+        for first in range(0, len(parts), ranks.world_size):
             mine, error, counts = first + ranks.rank, None, [0, 0]
             if mine < len(parts):
                 budget = cfg.max_tokens - done_tokens if cfg.max_tokens else 0
                 try:
-                    shards = _tokenize_part(
-                        cfg, parts[mine], boundary, tok, out, pool, workers, progress, budget, watch
-                    )
+                    shards = _tokenize_part(cfg, parts[mine], boundary, tok, out, pool, workers, progress,
+                                            budget, watch)  # fmt: skip
                     counts = [sum(n for ss in shards.values() for _, n in ss), parts[mine].nbytes]
                 except UserError as e:  # a corrupt file: every rank stops, the folder is removed
                     error = e
@@ -218,7 +204,7 @@ def tokenize_parts(
             done_tokens, done_bytes = done_tokens + tokens, done_bytes + nbytes
             progress.set(done_bytes, done_tokens)
             if cfg.max_tokens and done_tokens >= cfg.max_tokens:
-                return min(first + ranks.world, len(parts))
+                return min(first + ranks.world_size, len(parts))
         return len(parts)
     finally:
         progress.close()

@@ -1,24 +1,22 @@
-"""Preparation shared between processes: the input cut into parts, the ranks that tokenize them, the
-progress bar that reports for all of them, and the finished folder (with the token-count cuts of
-``data.max_tokens`` and ``data.val_tokens``).
+"""Preparation shared between processes: the input cut into parts that the ranks tokenize, the
+train/val split of its bytes (also ``gpt eval bpb``'s), the progress bar that reports for all of
+them, and the finished folder (with the token-count cuts of ``data.max_tokens`` and ``data.val_tokens``).
 
     parts = plan_parts(input_units(files), PART_BYTES)   # the same list whatever the world size
-    ranks = Ranks.current(group)                         # rank r tokenizes parts r, r + N, ...
-    total, = ranks.sum([my_tokens])
+    # rank r (of a gpt.ranks.Ranks) tokenizes parts r, r + N, ...; the ranks agree on the totals
+    for is_val, text, doc_end, nbytes in split_pieces(part.units, "text", val_boundary(units, 0.1)): ...
 
 A part is a run of consecutive units (files, Parquet row groups) of about ``PART_BYTES`` input bytes;
 each part becomes its own shards, so the shard set depends on the input alone, never on how many
-processes prepared it. Under ``torchrun`` the ranks agree over the (gloo) process group; without
-one, ``Ranks`` is a world of one and every collective is the identity.
+processes prepared it.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +26,8 @@ from tqdm import tqdm
 
 from gpt.atomic import atomic_write
 from gpt.config import DataConfig
-from gpt.data.corpus import Unit
+from gpt.data.corpus import Unit, unit_pieces
 from gpt.data.shards import HEADER_BYTES, VERSION, read_shard, shard_header
-from gpt.errors import DataError, UserError
 from gpt.tokenizer import Tokenizer
 
 # input bytes per part: small enough that a few hundred MB keep several processes busy, large enough
@@ -62,88 +59,35 @@ def plan_parts(units: list[Unit], part_bytes: int = PART_BYTES) -> list[Part]:
     return parts
 
 
-_ARRIVALS = itertools.count()  # every rank makes the same agreements in the same order
+def val_boundary(units: list[Unit], val_fraction: float) -> int:
+    """The input byte at which the val split begins (at the first line start from there on)."""
+    return int(sum(u.nbytes for u in units) * (1 - val_fraction))
 
 
-def _arrive(rank: int, world: int, notice_every_s: float = 60.0) -> None:
-    """Wait until every rank reaches this point, through torchrun's rendezvous store: unlike a
-    collective it has no timeout, so one rank's long preparation (BPE training, a large part) never
-    fails the job; a notice every minute says what it waits for. A rank that dies is torchrun's to
-    handle (it stops the others)."""
-    import torch.distributed as dist
-
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except (AttributeError, RuntimeError, ValueError):
-        return  # no store to wait on: the collective itself waits
-    key = f"gpt/data/arrive/{next(_ARRIVALS)}"
-    store.add(key, 1)
-    t0 = last = time.monotonic()
-    while store.add(key, 0) < world:
-        time.sleep(0.02)
-        if time.monotonic() - last >= notice_every_s:
-            last = time.monotonic()
-            print(f"rank {rank}: waiting for the other ranks' data preparation ({last - t0:.0f}s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-
-
-class Ranks:
-    """This process's place among the processes preparing together, and their agreements (on the
-    CPU: ``group`` is a gloo group, None = the default group, which is gloo in ``gpt prepare``)."""
-
-    def __init__(self, rank: int = 0, world: int = 1, group: Any = None) -> None:
-        self.rank, self.world, self.group = rank, world, group
-
-    @classmethod
-    def current(cls, group: Any = None) -> Ranks:
-        dist = sys.modules.get("torch.distributed")  # never imported: there is no process group
-        if dist is None or not (dist.is_available() and dist.is_initialized()):
-            return cls()
-        if dist.get_world_size(group) == 1:
-            return cls()
-        return cls(dist.get_rank(group), dist.get_world_size(group), group)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def local_rank(self) -> int:
-        return int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
-
-    def _reduce(self, values: list[int], op: str) -> list[int]:
-        if self.world == 1:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        _arrive(self.rank, self.world)  # a rank may still be busy (BPE training): no collective timeout
-        t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
-        return t.tolist()
-
-    def sum(self, values: list[int]) -> list[int]:
-        return self._reduce(values, "sum")
-
-    def max(self, values: list[int]) -> list[int]:
-        return self._reduce(values, "max")
-
-    def broadcast(self, value: int) -> int:
-        """Rank 0's ``value`` on every rank."""
-        return self.sum([value if self.is_main else 0])[0]
-
-    def barrier(self) -> None:
-        self.sum([0])
-
-    def agree(self, error: UserError | None) -> None:
-        """Raise on every rank when any rank failed (the failing one raises its own error)."""
-        failed = self.max([self.rank + 1 if error is not None else 0])[0]
-        if error is not None:
-            raise error
-        if failed:
-            raise DataError(
-                f"data preparation failed on rank {failed - 1} (its error is above); fix it and re-run"
-            )
+def split_pieces(units: Iterable[tuple[int, Unit]], text_field: str, boundary: int | None
+                 ) -> Iterator[tuple[bool, str, bool, int]]:  # fmt: skip
+    """The val split, the one rule of preparation and ``gpt eval bpb``: the pieces of ``units`` (each
+    with its input byte offset) as ``(is_val, text, ends_document, input_bytes)``. Val begins at the
+    first line start at or after input byte ``boundary`` (None: no val); a piece that cannot be cut
+    (a JSONL or Parquet document), or has no line start after the boundary, stays train and val
+    begins with the next piece. Compressed input: the boundary is placed in a piece's text by its
+    share of the piece's input bytes."""
+    val = False
+    for pos, unit in units:
+        for piece in unit_pieces(unit, text_field):
+            if not val and boundary is not None and max(pos, pos + piece.nbytes - 1) >= boundary:
+                k = max(boundary - pos, 0)  # the boundary's input-byte offset in this piece
+                raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
+                k = k * len(raw) // piece.nbytes if raw else k  # in text bytes
+                cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
+                val = k == 0 or 0 < cut < len(raw)
+                if cut and val:  # the document goes on in val: no eot after its train part
+                    yield False, raw[:cut].decode("utf-8"), False, 0
+                    yield True, raw[cut:].decode("utf-8"), piece.doc_end, piece.nbytes
+                    pos += piece.nbytes
+                    continue
+            yield val, piece.text, piece.doc_end, piece.nbytes
+            pos += piece.nbytes
 
 
 class Progress:
@@ -181,9 +125,8 @@ def _truncate(path: Path, n: int) -> None:
         f.truncate(HEADER_BYTES + n * itemsize)
 
 
-def cut_tokens(
-    directory: Path, shards: list[tuple[str, int]], keep: int, val_start: int, val_writer
-) -> list[str]:
+def cut_tokens(directory: Path, shards: list[tuple[str, int]], keep: int, val_start: int, val_writer
+               ) -> list[str]:  # fmt: skip
     """Apply the token cuts to ``shards`` ((name, tokens) in order, in ``directory``): tokens
     [val_start, keep) go to ``val_writer`` (``.add(tokens)``), tokens from ``keep`` on are dropped.
     Returns the names of the shards that still hold train tokens."""
@@ -204,9 +147,8 @@ def cut_tokens(
     return train
 
 
-def finish(
-    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer, tmp: Path, n_parts: int, writer: Any
-) -> None:
+def finish(cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer, tmp: Path, n_parts: int,
+           writer: Any) -> None:  # fmt: skip
     """Rank 0, once every part is written: the token cuts (val tokens to ``writer``, an empty shard
     writer for val_*.bin), the final shard names, then meta.json, which marks the folder complete."""
     metas = [json.loads((tmp / f"part{i:06d}.json").read_text()) for i in range(n_parts)]
@@ -237,19 +179,9 @@ def finish(
         (tmp / f"part{i:06d}.json").unlink()
     for leftover in tmp.glob("part*.bin"):  # parts past max_tokens
         leftover.unlink()
-    meta = {
-        "format_version": VERSION,
-        "name": cfg.name,
-        "source": str(src),
-        "files": [str(f) for f in files],
-        "tokenizer": tok.kind,
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "vocab_size": tok.vocab_size,
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "train_shards": train_names,
-        "val_shards": val_names,
-        "max_tokens": cfg.max_tokens,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    meta = {"format_version": VERSION, "name": cfg.name, "source": str(src), "files": [str(f) for f in files],
+            "tokenizer": tok.kind, "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+            "train_tokens": train_tokens, "val_tokens": val_tokens, "train_shards": train_names,
+            "val_shards": val_names, "max_tokens": cfg.max_tokens,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))  # written last: marks it complete

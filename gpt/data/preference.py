@@ -19,7 +19,6 @@ one chat template: the loss covers the last reply's tokens and its end-of-turn o
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +28,14 @@ import numpy as np
 
 from gpt.chat_template import MARKERS, check_messages, render_turns
 from gpt.data.corpus import input_files
-from gpt.data.dialogs import problems_error, split_dialogs
+from gpt.data.dialogs import jsonl_records, problems_error, split_dialogs
 from gpt.data.formats import hh_messages
-from gpt.data.sft import DialogBatches
+from gpt.data.sft import DialogBatches, pack_rows
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
 from gpt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    import torch
-
     from gpt.config import DataConfig
 
 
@@ -71,9 +68,8 @@ def _hh_pair(obj: dict[str, Any]) -> tuple[Pair | None, list[str]]:
     chosen, rejected = hh_messages(obj["chosen"]), hh_messages(obj["rejected"])
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs is None:
-            return None, [
-                f'"{name}" is not a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript (and no "prompt" given)'
-            ]
+            return None, [f'"{name}" is not a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript '
+                          '(and no "prompt" given)']  # fmt: skip
         if msgs[-1]["role"] != "assistant":
             return None, [f'"{name}" must end with an Assistant: turn']
     if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
@@ -104,10 +100,8 @@ def parse_pair(obj: Any) -> tuple[Pair | None, list[str]]:
         if found:
             return None, [f"prompt message {i + 1}: {text}" for i, text in found]
         prompt = [dict(m) for m in prompt]
-        (chosen, p1), (rejected, p2) = (
-            _reply(obj["chosen"], prompt, "chosen"),
-            _reply(obj["rejected"], prompt, "rejected"),
-        )
+        chosen, p1 = _reply(obj["chosen"], prompt, "chosen")
+        rejected, p2 = _reply(obj["rejected"], prompt, "rejected")
         problems = [p for p in (p1, p2) if p]
         pair = None if problems else Pair(prompt, chosen, rejected, "")
     if pair is not None and pair.chosen.strip() == pair.rejected.strip():
@@ -121,26 +115,14 @@ def read_pairs(path: str | Path, skip_invalid: bool = False) -> tuple[list[Pair]
     problems: list[str] = []
     pairs, bad = [], 0
     for file in input_files(path):
-        with open(file, "rb") as f:
-            for ln, raw in enumerate(f, 1):
-                where = f"{file}:{ln}"
-                try:
-                    line = raw.decode("utf-8")
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                except UnicodeDecodeError as e:
-                    found = [f"invalid UTF-8 at byte {e.start} of the line"]
-                except json.JSONDecodeError as e:
-                    found = [f"invalid JSON ({e.msg} at column {e.colno})"]
-                else:
-                    pair, found = parse_pair(obj)
-                if found:
-                    problems += [f"{where}: {text}" for text in found]
-                    bad += 1
-                else:
-                    pair.source = where
-                    pairs.append(pair)
+        for where, obj, problem in jsonl_records(file):
+            pair, found = (None, [problem]) if problem else parse_pair(obj)
+            if found:
+                problems += [f"{where}: {text}" for text in found]
+                bad += 1
+            else:
+                pair.source = where
+                pairs.append(pair)
     if problems and not skip_invalid:
         raise problems_error(f"{bad} malformed preference pair(s) in {path}", problems)
     if not pairs:
@@ -148,9 +130,8 @@ def read_pairs(path: str | Path, skip_invalid: bool = False) -> tuple[list[Pair]
     return pairs, bad
 
 
-def render_pair(
-    tokenizer: Tokenizer, pair: Pair, max_tokens: int
-) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]] | None:
+def render_pair(tokenizer: Tokenizer, pair: Pair, max_tokens: int
+                ) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]] | None:  # fmt: skip
     """((ids, mask) of prompt + chosen, (ids, mask) of prompt + rejected), the mask on the last reply
     and its end-of-turn only; the oldest exchanges of the prompt (never the system prompt, never
     the last user turn) are dropped until both fit ``max_tokens``; None if they never do."""
@@ -196,14 +177,10 @@ class PairBatches(DialogBatches):
         if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         order = self.order(step, batch_size)
-        width = int(self.lengths[order].max())
         pick = order[start : start + count]
-        x = np.full((2 * count, width), self.pad_id, dtype=np.int64)
-        y = np.full((2 * count, width), -1, dtype=np.int64)
-        for row, i in enumerate([*pick, *(pick + self.n)]):
-            x[row, : len(self.x[i])], y[row, : len(self.y[i])] = self.x[i], self.y[i]
-        ref: torch.Tensor = torch.from_numpy(self.ref[pick].astype(np.float32))
-        return torch.from_numpy(x), torch.from_numpy(y), ref
+        rows = [[(self.x[i], self.y[i])] for i in [*pick, *(pick + self.n)]]  # the chosen, then the rejected
+        x, y, _ = pack_rows(rows, int(self.lengths[order].max()), self.pad_id)
+        return x, y, torch.from_numpy(self.ref[pick].astype(np.float32))
 
 
 def pair_sources(
@@ -217,9 +194,8 @@ def pair_sources(
             "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in p.prompt) + f" {p.chosen} {p.rejected}"
             for p in pairs
         )
-        tokenizer = build_tokenizer(
-            cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes
-        )
+        tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path,
+                                    cfg.bpe_train_bytes)  # fmt: skip
     problems: list[str] = []
 
     def render(part: list[Pair]) -> tuple[list, int]:
@@ -237,9 +213,8 @@ def pair_sources(
 
     (train_ex, long_train), (val_ex, long_val) = render(train), render(val)
     if problems and not cfg.skip_invalid:
-        raise problems_error(
-            f"{len(problems)} pair(s) cannot be encoded by the {tokenizer.kind} tokenizer", problems
-        )
+        raise problems_error(f"{len(problems)} pair(s) cannot be encoded by the {tokenizer.kind} tokenizer",
+                             problems)  # fmt: skip
     if not train_ex or (val and not val_ex):
         raise DataError(f"no preference pair of {cfg.path} fits block_size={block_size}; use a model with a "
                         "longer context or shorter pairs")  # fmt: skip

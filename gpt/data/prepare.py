@@ -21,6 +21,7 @@ second run starts at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,14 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from gpt.config import DataConfig, resolve_path
+from gpt.config import DataConfig
 from gpt.data.corpus import input_files, input_units, iter_documents, no_text
 from gpt.data.encode import ShardWriter, tokenize_parts
-from gpt.data.parts import PART_BYTES, Ranks, finish, plan_parts
+from gpt.data.parts import PART_BYTES, finish, plan_parts, val_boundary
 from gpt.data.shards import REDO, VERSION, read_shard
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
+from gpt.ranks import Ranks
 from gpt.tokenizer import Tokenizer, load_tokenizer
+from gpt.typed_config import resolve_path
 
 
 @dataclass
@@ -142,22 +145,20 @@ def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
 def summary(data: PreparedData) -> str:
     """The one line that says the data is ready."""
     n = len(data.train_shards) + len(data.val_shards)
-    return (
-        f"data: {data.train_tokens:,} train tokens, {data.val_tokens:,} val tokens in {n} shard"
-        f"{'s' if n != 1 else ''} (cache {data.directory})"
-    )
+    return (f"data: {data.train_tokens:,} train tokens, {data.val_tokens:,} val tokens in {n} shard"
+            f"{'s' if n != 1 else ''} (cache {data.directory})")  # fmt: skip
 
 
 def prepare(
     cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None, show_progress: bool = True,
-    distributed: bool = False, group: Any = None,
+    ranks: Ranks | None = None,
 ) -> PreparedData:  # fmt: skip
     """Tokenize ``cfg.path`` into cached shards (or reuse them) and check they hold full windows.
 
     ``tokenizer`` (fine-tuning reuses the model's) is used as is; without one it is built from
-    ``cfg`` (char and bpe from the corpus itself). ``distributed``: every rank of the process group
-    (``group``: a gloo group, None = the default one) calls this together and they share the work."""
-    ranks = Ranks.current(group) if distributed else Ranks()
+    ``cfg`` (char and bpe from the corpus itself). ``ranks``: every rank of the job calls this
+    together and they share the work (None: this process alone)."""
+    ranks = dataclasses.replace(ranks, patient=True) if ranks is not None else Ranks()
     src, cache = resolve_path(cfg.path), resolve_path(cfg.cache_dir)
     files = input_files(src)
     built_from_corpus = cfg.tokenizer in ("char", "bpe")
@@ -174,7 +175,7 @@ def prepare(
     if found is not None and _set_aside_if_bad(found, tokenizer, ranks):
         found = None
     target = cache / f"{cfg.name}-{keys[0]}"
-    if ranks.sum([found is not None])[0] == ranks.world:
+    if ranks.sum([found is not None])[0] == ranks.world_size:
         data = load_prepared(found, tokenizer)
     else:
         built = _build(cfg, src, files, tokenizer, target, show_progress, ranks)
@@ -253,7 +254,7 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    if ranks.sum([int(tmp.is_dir())])[0] < ranks.world:
+    if ranks.sum([int(tmp.is_dir())])[0] < ranks.world_size:
         ranks.barrier()  # everyone has looked before it goes
         if ranks.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -264,9 +265,8 @@ def _build(
             try:
                 if tok is None:  # char/bpe: rank 0 builds it (bpe reads at most bpe_train_bytes)
                     texts = lambda: iter_documents(src, cfg.text_field)
-                    tok = build_tokenizer(
-                        cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes
-                    )
+                    tok = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path,
+                                          cfg.bpe_train_bytes)  # fmt: skip
                 tok.save(tmp)
             except UserError as e:
                 error = e
@@ -274,9 +274,8 @@ def _build(
         if tok is None:
             tok = load_tokenizer(tmp / "tokenizer.json")  # the one rank 0 built
         parts = plan_parts(units, PART_BYTES)
-        total = sum(u.nbytes for u in units)
         by_bytes = cfg.val_fraction > 0 and not cfg.split_by_tokens
-        boundary = int(total * (1 - cfg.val_fraction)) if by_bytes else None
+        boundary = val_boundary(units, cfg.val_fraction) if by_bytes else None
         n_parts = tokenize_parts(cfg, parts, boundary, tok, tmp, ranks, show_progress)
         if ranks.is_main:
             val_writer = ShardWriter(tmp, "val", cfg.shard_tokens, tok.vocab_size)  # for the token cuts
@@ -295,5 +294,3 @@ def _build(
             shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(target, tok)
 
-
-# --------------------------------------------------------------------------------------- batches

@@ -24,15 +24,9 @@ from typing import Any, BinaryIO
 from gpt.errors import DataError
 
 # how a name ends -> (container, content); the content decides how the text is split into documents
-SUFFIXES = {
-    ".txt": (None, "txt"),
-    ".jsonl": (None, "jsonl"),
-    ".txt.gz": ("gz", "txt"),
-    ".jsonl.gz": ("gz", "jsonl"),
-    ".txt.zst": ("zst", "txt"),
-    ".jsonl.zst": ("zst", "jsonl"),
-    ".parquet": ("parquet", "parquet"),
-}
+SUFFIXES = {".txt": (None, "txt"), ".jsonl": (None, "jsonl"), ".parquet": ("parquet", "parquet"),
+            ".txt.gz": ("gz", "txt"), ".jsonl.gz": ("gz", "jsonl"),
+            ".txt.zst": ("zst", "txt"), ".jsonl.zst": ("zst", "jsonl")}  # fmt: skip
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time within a row group
 
 
@@ -137,10 +131,8 @@ def parquet_row_groups(path: Path, text_field: str) -> list[tuple[int, int]]:
     pf = _parquet_file(path)
     schema = pf.schema_arrow
     if text_field not in schema.names:
-        raise DataError(
-            f'{path}: no column "{text_field}" (columns: {", ".join(schema.names)}); set '
-            f"data.text_field to the column that holds each document's text"
-        )
+        raise DataError(f'{path}: no column "{text_field}" (columns: {", ".join(schema.names)}); set '
+                        "data.text_field to the column that holds each document's text")  # fmt: skip
     import pyarrow as pa
 
     tp = schema.field(text_field).type

@@ -42,9 +42,8 @@ class DialogBatches:
     <|endoftext|>, y with -1 (no loss). Padding sits after a dialog's end, so causal attention never
     lets a real token see it."""
 
-    def __init__(
-        self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, group: int = 8
-    ) -> None:
+    def __init__(self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, group: int = 8
+                 ) -> None:  # fmt: skip
         self.seed, self.pad_id, self.n, self.group = seed, pad_id, len(examples), group
         # x = ids[:-1]; y = ids[1:] where the mask of ids[1:] is set, else -1
         self.x = [np.asarray(ids[:-1], dtype=np.int64) for ids, _ in examples]
@@ -61,9 +60,8 @@ class DialogBatches:
             ids = np.resize(rng.permutation(self.n), per_epoch * batch_size)  # repeats if n < batch_size
             chunk = self.group * batch_size
             for s in range(0, len(ids), chunk):  # similar lengths side by side
-                ids[s : s + chunk] = ids[s : s + chunk][
-                    np.argsort(self.lengths[ids[s : s + chunk]], kind="stable")
-                ]
+                part = ids[s : s + chunk]
+                ids[s : s + chunk] = part[np.argsort(self.lengths[part], kind="stable")]
             batches = ids.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)]
             self._epoch = ((epoch, batch_size), batches)
         return self._epoch[1][b]
@@ -71,17 +69,12 @@ class DialogBatches:
     def get(self, step: int, batch_size: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: int64 CPU tensors (count, L) for global-batch positions [start, start + count), where
         L <= block_size is the longest dialog of the whole global batch."""
-        import torch
-
         if not (start >= 0 and count >= 0 and start + count <= batch_size):
             raise ValueError(f"positions [{start}, {start + count}) outside a batch of {batch_size}")
         order = self.order(step, batch_size)
-        width = int(self.lengths[order].max())
-        x = np.full((count, width), self.pad_id, dtype=np.int64)
-        y = np.full((count, width), -1, dtype=np.int64)
-        for row, i in enumerate(order[start : start + count]):
-            x[row, : self.lengths[i]], y[row, : self.lengths[i]] = self.x[i], self.y[i]
-        return torch.from_numpy(x), torch.from_numpy(y)
+        rows = [[(self.x[i], self.y[i])] for i in order[start : start + count]]  # one dialog a row
+        x, y, _ = pack_rows(rows, int(self.lengths[order].max()), self.pad_id)
+        return x, y
 
     def padding_fraction(self, batch_size: int, steps: int | None = None) -> float:
         """Fraction of the (rows x width) positions of the first ``steps`` global batches (default:
@@ -94,9 +87,8 @@ class DialogBatches:
         return 1 - real / padded
 
 
-def pack_rows(
-    rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_rows(rows: list[list[tuple[np.ndarray, np.ndarray]]], width: int, pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """x, y, doc (len(rows), width) of rows that each concatenate dialogs' (x, y): doc numbers the
     dialogs of a row 0, 1, ...; the padding after them has y = -1 and an id of its own."""
     import torch
@@ -122,9 +114,8 @@ class PackedDialogBatches(DialogBatches):
 
     OPEN_ROWS = 16  # rows a dialog may still be packed into (see _pack)
 
-    def __init__(
-        self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, block_size: int
-    ) -> None:
+    def __init__(self, examples: list[tuple[list[int], list[int]]], seed: int, pad_id: int, block_size: int
+                 ) -> None:  # fmt: skip
         super().__init__(examples, seed, pad_id)
         self.block_size = block_size
         self._epochs: list[tuple[int, list[list[int]], np.ndarray]] = []  # (first step, rows, batch order)
@@ -182,9 +173,8 @@ class PackedDialogBatches(DialogBatches):
         return 1 - real / padded
 
 
-def render_all(
-    tokenizer: Tokenizer, dialogs: list[Dialog], block_size: int, problems: list[str]
-) -> tuple[list[tuple[list[int], list[int]]], int, int]:
+def render_all(tokenizer: Tokenizer, dialogs: list[Dialog], block_size: int, problems: list[str]
+               ) -> tuple[list[tuple[list[int], list[int]]], int, int]:  # fmt: skip
     """(examples, truncated, too_long) for training with ``block_size``: a dialog longer than
     block_size + 1 tokens is cut at a turn boundary (``fit_dialog``) or, when its first exchange
     alone is too long, left out. A dialog the tokenizer cannot encode adds a problem."""
@@ -203,32 +193,24 @@ def render_all(
     return examples, truncated, too_long
 
 
-def dialog_sources(
-    cfg: DataConfig,
-    tokenizer: Tokenizer | None,
-    block_size: int,
-    seed: int,
-    show_progress: bool = True,
-    batch_size: int | None = None,
-) -> tuple[Tokenizer, DialogBatches, DialogBatches, DialogBatches | None]:
+def dialog_sources(cfg: DataConfig, tokenizer: Tokenizer | None, block_size: int, seed: int,
+                   show_progress: bool = True, batch_size: int | None = None
+                   ) -> tuple[Tokenizer, DialogBatches, DialogBatches, DialogBatches | None]:  # fmt: skip
     """The ``data.format=dialogs`` hook of ``gpt.train.setup``: (tokenizer, train, train_eval, val).
     The tokenizer is the model's (init_from) or, for a fresh model, built from the dialogs' text."""
     dialogs, skipped = read_dialogs(cfg.path, cfg.separator, cfg.skip_invalid)
     train, val = split_dialogs(dialogs, cfg.val_fraction)
     if tokenizer is None:
-        texts = lambda: (
-            "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in d.messages) for d in dialogs
-        )
-        tokenizer = build_tokenizer(
-            cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path, cfg.bpe_train_bytes
-        )
+        texts = lambda: ("\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in d.messages)
+                         for d in dialogs)  # fmt: skip
+        tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path,
+                                    cfg.bpe_train_bytes)  # fmt: skip
     problems: list[str] = []
     train_ex, cut, too_long = render_all(tokenizer, train, block_size, problems)
     val_ex, val_cut, val_long = render_all(tokenizer, val, block_size, problems)
     if problems and not cfg.skip_invalid:
-        raise problems_error(
-            f"{len(problems)} dialog(s) cannot be encoded by the {tokenizer.kind} tokenizer", problems
-        )
+        raise problems_error(f"{len(problems)} dialog(s) cannot be encoded by the {tokenizer.kind} tokenizer",
+                             problems)  # fmt: skip
     skipped += len(problems)
     if not train_ex or (val and not val_ex):
         raise DataError(f"no dialog of {cfg.path} fits block_size={block_size} (even cut after its first "

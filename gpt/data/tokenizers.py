@@ -23,13 +23,8 @@ _TRAIN_PIECE_CHARS = 1 << 16
 _TRAIN_BUFFER_PIECES = 1024
 
 
-def build_tokenizer(
-    kind: str,
-    texts_factory: Callable[[], Iterable[str]],
-    vocab_size: int = 4096,
-    path: str | None = None,
-    max_train_bytes: int | None = None,
-) -> Tokenizer:
+def build_tokenizer(kind: str, texts_factory: Callable[[], Iterable[str]], vocab_size: int = 4096,
+                    path: str | None = None, max_train_bytes: int | None = None) -> Tokenizer:  # fmt: skip
     """The data pipeline's dispatch on ``data.tokenizer``. ``texts_factory()`` yields the corpus and is
     called only for "char" and "bpe"; ``path`` is a rank file ("gpt2") or a directory ("hf")."""
     if kind == "char":
@@ -60,28 +55,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = Non
         )
     seen = [0]  # bytes fed to rustbpe, counted by the generator
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(
-        _training_pieces(texts, max_bytes, seen),
-        vocab_size - n_special,
-        buffer_size=_TRAIN_BUFFER_PIECES,
-    )
+    trainer.train_from_iterator(_training_pieces(texts, max_bytes, seen), vocab_size - n_special,
+                                buffer_size=_TRAIN_BUFFER_PIECES)  # fmt: skip
     if seen[0] == 0:
         raise DataError("cannot train a BPE tokenizer: the corpus is empty")
     ranks = {bytes(b): int(r) for b, r in trainer.get_mergeable_ranks()}
     if len(ranks) + n_special < vocab_size:
-        log.warning(
-            "BPE training found only %d merges in the corpus: vocab_size is %d, not the requested %d",
-            len(ranks) - 256,
-            len(ranks) + n_special,
-            vocab_size,
-        )
+        log.warning("BPE training found only %d merges in the corpus: vocab_size is %d, not the requested %d",
+                    len(ranks) - 256, len(ranks) + n_special, vocab_size)  # fmt: skip
     specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
     return TiktokenTokenizer("bpe", ranks, trainer.get_pattern(), specials)
 
 
-def _training_pieces(
-    texts: Iterable[str], max_bytes: int | None, seen: list[int], piece_chars: int = _TRAIN_PIECE_CHARS
-) -> Iterator[str]:
+def _training_pieces(texts: Iterable[str], max_bytes: int | None, seen: list[int],
+                     piece_chars: int = _TRAIN_PIECE_CHARS) -> Iterator[str]:  # fmt: skip
     """Stream texts to rustbpe in pieces of at most ``piece_chars`` characters, stopping after
     ``max_bytes`` UTF-8 bytes; ``seen[0]`` counts the bytes fed. Long texts are cut just after a newline
     followed by a non-space character: the GPT-4 split pattern never joins a chunk across such a point,

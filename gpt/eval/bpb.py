@@ -25,14 +25,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpt.config import resolve_path
-from gpt.data.corpus import iter_pieces
+from gpt.data.corpus import input_files, input_units, no_text
+from gpt.data.parts import plan_parts, split_pieces, val_boundary
 from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError, DataError
 from gpt.eval.scoring import rolling_logprobs
 from gpt.model import GPT
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.tokenizer import SPECIAL_TOKENS
+from gpt.typed_config import Dtype, resolve_path
 
 
 @dataclass
@@ -42,9 +43,11 @@ class TextConfig:
     path: str = "data/tinyshakespeare/input.txt"
     """A file, a directory of .txt/.jsonl files, or a glob."""
     jsonl_field: str = "text"
+    """.jsonl inputs: the field that holds each document."""
     split: Literal["all", "val"] = "all"
     """'all': the whole text; 'val': the last val_fraction, cut as training holds it out."""
     val_fraction: float = 0.1
+    """split=val: the fraction held out, as in the run's data.val_fraction."""
     max_bytes: int = 0
     """Read at most this many bytes of the chosen split (whole lines); 0 = all."""
 
@@ -57,14 +60,21 @@ class TextConfig:
 
 @dataclass
 class BpbConfig:
+    """``gpt eval bpb``: bits per byte of a text (``gpt eval bpb --help`` lists every key)."""
+
     ckpt: str = "out/shakespeare_char"
+    """The model: a run directory, a checkpoint file, a LoRA run or hf:DIR."""
     data: TextConfig = field(default_factory=TextConfig)
     stride: int | None = None
     """Tokens between window starts; None = half of block_size."""
     batch_size: int = 16
+    """Windows run together."""
     device: str = "auto"
-    dtype: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
     out: str | None = None
+    """Also write the result as JSON to this file."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -74,41 +84,28 @@ class BpbConfig:
 
 
 def read_texts(cfg: TextConfig) -> list[str]:
-    """The documents of ``cfg.path`` (a .txt file is one, a JSONL line is one), cut to its split."""
-    docs, splittable, current = [], [], []
-    for piece in iter_pieces(resolve_path(cfg.path), cfg.jsonl_field):
-        current.append(piece.text)
-        if piece.doc_end:
+    """The documents of ``cfg.path`` (a .txt file is one, a JSONL line is one), cut to its split by
+    preparation's own rule (``gpt.data.parts.split_pieces``)."""
+    path = resolve_path(cfg.path)
+    files = input_files(path)
+    units = input_units(files, cfg.jsonl_field)
+    boundary = val_boundary(units, cfg.val_fraction) if cfg.split == "val" else None
+    docs, current = [], []
+    positioned = [u for part in plan_parts(units) for u in part.units]  # (input byte offset, unit)
+    for is_val, text, doc_end, _ in split_pieces(positioned, cfg.jsonl_field, boundary):
+        if boundary is not None and not is_val:
+            continue
+        current.append(text)
+        if doc_end:
             docs.append("".join(current))
-            splittable.append(piece.splittable)
             current = []
-    if cfg.split == "val":
-        docs = _val_split(docs, splittable, cfg.val_fraction)
-        if not docs:
-            raise DataError(f"{cfg.path}: the val split is empty; use data.split=all or more text")
+    if cfg.split == "val" and not docs:
+        raise DataError(f"{cfg.path}: the val split is empty; use data.split=all or more text")
+    if not docs:
+        raise no_text(path, files)
     if cfg.max_bytes:
         docs = _cut(docs, cfg.max_bytes)
     return docs
-
-
-def _val_split(docs: list[str], splittable: list[bool], fraction: float) -> list[str]:
-    """What ``gpt.data.prepare`` holds out: from the first line start at or after byte
-    (1 - fraction) * total; a JSONL document is never cut (val starts at the next one)."""
-    raw = [d.encode("utf-8") for d in docs]
-    boundary = int(sum(map(len, raw)) * (1 - fraction))
-    pos = 0
-    for i, b in enumerate(raw):
-        if pos + len(b) > boundary:
-            k = boundary - pos
-            if k == 0:
-                return docs[i:]
-            if splittable[i]:
-                cut = b.find(b"\n", k - 1) + 1
-                if 0 < cut < len(b):
-                    return [b[cut:].decode("utf-8"), *docs[i + 1 :]]
-            return docs[i + 1 :]
-        pos += len(b)
-    return []
 
 
 def _cut(docs: list[str], max_bytes: int) -> list[str]:
@@ -151,14 +148,8 @@ def bytes_per_token(tokenizer, token_arrays: Iterable[np.ndarray]) -> float:
     return n_bytes / max(n_tokens, 1)
 
 
-def bits_per_byte(
-    model: GPT,
-    tokenizer,
-    texts: Sequence[str],
-    stride: int | None = None,
-    batch_size: int = 16,
-    progress: bool = False,
-) -> dict[str, Any]:
+def bits_per_byte(model: GPT, tokenizer, texts: Sequence[str], stride: int | None = None,
+                  batch_size: int = 16, progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """Summed loss (bits) of every token of every text over its UTF-8 bytes; also the loss per
     token (nats) and the counts."""
     nats, n_tokens, n_bytes = 0.0, 0, 0
@@ -184,21 +175,17 @@ def bits_per_byte(
 def evaluate_bpb(cfg: BpbConfig) -> dict[str, Any]:
     """Load the model, read the text, score it; the result with what was scored."""
     device = pick_device(cfg.device)
-    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    loaded = load(cfg.ckpt)
+    model, tokenizer = loaded.build(device), loaded.tokenizer
     model.eval()
     texts = read_texts(cfg.data)
     stride = min(cfg.stride or model.config.block_size // 2, model.config.block_size)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
         result = bits_per_byte(model, tokenizer, texts, stride, cfg.batch_size, progress=True)
-    return {
-        "ckpt": cfg.ckpt,
-        "data": cfg.data.path,
-        "split": cfg.data.split,
-        "stride": stride,
-        **{k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()},
-        "seconds": round(time.time() - t0, 1),
-    }
+    rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
+    return {"ckpt": cfg.ckpt, "data": cfg.data.path, "split": cfg.data.split, "stride": stride, **rounded,
+            "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def report(result: dict[str, Any]) -> str:

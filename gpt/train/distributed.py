@@ -1,7 +1,7 @@
-"""Everything that knows about processes and ranks: init, teardown, rank-0 printing, device per
-local rank, which part of a global batch a rank reads, agreement between ranks (stop flags, token
-counts), wrapping the model for data parallelism (DDP or FSDP2) from the outside, and checkpoint
-state in the one layout every world size reads.
+"""Training across processes: joining the process group (a ``gpt.ranks.Ranks``, whose methods are
+the agreements between ranks: stop flags, token counts), teardown, rank-0 printing, device per
+local rank, which part of a global batch a rank reads, wrapping the model for data parallelism
+(DDP or FSDP2) from the outside, and checkpoint state in the one layout every world size reads.
 
 A single ``python train.py`` is world size 1 and starts no process group; under
 ``torchrun --nproc_per_node=N train.py ...`` (or one torchrun per node with a c10d rendezvous, as
@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import os
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,36 +26,15 @@ import torch.distributed as dist
 
 from gpt.device import pick_device
 from gpt.errors import CheckpointError, ConfigError
-
-T = TypeVar("T")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    control: Any = None
-    """CPU (gloo) group for small host-side agreements; None = the default group (gloo on CPU)."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+from gpt.ranks import Ranks
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> Ranks:
     """Join the process group when launched by torchrun; otherwise a world of one. ``timeout_s``
     bounds every collective: a rank that stops answering fails the job instead of hanging it."""
-    if timeout_s <= 0:
-        raise ConfigError(f"train.timeout_s={timeout_s} must be a positive number of seconds (default 1800)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistInfo(device=pick_device(device))
+        return Ranks(device=pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "mps":
@@ -80,18 +55,13 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
         # ranks share the machine's cores: a share each avoids oversubscription (an explicit
         # OMP_NUM_THREADS, which torchrun sets to 1 for several processes per node, is kept)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control=control)
+    return Ranks(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control=control)
 
 
 def teardown() -> None:
     """Leave the process group (also after an error, so that no peer waits on this rank)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -102,24 +72,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _reduce_ints(values: list[int], op: dist.ReduceOp, info: DistInfo) -> list[int]:
-    if not info.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.int64)  # on the CPU: the control group is gloo
-    dist.all_reduce(t, op=op, group=info.control)
-    return t.tolist()
-
-
-def sum_over_ranks(value: int, info: DistInfo) -> int:
-    return _reduce_ints([value], dist.ReduceOp.SUM, info)[0]
-
-
-def max_over_ranks(value: int, info: DistInfo) -> int:
-    """What every rank agrees on when each may have seen something different (a stop signal)."""
-    return _reduce_ints([value], dist.ReduceOp.MAX, info)[0]
-
-
-def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
+def print0(*args, info: Ranks | None = None, **kwargs) -> None:
     """Print on rank 0 only (to stderr unless told otherwise)."""
     if info is not None and not info.is_main:
         return
@@ -129,55 +82,7 @@ def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
     print(*args, **kwargs, flush=True)
 
 
-_waits = itertools.count()
-
-
-def wait_all(info: DistInfo, what: str, notice_every_s: float = 60.0) -> None:
-    """A barrier with no collective timeout, for work of unbounded length (data preparation): each
-    rank counts itself in the rendezvous store, then polls it, saying every ``notice_every_s`` what
-    it waits for. A rank that dies is handled by torchrun, which stops the others."""
-    if not info.enabled:
-        return
-    store, key = dist.distributed_c10d._get_default_store(), f"gpt/wait/{next(_waits)}"
-    store.add(key, 1)
-    t0 = last = time.monotonic()
-    while store.add(key, 0) < info.world_size:
-        time.sleep(0.1)
-        if time.monotonic() - last >= notice_every_s:
-            last = time.monotonic()
-            print(f"rank {info.rank}: waiting for {what} ({last - t0:.0f}s)", file=sys.stderr, flush=True)
-
-
-def main_first(make: Callable[[], T], info: DistInfo) -> T:
-    """Run ``make`` on rank 0 first (it fills caches), then on the first rank of every other node
-    (a hit on a shared filesystem, its own copy on a local disk), then on all the others. The waits
-    have no collective timeout: a long preparation never fails the job."""
-    if info.is_main:
-        result = make()
-    wait_all(info, "rank 0 to prepare the data")
-    if info.local_rank == 0 and not info.is_main:
-        result = make()
-    wait_all(info, "the other nodes to prepare the data")
-    if info.local_rank != 0:
-        result = make()
-    return result
-
-
-def check_same_on_ranks(value: str, what: str, info: DistInfo) -> None:
-    """ConfigError unless every rank computed the same ``value`` (a fingerprint of ``what``)."""
-    if not info.enabled:
-        return
-    every: list[Any] = [None] * info.world_size
-    dist.all_gather_object(every, value, group=info.control)
-    differ = [r for r, v in enumerate(every) if v != every[0]]
-    if differ:
-        raise ConfigError(
-            f"ranks {differ} have other {what} than rank 0; start every rank with the same command line "
-            "and the same data (a shared filesystem, or identical copies on each node)"
-        )
-
-
-def micro_batch_starts(batch_size: int, micro_batch_size: int, info: DistInfo) -> list[int]:
+def micro_batch_starts(batch_size: int, micro_batch_size: int, info: Ranks) -> list[int]:
     """First global-batch position of each of this rank's micro-batches. Rank r reads the
     contiguous slice [r * B/W, (r+1) * B/W) of the global batch of B sequences, so ranks never
     share a position and the union over ranks is the batch a single process would read."""
@@ -191,11 +96,9 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, parallel: str, mixed_dtype: torch.dtype | None):
+def wrap_model(model: torch.nn.Module, info: Ranks, parallel: str, mixed_dtype: torch.dtype | None):
     """Apply data parallelism to ``model`` from the outside; returns the module to train.
     DDP replicates the weights; FSDP2 (``fully_shard``) shards them per block and at the root."""
-    if parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"train.parallel={parallel!r} must be ddp or fsdp")
     if not info.enabled:
         return model
     if parallel == "ddp":
@@ -249,7 +152,7 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *args, _f=inner, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def prepare_model(model: torch.nn.Module, info: DistInfo, train_cfg, dtype: torch.dtype) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, info: Ranks, train_cfg, dtype: torch.dtype) -> torch.nn.Module:
     """Move to the device, then apply activation checkpointing and data parallelism from outside."""
     model.to(info.device)
     if train_cfg.activation_checkpointing:
@@ -264,7 +167,7 @@ def prepare_model(model: torch.nn.Module, info: DistInfo, train_cfg, dtype: torc
 
 
 def full_state_dicts(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Ranks
 ) -> tuple[dict, dict]:
     """(model, optimizer) state dicts, complete on rank 0. Call it on every rank: FSDP2 gathers the
     shards to rank 0; with DDP or one process the other ranks skip the copy (and get empty dicts).
@@ -308,7 +211,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def rng_state(info: DistInfo) -> dict[str, Any]:
+def rng_state(info: Ranks) -> dict[str, Any]:
     """Random-number state to resume exactly: rank 0's as ``torch``/``cuda`` (what one process
     restores), and every rank's under ``ranks`` (dropout differs per rank). Call it on every rank."""
     mine = {"torch": torch.get_rng_state()}
@@ -321,7 +224,7 @@ def rng_state(info: DistInfo) -> dict[str, Any]:
     return {**mine, "ranks": every}
 
 
-def restore_rng(rng: dict[str, Any], info: DistInfo, seed: int, step: int) -> None:
+def restore_rng(rng: dict[str, Any], info: Ranks, seed: int, step: int) -> None:
     """Each rank takes back its own saved state; a rank the saving run did not have (more processes
     now) gets a fresh stream seeded by (seed, step, rank), never a copy of another rank's."""
     ranks = rng.get("ranks") or [rng]

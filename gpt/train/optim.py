@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import torch
 
 from gpt.config import OptimConfig
-from gpt.errors import ConfigError
 
 
 def param_groups(
@@ -84,13 +83,7 @@ class Optimizers:
 def configure_optimizer(
     model: torch.nn.Module, cfg: OptimConfig, device_type: str
 ) -> torch.optim.AdamW | Optimizers:
-    if cfg.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.lr} must be positive")
-    matrices: list[torch.nn.Parameter] = []
-    if cfg.name == "muon":
-        if cfg.muon_lr <= 0:
-            raise ConfigError(f"optim.muon_lr={cfg.muon_lr} must be positive")
-        matrices = muon_matrices(model)
+    matrices = muon_matrices(model) if cfg.name == "muon" else []
     exclude = frozenset(id(p) for p in matrices)
     groups = [g for g in param_groups(model, cfg.weight_decay, exclude) if g["params"]]
     for g in groups:
@@ -124,9 +117,7 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - min_lr) * progress
-    if cfg.schedule == "cosine":
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ConfigError(f"optim.schedule={cfg.schedule!r} must be cosine, linear or constant")
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def clip_gradients(model: torch.nn.Module, clip: float, foreach: bool | None = None) -> torch.Tensor:
