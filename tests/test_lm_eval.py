@@ -17,7 +17,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from gpt.eval.bpb import bits_per_byte  # noqa: E402
 from gpt.eval.lm_eval import GPTLM, cli  # noqa: E402
 from gpt.eval.scoring import choice_logprobs  # noqa: E402
-from gpt.eval.tasks import TasksConfig, TaskSuite, greedy_completions  # noqa: E402
+from gpt.eval.tasks import TasksConfig, TaskSuite  # noqa: E402
+from gpt.infer.generate import greedy_batch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ITEMS = [
@@ -62,7 +63,7 @@ def test_adapter_scores_equal_our_own(run_dir, tmp_path):
     [generated] = lm.generate_until(
         [request("generate_until", "ROMEO:", {"until": ["\n"], "max_gen_toks": 10})]
     )
-    assert generated == greedy_completions(model, tok, [tok.encode("ROMEO:")], 10, stop=["\n"])[0]
+    assert generated == greedy_batch(model, tok, [tok.encode("ROMEO:")], 10, stop=["\n"])[0].text
 
 
 @pytest.mark.slow  # imports the harness, datasets and pandas: about 10 s of CPU

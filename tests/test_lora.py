@@ -15,7 +15,7 @@ from gpt.errors import CheckpointError, ConfigError
 from gpt.infer.generate import GenerationConfig, generate
 from gpt.lora import LoRALinear, adapter_weights, apply_lora, merge_lora
 from gpt.model import GPT, GPTConfig
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 
@@ -108,15 +108,17 @@ def test_lora_run_trains_and_saves_only_adapters_and_samples_merged_or_not(
     assert state["lora"]["rank"] == 4 and state["lora"]["base"] == base_run.out_dir
     # the base part of the fine-tuned model is the base checkpoint, untouched
     base = load_checkpoint(base_run.out_dir)["model"]
-    model, tokenizer, _ = load_model(cfg.out_dir)
+    loaded = load(cfg.out_dir)
+    model, tokenizer = loaded.build(), loaded.tokenizer
     tuned = model.state_dict()
     assert all(torch.equal(tuned[k], v) for k, v in base.items())
     assert any(v.abs().sum() > 0 for k, v in tuned.items() if k.endswith("lora_B"))
     # sampling: unmerged adapters, merged on load, and the merged checkpoint all agree
-    merged, _, _ = load_model(cfg.out_dir, merge=True)
+    merged = load(cfg.out_dir, merge=True).build()
     merge_main([f"ckpt={cfg.out_dir}", f"out={tmp_path / 'merged'}"])
     assert "merged the LoRA adapters" in capsys.readouterr().out
-    plain, _, plain_state = load_model(tmp_path / "merged")
+    plain_loaded = load(tmp_path / "merged")
+    plain, plain_state = plain_loaded.build(), plain_loaded.state
     assert "lora" not in plain_state and set(plain_state["model"]) == set(base)
     out = greedy(model, tokenizer)
     assert out == greedy(merged, tokenizer) == greedy(plain, tokenizer)
@@ -129,7 +131,7 @@ def test_lora_run_resumes_exactly(make_cfg, base_run):
     full = lora_cfg(make_cfg, base_run, "full", model=dict(dropout=0.1))
     train(full)
     part = lora_cfg(make_cfg, base_run, "part", model=dict(dropout=0.1))
-    assert train(part, should_stop=lambda step: step == 5)["interrupted"]
+    assert train(part, should_stop=lambda step: step == 5)["stopped"] == "requested"
     resumed = lora_cfg(make_cfg, base_run, "part", model=dict(dropout=0.1))
     resumed.init_from, resumed.resume = None, True
     train(resumed)
@@ -147,11 +149,11 @@ def test_lora_needs_a_base_and_refuses_a_changed_or_missing_one(make_cfg, base_r
     train(cfg)
     shutil.move(base_run.out_dir, tmp_path / "moved")
     with pytest.raises(CheckpointError, match="not found"):
-        load_model(cfg.out_dir)
+        load(cfg.out_dir)
     shutil.move(tmp_path / "moved", base_run.out_dir)
     train(make_cfg("base", seed=8, overwrite=True, train=dict(max_steps=2, eval_interval=0)))
     with pytest.raises(CheckpointError, match="changed since the LoRA adapters"):
-        load_model(cfg.out_dir)
+        load(cfg.out_dir)
 
 
 def test_adapter_file_is_under_5_percent_of_the_gpt2_checkpoint(tmp_path):

@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpt.config import resolve_path
 from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError, DataError
 from gpt.eval.bpb import TextConfig, read_texts
 from gpt.eval.scoring import choice_logprobs
 from gpt.model import GPT
-from gpt.runs.load import load_model
+from gpt.runs.load import load
+from gpt.typed_config import Dtype
 
 CHOICES = 4
 WHITESPACE = b" \t\n\r"
@@ -35,18 +35,28 @@ WHITESPACE = b" \t\n\r"
 
 @dataclass
 class ClozeConfig:
+    """``gpt eval cloze``: 4-way choice of the real continuation of held-out text (``--help`` lists
+    every key)."""
+
     ckpt: str = "out/shakespeare_char"
+    """The model: a run directory, a checkpoint file, a LoRA run or hf:DIR."""
     data: TextConfig = field(default_factory=TextConfig)
     n: int = 500
     """Items (fewer when the text is too short for them)."""
     context_bytes: int = 96
+    """Bytes of text before each cut."""
     continuation_bytes: int = 32
+    """Bytes of each of the 4 choices (the real one and 3 from elsewhere)."""
     seed: int = 0
     """Which cut points and distractors are drawn."""
     batch_size: int = 32
+    """Sequences scored together."""
     device: str = "auto"
-    dtype: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
     out: str | None = None
+    """Also write the result as JSON to this file."""
 
     def __post_init__(self) -> None:
         for key in ("n", "context_bytes", "continuation_bytes", "batch_size"):
@@ -59,18 +69,14 @@ def _starts_char(b: bytes, i: int) -> bool:
     return i >= len(b) or (b[i] & 0xC0) != 0x80
 
 
-def cloze_items(
-    text: str, n: int = 500, context_bytes: int = 96, continuation_bytes: int = 32, seed: int = 0
-) -> list[dict[str, Any]]:
+def cloze_items(text: str, n: int = 500, context_bytes: int = 96, continuation_bytes: int = 32,
+                seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
     """Up to ``n`` items ``{"context", "choices", "answer"}`` from ``text`` (see the module doc)."""
     b = text.encode("utf-8")
     span = context_bytes + continuation_bytes
     # a cut point: a word starts at i, and a whole number of characters ends at i + continuation_bytes
-    cuts = [
-        i
-        for i in range(1, len(b) - continuation_bytes + 1)
-        if b[i - 1] in WHITESPACE and b[i] not in WHITESPACE and _starts_char(b, i + continuation_bytes)
-    ]
+    cuts = [i for i in range(1, len(b) - continuation_bytes + 1)
+            if b[i - 1] in WHITESPACE and b[i] not in WHITESPACE and _starts_char(b, i + continuation_bytes)]
     real = [i for i in cuts if i >= context_bytes]
     if len(real) < 1 or len(cuts) < CHOICES * 2:
         raise DataError(
@@ -105,37 +111,30 @@ def cloze_items(
     return items
 
 
-def score_cloze(
-    model: GPT, tokenizer, items: list[dict[str, Any]], batch_size: int = 32, progress: bool = False
-) -> float:
+def score_cloze(model: GPT, tokenizer, items: list[dict[str, Any]], batch_size: int = 32,
+                progress: bool = False) -> float:  # fmt: skip
     """Accuracy: the fraction of items whose real continuation has the highest log-probability."""
-    scores = choice_logprobs(
-        model, tokenizer, [(it["context"], it["choices"]) for it in items], batch_size, progress
-    )
+    pairs = [(it["context"], it["choices"]) for it in items]
+    scores = choice_logprobs(model, tokenizer, pairs, batch_size, progress)
     right = sum(max(range(len(s)), key=s.__getitem__) == it["answer"] for s, it in zip(scores, items))
     return right / max(len(items), 1)
 
 
 def evaluate_cloze(cfg: ClozeConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
-    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    loaded = load(cfg.ckpt)
+    model, tokenizer = loaded.build(device), loaded.tokenizer
     model.eval()
     text = "\n".join(read_texts(cfg.data))
     items = cloze_items(text, cfg.n, cfg.context_bytes, cfg.continuation_bytes, cfg.seed)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
         accuracy = score_cloze(model, tokenizer, items, cfg.batch_size, progress=True)
-    n = len(items)
-    return {
-        "ckpt": cfg.ckpt,
-        "data": cfg.data.path,
-        "split": cfg.data.split,
-        "n": n,
-        "accuracy": round(accuracy, 6),
-        "stderr": round((accuracy * (1 - accuracy) / max(n - 1, 1)) ** 0.5, 6),
-        "chance": 1 / CHOICES,
-        "seconds": round(time.time() - t0, 1),
-    }
+    n, seconds = len(items), round(time.time() - t0, 1)
+    stderr = round((accuracy * (1 - accuracy) / max(n - 1, 1)) ** 0.5, 6)
+    return {"ckpt": cfg.ckpt, "data": cfg.data.path, "split": cfg.data.split, "n": n,
+            "accuracy": round(accuracy, 6), "stderr": stderr, "chance": 1 / CHOICES,
+            "seconds": seconds}  # fmt: skip
 
 
 def report(result: dict[str, Any]) -> str:

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from gpt.config import resolve_path
 from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError
 from gpt.eval.scoring import continuation_logprobs, encode_pair, rolling_logprobs
-from gpt.eval.tasks import greedy_completions
-from gpt.runs.load import load_model
+from gpt.infer.generate import greedy_batch
+from gpt.runs.load import load
+from gpt.typed_config import Dtype
 
 try:  # the optional extra [eval]
     import lm_eval.models  # noqa: F401 -- loads lm-eval's own models, so that ours registers beside them
@@ -44,21 +44,17 @@ MISSING = "lm-evaluation-harness is not installed; pip install 'gpt[eval]' (or p
 class GPTLM(LM):  # type: ignore[misc, valid-type]
     """lm-eval's model interface over a run directory or checkpoint (``ckpt=``)."""
 
-    def __init__(
-        self,
-        ckpt: str,
-        batch_size: int | str = 16,
-        device: str | None = "auto",
-        dtype: str = "auto",
-        stride: int | None = None,
-        max_gen_toks: int = 256,
-        **_: Any,  # lm-eval passes max_batch_size and others we have no use for
-    ) -> None:
+    # **_: lm-eval passes max_batch_size and others we have no use for
+    def __init__(self, ckpt: str, batch_size: int | str = 16, device: str | None = "auto",
+                 dtype: str = "auto", stride: int | None = None, max_gen_toks: int = 256, **_: Any) -> None:
         if register_model is None:
             raise ConfigError(MISSING)
         super().__init__()
+        if dtype not in get_args(Dtype):  # lm-eval's model_args are plain strings: checked here
+            raise ConfigError(f"dtype={dtype!r} must be one of {list(get_args(Dtype))}")
         self._device = pick_device((device or "auto").split(":")[0])  # lm-eval says cuda:0
-        self.model, self.tokenizer, _ = load_model(resolve_path(ckpt), self._device)
+        loaded = load(ckpt)
+        self.model, self.tokenizer = loaded.build(self._device), loaded.tokenizer
         self.model.eval()
         self.autocast = autocast_for(self._device, resolve_dtype(dtype, self._device))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto": our default
@@ -89,23 +85,20 @@ class GPTLM(LM):  # type: ignore[misc, valid-type]
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy completions; requests with the same settings are decoded together."""
         groups: dict[tuple, list[int]] = defaultdict(list)
-        settings = []
         for i, req in enumerate(requests):
-            context, kwargs = req.args
-            kwargs = dict(kwargs or {})
+            kwargs = dict(req.args[1] or {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             key = (tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks)))
             groups[key].append(i)
-            settings.append(context)
         out = [""] * len(requests)
         with self.autocast:
             for (until, max_toks), idx in groups.items():
-                prompts = [self.tokenizer.encode(settings[i]) or [self.tokenizer.eot_id] for i in idx]
-                texts = greedy_completions(self.model, self.tokenizer, prompts, max_toks, self.batch_size,
-                                           until, [self.tokenizer.eot_id])  # fmt: skip
-                for i, text in zip(idx, texts):
-                    out[i] = text
+                prompts = [self.tokenizer.encode(requests[i].args[0]) or [self.tokenizer.eot_id] for i in idx]
+                done = greedy_batch(self.model, self.tokenizer, prompts, max_toks, self.batch_size,
+                                    until, [self.tokenizer.eot_id])  # fmt: skip
+                for i, completion in zip(idx, done):
+                    out[i] = completion.text
         return out
 
 

@@ -34,7 +34,7 @@ import torch
 
 from gpt.checkpoint import check_state_dict
 from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.interop.hf_vocab import bytes_to_unicode, hf_bpe_tokenizer
+from gpt.interop.hf_vocab import bytes_to_unicode, hf_bpe_tokenizer, read_json
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig, pad_vocab
 from gpt.tokenizer import EOT, GPT2_PATTERN
@@ -43,23 +43,11 @@ from gpt.tokenizer import EOT, GPT2_PATTERN
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Hugging Face's activation_function names for ours (model.activation), and back
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
-FROM_HF_ACTIVATION = {
-    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2",
-}  # fmt: skip
+FROM_HF_ACTIVATION = {v: k for k, v in HF_ACTIVATION.items()} | {"gelu_pytorch_tanh": "gelu_tanh"}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our model uses
 
 
 # -------------------------------------------------------------------------------------------- import
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
-
-
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig:
     """Our GPTConfig for a Hugging Face GPT-2 ``config.json`` (vocab_size not yet padded); ConfigError
     naming every option our model cannot reproduce exactly."""
@@ -67,9 +55,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model_type={hf['model_type']!r} (only the GPT-2 family, model_type 'gpt2')")
     if hf.get("activation_function", "gelu_new") not in FROM_HF_ACTIVATION:
-        problems.append(
-            f"activation_function={hf['activation_function']!r} (ours: {', '.join(FROM_HF_ACTIVATION)})"
-        )
+        ours = ", ".join(FROM_HF_ACTIVATION)
+        problems.append(f"activation_function={hf['activation_function']!r} (ours: {ours})")
     if abs(float(hf.get("layer_norm_epsilon", LAYER_NORM_EPS)) - LAYER_NORM_EPS) > 1e-12:
         problems.append(f"layer_norm_epsilon={hf['layer_norm_epsilon']} (ours is {LAYER_NORM_EPS})")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
@@ -86,19 +73,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig
     n_embd = hf["n_embd"]
     hidden = hf.get("n_inner") or 4 * n_embd
     config = GPTConfig(
-        block_size=int(hf.get("n_positions") or hf.get("n_ctx") or 1024),
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=n_embd,
-        mlp_ratio=hidden / n_embd,
+        block_size=int(hf.get("n_positions") or hf.get("n_ctx") or 1024), vocab_size=hf["vocab_size"],
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, mlp_ratio=hidden / n_embd,
         dropout=0.0,  # fine-tuning sets model.dropout if it wants any
-        bias=True,
-        norm="layernorm",
-        pos_emb="learned",
+        bias=True, norm="layernorm", pos_emb="learned",
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         activation=FROM_HF_ACTIVATION[hf.get("activation_function", "gelu_new")],
-    )
+    )  # fmt: skip
     if int(config.mlp_ratio * n_embd) != hidden:
         raise ConfigError(f"{source}: n_inner={hidden} is not expressible as mlp_ratio * n_embd")
     return config
@@ -115,16 +96,15 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
         files = [directory / name for name in sorted(set(weight_map.values()))]
     elif pickled.is_file():
         try:
             weights = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickle with disallowed globals, a truncated file, ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(
-                f"{pickled} cannot be read as plain weights ({first}); convert it to model.safetensors"
-            ) from None
+            raise CheckpointError(f"{pickled} cannot be read as plain weights ({first}); convert it to "
+                                  "model.safetensors") from None  # fmt: skip
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{pickled} is not a state dict of tensors")
         return weights
@@ -176,7 +156,7 @@ def import_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]
         raise CheckpointError(
             f"{d}/config.json not found: hf:DIR must be a local Hugging Face GPT-2 directory"
         )
-    config = config_from_hf(_read_json(d / "config.json"), str(d / "config.json"))
+    config = config_from_hf(read_json(d / "config.json"), str(d / "config.json"))
     missing = [n for n in ("vocab.json", "merges.txt") if not (d / n).is_file()]
     if missing:
         raise DataError(
@@ -205,9 +185,8 @@ def export_problems(config: GPTConfig) -> list[str]:
     return problems
 
 
-def gpt_to_hf(
-    state_dict: dict[str, torch.Tensor], config: GPTConfig, n_vocab: int
-) -> dict[str, torch.Tensor]:
+def gpt_to_hf(state_dict: dict[str, torch.Tensor], config: GPTConfig, n_vocab: int
+              ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Our state dict as GPT2LMHeadModel's: Conv1D transposes, vocabulary cut to ``n_vocab`` rows,
     zero biases where our model has none, and no lm_head.weight when tied (safetensors stores a
     tensor once; transformers re-ties it)."""
@@ -220,8 +199,8 @@ def gpt_to_hf(
         out[key] = (t.t() if key.endswith(CONV1D) else t).detach().float().contiguous().clone()
     if not config.bias:  # GPT-2 always has biases; zeros compute exactly what ours computes
         C, hidden = config.n_embd, int(config.mlp_ratio * config.n_embd)
-        sizes = {"ln_1": C, "ln_2": C, "attn.c_attn": 3 * C, "attn.c_proj": C, "mlp.c_fc": hidden}
-        sizes["mlp.c_proj"] = C
+        sizes = {"ln_1": C, "ln_2": C, "attn.c_attn": 3 * C, "attn.c_proj": C}
+        sizes |= {"mlp.c_fc": hidden, "mlp.c_proj": C}
         for i in range(config.n_layer):
             for name, n in sizes.items():
                 out[f"transformer.h.{i}.{name}.bias"] = torch.zeros(n)
@@ -231,30 +210,17 @@ def gpt_to_hf(
 
 def hf_config(config: GPTConfig, n_vocab: int, eot_id: int) -> dict[str, Any]:
     """config.json for GPT2LMHeadModel."""
+    c = config
     return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": n_vocab,
-        "n_positions": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": int(config.mlp_ratio * config.n_embd),
-        "activation_function": HF_ACTIVATION[config.activation],
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": LAYER_NORM_EPS,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "use_cache": True,
-        "dtype": "float32",
-    }
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": n_vocab,
+        "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+        "n_inner": int(c.mlp_ratio * c.n_embd), "activation_function": HF_ACTIVATION[c.activation],
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": eot_id, "eos_token_id": eot_id,
+        "use_cache": True, "dtype": "float32",
+    }  # fmt: skip
 
 
 def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
@@ -304,16 +270,11 @@ def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = Fals
     from safetensors.torch import save_file
 
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ConfigError(
-            "the model still has LoRA adapters: merge them first (gpt merge ckpt=... out=...)"
-        )
+        raise ConfigError("the model still has LoRA adapters: merge them first (gpt merge ckpt=... out=...)")
     problems = export_problems(model.config)
     if problems:
-        raise ConfigError(
-            "this model cannot be exported to Hugging Face GPT-2 format: "
-            + "; ".join(problems)
-            + ". Only models with learned positions and LayerNorm (the GPT-2 family) can be"
-        )
+        raise ConfigError(f"this model cannot be exported to Hugging Face GPT-2 format: {'; '.join(problems)}"
+                          ". Only models with learned positions and LayerNorm (the GPT-2 family) can be")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ConfigError(

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt.config import resolve_path
 from gpt.errors import DataError
 from gpt.tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer
+from gpt.typed_config import resolve_path
 
 
 def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
@@ -25,38 +25,9 @@ def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
     if d.is_file():  # tolerate a path to vocab.json or merges.txt itself
         d = d.parent
     vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
-    vocab = _read_json(vocab_path)
-    if not isinstance(vocab, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in vocab.items()
-    ):
-        raise DataError(f"{vocab_path} is malformed: expected a JSON object mapping tokens to ids >= 0")
-    if len(set(vocab.values())) != len(vocab):
-        raise DataError(f"{vocab_path} is malformed: several tokens share one id")
-    byte_decoder = {ch: b for b, ch in bytes_to_unicode().items()}
-
-    def to_bytes(token: str) -> bytes:
-        return bytes(byte_decoder[ch] for ch in token)
-
-    # Mergeable tokens: the 256 single bytes, then every merge result in merges.txt order.
-    order: list[bytes] = []
-    id_of: dict[bytes, int] = {}
-    for b in range(256):
-        ch = bytes_to_unicode()[b]
-        if ch not in vocab:
-            raise DataError(f"{vocab_path} lacks the byte-level token {ch!r} for byte {b:#04x}")
-        id_of[bytes([b])] = vocab[ch]
-    for lineno, (left, right) in _read_merges(merges_path):
-        merged = left + right
-        if merged not in vocab:
-            raise DataError(f"{merges_path}:{lineno}: merge result {merged!r} is not in {vocab_path.name}")
-        try:
-            token = to_bytes(merged)
-        except KeyError:
-            raise DataError(f"{merges_path}:{lineno}: {merged!r} is not a byte-level BPE token") from None
-        if token not in id_of:  # a token made by two different merges keeps its first priority
-            id_of[token] = vocab[merged]
-            order.append(token)
+    vocab = _read_vocab(vocab_path)
+    decoder = {ch: b for b, ch in bytes_to_unicode().items()}
+    id_of, order = _mergeable(vocab, decoder, vocab_path, merges_path)
     merge_ids = [id_of[t] for t in order]
     if all(a < b for a, b in itertools.pairwise(merge_ids)):
         # GPT-2 style: ids grow with merge order, so the ids themselves are valid tiktoken ranks.
@@ -65,14 +36,61 @@ def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
         singles = [bytes([b]) for b in range(256)]
         ranks = {t: r for r, t in enumerate(singles + order)}
         id_map = [id_of[t] for t in singles + order]
-    # Every other vocabulary entry (e.g. <|endoftext|>) is an added token that encode never produces;
-    # tiktoken decodes it by its name, so name it by the text it stands for where that is valid UTF-8.
-    mergeable_ids = set(id_of.values())
+    specials = _added_tokens(vocab, set(id_of.values()), decoder)
+    return TiktokenTokenizer("hf", ranks, GPT2_PATTERN, specials, id_map)
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    """vocab.json: token -> id, every id >= 0 and distinct."""
+    vocab = read_json(path)
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for k, v in vocab.items()):  # fmt: skip
+        raise DataError(f"{path} is malformed: expected a JSON object mapping tokens to ids >= 0")
+    if len(set(vocab.values())) != len(vocab):
+        raise DataError(f"{path} is malformed: several tokens share one id")
+    return vocab
+
+
+def _to_bytes(token: str, decoder: dict[str, int]) -> bytes:
+    """The bytes a vocab.json token spells (KeyError: a character outside the byte alphabet)."""
+    return bytes(decoder[ch] for ch in token)
+
+
+def _mergeable(vocab: dict[str, int], decoder: dict[str, int], vocab_path: Path, merges_path: Path
+               ) -> tuple[dict[bytes, int], list[bytes]]:  # fmt: skip
+    """(bytes -> id of every mergeable token, the merge results in merges.txt order): the 256 single
+    bytes, then every merge result."""
+    id_of: dict[bytes, int] = {}
+    byte_chars = bytes_to_unicode()
+    for b in range(256):
+        ch = byte_chars[b]
+        if ch not in vocab:
+            raise DataError(f"{vocab_path} lacks the byte-level token {ch!r} for byte {b:#04x}")
+        id_of[bytes([b])] = vocab[ch]
+    order: list[bytes] = []
+    for lineno, (left, right) in _read_merges(merges_path):
+        merged = left + right
+        if merged not in vocab:
+            raise DataError(f"{merges_path}:{lineno}: merge result {merged!r} is not in {vocab_path.name}")
+        try:
+            token = _to_bytes(merged, decoder)
+        except KeyError:
+            raise DataError(f"{merges_path}:{lineno}: {merged!r} is not a byte-level BPE token") from None
+        if token not in id_of:  # a token made by two different merges keeps its first priority
+            id_of[token] = vocab[merged]
+            order.append(token)
+    return id_of, order
+
+
+def _added_tokens(vocab: dict[str, int], mergeable_ids: set[int], decoder: dict[str, int]) -> dict[str, int]:
+    """Every other vocabulary entry (e.g. <|endoftext|>) is an added token that encode never produces;
+    tiktoken decodes it by its name, so it is named by the text it stands for where that is valid
+    UTF-8. Our special tokens missing from the vocabulary get the ids after the last."""
     specials: dict[str, int] = {}
     for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
         if i not in mergeable_ids:
             try:
-                name = to_bytes(tok).decode("utf-8")
+                name = _to_bytes(tok, decoder).decode("utf-8")
             except (KeyError, UnicodeDecodeError):
                 name = tok
             specials[name if name not in specials else tok] = i
@@ -81,7 +99,7 @@ def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
         if name not in specials:
             specials[name] = next_id
             next_id += 1
-    return TiktokenTokenizer("hf", ranks, GPT2_PATTERN, specials, id_map)
+    return specials
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -98,13 +116,18 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (vocab.json, config.json, an index); DataError naming the file if
+    it is missing, unreadable, not JSON or not an object."""
     if not path.is_file():
         raise DataError(f"{path} not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must hold a JSON object")
+    return data
 
 
 def _read_merges(path: Path) -> Iterator[tuple[int, tuple[str, str]]]:

@@ -6,9 +6,10 @@ checkpoint file, a LoRA run or ``hf:DIR``), or from the run's own checkpoint (``
     start.weights        # base weights to load, already cut to the block size asked for
     start.lora           # a LoRA run's settings and base (or None); start.adapter its saved adapters
 
-The shape given in the config must agree with a loaded checkpoint (``block_size`` may only shrink
-for ``init_from``); the command line passes only the shape keys the user typed, so a preset's shape
-never clashes with the checkpoint's.
+Every start from weights reads them through ``gpt.runs.load.load``. The shape given in the config
+must agree with a loaded checkpoint (``block_size`` may only shrink for ``init_from``); the command
+line passes only the shape keys the user typed, so a preset's shape never clashes with the
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import load_latest, model_config_from
 from gpt.config import TrainRunConfig
 from gpt.errors import CheckpointError, ConfigError
-from gpt.model import SHAPE_FIELDS, GPTConfig, crop_block_size
-from gpt.runs.load import base_location, base_weights, load_base, weights_fingerprint
-from gpt.tokenizer import Tokenizer, tokenizer_from_state
+from gpt.model import SHAPE_FIELDS, GPTConfig
+from gpt.runs.load import base_location, load, weights_fingerprint
+from gpt.tokenizer import Tokenizer
 from gpt.train.distributed import print0
 
 
@@ -39,19 +39,13 @@ class Start:
     adapter: dict[str, torch.Tensor] | None = None
 
 
-def check_shape(given: dict[str, Any], saved: GPTConfig, source: str, allow_shorter: bool) -> None:
+def check_shape(given: dict[str, Any], saved: GPTConfig, source: str) -> None:
     """ConfigError listing every shape key of ``given`` that differs from the checkpoint's."""
     diffs = [
         f"model.{k}={given[k]} (checkpoint: {getattr(saved, k)})"
-        for k in SHAPE_FIELDS
+        for k in (*SHAPE_FIELDS, "block_size")
         if k in given and given[k] != getattr(saved, k)
     ]
-    bs = given.get("block_size")
-    if bs is not None and (bs > saved.block_size or (bs != saved.block_size and not allow_shorter)):
-        diffs.append(
-            f"model.block_size={bs} (checkpoint: {saved.block_size}"
-            f"{', it may only shrink' if allow_shorter else ''})"
-        )
     if diffs:
         raise CheckpointError(
             f"the model config does not match the checkpoint {source}: {'; '.join(diffs)}. "
@@ -62,34 +56,39 @@ def check_shape(given: dict[str, Any], saved: GPTConfig, source: str, allow_shor
 def resolve_start(cfg: TrainRunConfig, ckpt_file: Path) -> Start:
     """The starting point of the run described by ``cfg`` (see the module docstring)."""
     given = cfg.model.given()
-    if cfg.resume:
-        state, used = load_latest(ckpt_file.parent, warn=print0)  # a damaged newest one is passed over
-        config = model_config_from(state)
-        check_shape(given, config, str(used), allow_shorter=False)
-        tok = tokenizer_from_state(state["tokenizer"])
-        start = Start(config, state["model"], tok, str(used), resume_state=state)
-    elif cfg.init_from:
-        config, weights, tok, source = load_base(cfg.init_from)
-        check_shape(given, config, source, allow_shorter=True)
-        if given.get("block_size") and given["block_size"] < config.block_size:
-            config.block_size = given["block_size"]
-            weights = crop_block_size(weights, config.block_size)
-        start = Start(config, weights, tok, source)
+    if cfg.resume:  # a damaged newest checkpoint is passed over; a LoRA run's base is loaded again
+        loaded = load(ckpt_file.parent, warn=print0)
+    elif cfg.init_from:  # block_size may only shrink; a LoRA run starts from its merged weights
+        loaded = load(cfg.init_from, block_size=given.get("block_size"), merge=True)
     else:
         GPTConfig(**given)  # fail fast on an impossible shape, before preparing any data
-        start = Start()
-    if "dropout" in given and start.model_config is not None:
-        start.model_config.dropout = given["dropout"]
+        loaded = None
+    start = Start()
+    if loaded is not None:
+        check_shape(given, loaded.config, loaded.source)
+        resumed = loaded.state if cfg.resume else None
+        start = Start(
+            loaded.config,
+            loaded.weights,
+            loaded.tokenizer,
+            loaded.source,
+            resumed,
+            loaded.lora,
+            loaded.adapter,
+        )
+        if "dropout" in given:
+            start.model_config.dropout = given["dropout"]
     _prepare_lora(cfg, start, str(ckpt_file))
     return start
 
 
 def _prepare_lora(cfg: TrainRunConfig, start: Start, source: str) -> None:
-    """Fill ``start.lora`` (and, on resume, reload the base into ``start.weights`` and keep the saved
-    adapters in ``start.adapter``). A new LoRA run records its settings and base."""
+    """On resume, check that the LoRA settings are the run's (the loader rebuilt its base into
+    ``start.weights`` and kept its adapters in ``start.adapter``); a new LoRA run records its
+    settings and base in ``start.lora``."""
     ft, state = cfg.finetune, start.resume_state
     if state is not None:
-        spec = state.get("lora")
+        spec = start.lora
         if spec is None:
             if ft.method == "lora":
                 raise ConfigError(f"{source} is not a LoRA run: resume it with finetune.method=full")
@@ -103,8 +102,6 @@ def _prepare_lora(cfg: TrainRunConfig, start: Start, source: str) -> None:
         ]
         if diffs:
             raise ConfigError(f"the LoRA settings differ from the run being resumed: {'; '.join(diffs)}")
-        start.lora, start.adapter = spec, start.weights
-        start.weights = base_weights(spec, start.model_config, source)
         return
     if ft.method != "lora":
         return
