@@ -35,18 +35,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT
 from gpt.device import pick_device, resolve_dtype
 from gpt.infer.config import GenerationConfig
-from gpt.infer.engine import Decoder, KVCache, choose_next
+from gpt.infer.engine import Decoder, KVCache
 from gpt.infer.generate import generate
+from gpt.infer.sampling import choose_next
 from gpt.model import GPT, GPTConfig
+from gpt.typed_config import REPO_ROOT, Dtype
 
 MODELS = {
     # nanoGPT's char-level Tiny Shakespeare model (10.7M parameters); vocabulary 65 padded to 128
@@ -100,6 +102,7 @@ def time_first_token_all_logits(model: GPT, prompt: torch.Tensor, vocab: int) ->
     cache = KVCache(model.config, 1, weight.device, weight.dtype)
     sync(device)
     start = clock()
+    cache.begin(0, 1, prompt.size(1))
     logits = model(prompt, kv_cache=cache)[:, -1]  # (1, T, vocab) computed, the last row used
     choose_next(logits[:, :vocab].float(), SETTINGS, gen).tolist()
     sync(device)
@@ -190,7 +193,7 @@ def main() -> None:
     p.add_argument(
         "--dtype",
         default="fp32",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=get_args(Dtype),
         help="weights' dtype; auto = the policy of sample.py (gpt.device.resolve_dtype)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

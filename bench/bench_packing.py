@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT
 from gpt.data.dialogs import Dialog
 from gpt.data.sft import DialogBatches, PackedDialogBatches, render_all
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
+from gpt.typed_config import REPO_ROOT
 
 
 def demo_dialogs(n: int, long_tail: bool) -> list[list[dict]]:

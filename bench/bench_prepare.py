@@ -32,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT
 from gpt.data.corpus import iter_documents
 from gpt.tokenizer import gpt2_tokenizer
+from gpt.typed_config import REPO_ROOT
 
 DRIVER = """
 import json, os, resource, sys, time
-from gpt.data.__main__ import run
+from gpt.commands.prepare import run
 t0 = time.perf_counter()
 run(sys.argv[2:])
 seconds = time.perf_counter() - t0

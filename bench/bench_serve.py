@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -38,6 +39,7 @@ from gpt.device import resolve_dtype
 from gpt.infer.config import ServeConfig
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
+from gpt.typed_config import Dtype
 
 SHAPES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
@@ -111,7 +113,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", choices=get_args(Dtype))
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="append the results as JSON lines to this file")
     args = p.parse_args()

@@ -35,11 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.config import REPO_ROOT, OptimConfig
+from gpt.config import OptimConfig
 from gpt.device import autocast_for, measure_peak_flops, synchronize
 from gpt.infer.engine import Decoder
 from gpt.model import GPT, GPTConfig
 from gpt.train.optim import configure_optimizer
+from gpt.typed_config import REPO_ROOT
 
 # dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; the first
 # matching substring of torch.cuda.get_device_name wins (other GPUs: the measured matmul peak

@@ -122,9 +122,8 @@ def bare_steps(nanogpt: Path, shape: dict, rounds: int, iters: int, dtype: str) 
     import time
 
     import torch
-    import yaml
 
-    from gpt.config import OptimConfig
+    from gpt.config import OptimConfig, TrainRunConfig
     from gpt.device import autocast_for, keep_freed_memory, resolve_dtype
     from gpt.model import GPT, GPTConfig
     from gpt.train.optim import configure_optimizer
@@ -141,9 +140,9 @@ def bare_steps(nanogpt: Path, shape: dict, rounds: int, iters: int, dtype: str) 
     with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter counts
         theirs = nano.GPT(nano.GPTConfig(**dims, vocab_size=65, dropout=0.0, bias=False))
         their_opt = theirs.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    preset = yaml.safe_load((REPO / "conf" / "model" / "shakespeare_char.yaml").read_text())
+    preset = TrainRunConfig().model.given()  # the default run's shape
     ours = GPT(GPTConfig(**{**preset, **dims, "vocab_size": 128, "dropout": 0.0}))  # the padded char vocab
-    our_opt = configure_optimizer(ours, OptimConfig(), "cpu")
+    our_opt = configure_optimizer(ours, OptimConfig(lr=1e-3, weight_decay=0.1), "cpu")  # = theirs
     autocast = autocast_for(torch.device("cpu"), resolve_dtype(dtype, torch.device("cpu")))
 
     def their_step() -> None:

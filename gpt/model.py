@@ -44,14 +44,6 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def crop_block_size(weights: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
-    """``weights`` for a context of ``block_size``: the learned position table (block_size_old, C)
-    keeps its first block_size rows; RoPE models have no such table and are returned as they are."""
-    if "transformer.wpe.weight" not in weights:
-        return weights
-    return {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:block_size]}
-
-
 @dataclass
 class GPTConfig:
     """Shape and options of the network. ``vocab_size`` is set from the tokenizer (padded to 64)."""
@@ -88,10 +80,8 @@ class GPTConfig:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer")
         if self.n_embd % self.n_head != 0:
             valid = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
-            raise ConfigError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
-                f"choose n_head from {valid} or change n_embd"
-            )
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                              f"choose n_head from {valid} or change n_embd")  # fmt: skip
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.norm={self.norm!r} must be 'layernorm' or 'rmsnorm'")
         if self.pos_emb not in ("learned", "rope"):
@@ -132,15 +122,18 @@ def document_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, to
     return idx - first, (same & causal)[:, None]
 
 
-class KVCacheLike(Protocol):
-    """What attention needs from a KV cache (implemented by ``gpt.infer.engine.KVCache``)."""
+class KVStore(Protocol):
+    """What the model reads from a KV cache during one forward (``gpt.infer.engine.KVCache``, set up
+    by its ``begin``): rows may hold different numbers of cached positions."""
 
-    pos: int  # number of positions already cached; new tokens sit at pos, pos+1, ...
-    # optional, a batch of rows with their own cache lengths (``gpt.infer.engine.RaggedKVCache``):
-    # positions (B, T) of the new tokens and attn_mask (B, 1, T, pos + T); pos is then the longest row
+    positions: torch.Tensor
+    """(B, T) the new tokens' positions: each row's cached length, + 0, 1, ..."""
+    attn_mask: torch.Tensor | None
+    """(B or 1, 1, T, S) True where a query may see a key, S the keys ``update`` returns; None when a
+    plain causal mask (an empty cache) or no mask (one new token after equally long rows) is right."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at [pos, pos+T) and return all cached keys and values so far."""
+        """Store k, v (B, nh, T, hs) at the rows' positions; return the cached keys, values (B, nh, S, hs)."""
         ...
 
 
@@ -190,13 +183,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_proj = True  # scaled init, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_cache: KVCacheLike | None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVStore | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C): queries, keys, values side by side
@@ -209,27 +197,18 @@ class CausalSelfAttention(nn.Module):
             qk = rotate(qk, *rope)  # one rotation for q and k; tables (T or B x T, 1, hs/2)
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
         v = v.view(B, T, nh, hs).transpose(1, 2)
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, S, hs): the cached keys and the new ones
         dropout_p = self.dropout if self.training else 0.0
-        ragged_mask = getattr(kv_cache, "attn_mask", None)
-        mask, causal = None, False
-        if attn_mask is not None:
-            mask = attn_mask  # packed documents: a block-diagonal causal mask (B, 1, T, T), True = allowed
-        elif ragged_mask is not None:
-            # a batch whose rows have their own cache lengths: (B, 1, T, past + T), which keys each query sees
-            mask, dropout_p = ragged_mask, 0.0
-        elif past == 0:
-            causal = True  # training, or a prefill of an empty cache: plain causal attention (flash on GPU)
-        elif T > 1:
-            # several new tokens after a non-empty cache: query i sees keys up to past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        # (one-token decode: no mask, the new query may see every cached key)
+        # attn_mask: packed documents' block-diagonal causal mask (B, 1, T, T), or the cache's (ragged
+        # rows, or several tokens after cached ones); else causal over the T new tokens (training, an
+        # empty cache's prefill: flash on GPU), and a one-token decode sees every cached key
+        causal = attn_mask is None and T > 1
         # upcast: autocast would cast the inputs back to bf16, so it is off around the call
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal
+            )
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -257,7 +236,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope=None, kv_cache: KVCacheLike | None = None, attn_mask=None
+        self, x: torch.Tensor, rope=None, kv_cache: KVStore | None = None, attn_mask=None
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
@@ -269,14 +248,10 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=make_norm(config),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd), drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]), ln_f=make_norm(config),
+        ))  # fmt: skip
         if config.pos_emb == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -316,44 +291,35 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCacheLike | None = None,
-        doc_ids: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVStore | None = None,
+                doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:  # fmt: skip
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over targets != -1.
         Without: logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position alone with
         ``last_only`` (a prefill needs no more: the head is the largest matmul for a big vocabulary).
-        With kv_cache: positions continue at kv_cache.pos, keys/values are appended to the cache,
-        and the caller advances kv_cache.pos by T. With doc_ids (B, T) (packed rows, consecutive
-        tokens of a document share an id): a token attends only to the earlier tokens of its own
+        With kv_cache (prepared by its ``begin``): positions and mask come from the cache, keys and
+        values are stored in it, and the caller advances it by T. With doc_ids (B, T) (packed rows,
+        consecutive tokens of a document share an id): a token attends only to the earlier tokens of its own
         document, and positions restart at each document."""
         _B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        if kv_cache is None and self.config.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
         if doc_ids is not None and kv_cache is not None:
-            raise ValueError(
-                "doc_ids (packed documents) are for training: they cannot be used with a kv_cache"
-            )
+            raise ValueError("doc_ids (packed documents) are for training: they cannot be used with a "
+                             "kv_cache")  # fmt: skip
         x = self.transformer.wte(idx)  # (B, T, C)
         rope, attn_mask = None, None
-        ragged = getattr(kv_cache, "positions", None)  # (B, T): rows with their own cache lengths
         if doc_ids is not None:
             pos, attn_mask = document_positions_and_mask(doc_ids)  # (B, T), (B, 1, T, T)
-        elif ragged is not None:
-            pos = ragged
+        elif kv_cache is not None:
+            pos, attn_mask = kv_cache.positions, kv_cache.attn_mask  # (B, T), (B or 1, 1, T, S) or None
         else:
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
         elif pos.dim() == 2:  # per-row positions: (B, T, 1, hs/2), broadcast over heads
             rope = (self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2))
         else:  # (T, 1, hs/2)
-            rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])
+            rope = (self.rope_cos[:T, None], self.rope_sin[:T, None])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache, attn_mask)

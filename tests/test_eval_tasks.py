@@ -8,11 +8,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from gpt.eval.__main__ import run as eval_main
 from helpers_eval import save_run, tiny_model
 
 from gpt.chat_template import render_prompt
-from gpt.config import REPO_ROOT
+from gpt.commands.eval import run as eval_main
 from gpt.errors import DataError
 from gpt.eval.cloze import cloze_items
 from gpt.eval.scoring import choice_logprobs, encode_pair
@@ -20,12 +19,12 @@ from gpt.eval.tasks import (
     TasksConfig,
     TaskSuite,
     generative_prompt,
-    greedy_completions,
     load_task,
     mc_context,
 )
 from gpt.infer.config import GenerationConfig
-from gpt.infer.generate import generate_text
+from gpt.infer.generate import generate_text, greedy_batch
+from gpt.typed_config import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["a", "be", "cat", "dog", "eel", "fine", "gone", "house", "island", "jumping", "kingdoms", "lantern"]
@@ -85,20 +84,20 @@ def test_fewshot_prompts_are_deterministic_for_a_seed_and_come_from_the_train_fi
     assert all(p.endswith(" p") or p.endswith(" q") for p in first[:3])
 
 
-def test_greedy_completions_equal_the_engine_one_prompt_at_a_time():
+def test_greedy_batch_equals_the_engine_one_prompt_at_a_time():
     model, tok = tiny_model(block_size=32)
     prompts = [tok.encode(t) for t in ["abc", "xyz", "hello", "world", "to be or"]]  # two share a length
-    got = greedy_completions(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    got = [c.text for c in greedy_batch(model, tok, prompts, max_new_tokens=12, batch_size=4)]
     settings = GenerationConfig(max_new_tokens=12, temperature=0.0)
     assert got == [generate_text(model, tok, p, settings)[0] for p in prompts]
-    stopped = greedy_completions(model, tok, prompts, max_new_tokens=12, stop=[got[0][3]])
+    stopped = [c.text for c in greedy_batch(model, tok, prompts, max_new_tokens=12, stop=[got[0][3]])]
     assert stopped[0] == got[0][: got[0].index(got[0][3])]
 
 
 def test_generative_task_matches_exact_normalized_and_regex(tmp_path):
     model, tok = tiny_model(block_size=48)
     prompts = ["Capital of France:", "Two plus two:", "Colour of the sky:"]
-    said = greedy_completions(model, tok, [tok.encode(p) for p in prompts], 8, stop=["\n"])
+    said = [c.text for c in greedy_batch(model, tok, [tok.encode(p) for p in prompts], 8, stop=["\n"])]
     rows = [{"prompt": prompts[0], "answer": said[0]},  # right, exactly
             {"prompt": prompts[1], "answer": "The " + said[1].upper() + "!"},  # right once normalized
             {"prompt": prompts[2], "answer": said[2] + "zzz"}]  # wrong  # fmt: skip

@@ -1,7 +1,7 @@
-"""Tests of gpt.infer.engine and gpt.infer.generate: the KV cache against full recompute, every
-sampling control, beam search, stop strings, seeds, and streamed text (UTF-8 never split). Tiny
-random models: the point is that the engine computes the same thing as the plain forward, not that
-the text is good."""
+"""Tests of gpt.infer.engine, gpt.infer.sampling and gpt.infer.generate: the KV cache against full
+recompute, every sampling control, beam search, stop strings, seeds, and streamed text (UTF-8 never
+split). Tiny random models: the point is that the engine computes the same thing as the plain
+forward, not that the text is good."""
 
 import pytest
 import torch
@@ -9,17 +9,9 @@ import torch.nn.functional as F
 
 from gpt.errors import ConfigError
 from gpt.infer.config import GenerationConfig
-from gpt.infer.generate import (
-    Decoder,
-    Generation,
-    TextStream,
-    apply_penalties,
-    beam_search,
-    choose_next,
-    generate,
-    generate_text,
-    stream,
-)
+from gpt.infer.engine import Decoder
+from gpt.infer.generate import Generation, beam_search, generate, generate_text
+from gpt.infer.sampling import TextStream, apply_penalties, choose_next
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
 
@@ -229,7 +221,7 @@ def test_stop_strings_end_the_text_and_are_not_emitted(tok):
     full = generate_text(model, tok, prompt, greedy(max_new_tokens=40))[0]
     stop = full[12:15]  # three characters: three tokens
     first = full.find(stop)
-    [done] = stream(model, tok, prompt, greedy(max_new_tokens=40, stop=["zzz", stop])).run()
+    [done] = Generation(model, tok, prompt, greedy(max_new_tokens=40, stop=["zzz", stop])).run()
     assert done.text == full[:first] and done.finish_reason == "stop"
     assert tok.decode(done.ids) == done.text
 
@@ -238,7 +230,7 @@ def test_stop_token_ends_a_row(tok):
     model = tiny()
     prompt = tok.encode("JULIET:")
     full = generate(model, tok, prompt, greedy(max_new_tokens=30))[0]
-    [done] = stream(model, tok, prompt, greedy(max_new_tokens=30), stop_token_ids=[full[5]]).run()
+    [done] = Generation(model, tok, prompt, greedy(max_new_tokens=30), stop_token_ids=[full[5]]).run()
     assert done.ids == full[: full.index(full[5])] and done.finish_reason == "stop"
 
 
@@ -277,7 +269,7 @@ def test_beams_are_at_least_as_likely_as_greedy(tok, seed):
     greedy_ids = generate(model, tok, prompt, greedy(max_new_tokens=12))[0]
     greedy_lp = total_logprob(model, prompt, greedy_ids, tok.vocab_size)
     for width in (2, 4):
-        hyps = stream(model, tok, prompt, greedy(max_new_tokens=12, num_beams=width, num_samples=2)).run()
+        hyps = Generation(model, tok, prompt, greedy(max_new_tokens=12, num_beams=width, num_samples=2)).run()
         assert len(hyps) == 2 and hyps[0].logprob >= hyps[1].logprob
         assert hyps[0].logprob == pytest.approx(
             total_logprob(model, prompt, hyps[0].ids, tok.vocab_size), abs=1e-3
@@ -292,7 +284,7 @@ def test_beam_length_penalty_ranks_by_length(tok):
 
     def best(length_penalty):
         cfg = greedy(max_new_tokens=15, num_beams=3, length_penalty=length_penalty)
-        return stream(model, tok, prompt, cfg, stop_token_ids=[first]).run()[0]
+        return Generation(model, tok, prompt, cfg, stop_token_ids=[first]).run()[0]
 
     assert best(-10.0).ids == [] and best(-10.0).finish_reason == "stop"  # short ones favoured
     assert len(best(10.0).ids) == 15  # long ones favoured
@@ -308,7 +300,7 @@ def test_streamed_text_equals_final_text(tok, beams):
     full = generate_text(model, tok, prompt, sampled(max_new_tokens=30))[0]
     cfg = sampled(max_new_tokens=30, num_samples=3, stop=[full[10:12]], num_beams=beams)
     pieces = ["", "", ""]
-    gen = stream(model, tok, prompt, cfg)
+    gen = Generation(model, tok, prompt, cfg)
     for row, piece in gen:
         pieces[row] += piece
     assert pieces == [c.text for c in gen.completions]
@@ -333,7 +325,7 @@ def test_streaming_bytes_from_a_model_matches_a_one_shot_decode():
     model = tiny(vocab_size=320)  # byte-level: random weights produce broken UTF-8 too
     tok = ByteTokenizer()
     cfg = sampled(max_new_tokens=60, temperature=2.0)
-    gen = stream(model, tok, tok.encode("é"), cfg)
+    gen = Generation(model, tok, tok.encode("é"), cfg)
     text = "".join(piece for _, piece in gen)
     ids = gen.completions[0].ids
     assert text == tok.decode_bytes(ids).decode("utf-8", errors="replace")

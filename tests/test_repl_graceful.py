@@ -16,19 +16,19 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
-from gpt.config import REPO_ROOT
 from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.config import GenerationConfig, SampleConfig
-from gpt.infer.engine import choose_next
 from gpt.infer.generate import generate_text
 from gpt.infer.repl import Repl
 from gpt.infer.sample import read_prompt
+from gpt.infer.sampling import choose_next
 from gpt.model import GPT, GPTConfig
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.tokenizer import char_tokenizer
+from gpt.typed_config import REPO_ROOT
 
 # the chat markers' characters too, so that a char-level chat renders
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n"
@@ -66,7 +66,8 @@ def script(lines):
 
 
 def session(run_dir, cls, lines, **kw):
-    model, tok, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    model, tok = loaded.build(), loaded.tokenizer
     settings = kw.pop("settings", None) or GenerationConfig(max_new_tokens=6, seed=SEED)
     out, err = io.StringIO(), io.StringIO()
     r = cls(model, tok, settings, input_fn=script(lines), out=out, err=err, **kw)
@@ -96,7 +97,8 @@ def test_interactive_session_survives_bad_settings_and_never_overwrites(run_dir,
     assert f"error: {mine} exists; /save! {mine} replaces it" in r.stderr
     assert mine.read_text() == "my own notes\n" and "is a directory" in r.stderr
     greedy = GenerationConfig(max_new_tokens=5, temperature=0.0)
-    model, tok, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    model, tok = loaded.build(), loaded.tokenizer
     [reply] = generate_text(model, tok, tok.encode("ROMEO:"), greedy)
     assert f">>> {reply}\n" in r.stdout  # the session went on: the prompt after the bad /sets was answered
     final = t.read_text()
@@ -153,7 +155,8 @@ def test_ctrl_c_keeps_the_partial_reply_marked(run_dir, tmp_path):
                 raise KeyboardInterrupt
             return super().write(s)
 
-    model, tok, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    model, tok = loaded.build(), loaded.tokenizer
     chat = ChatRepl(model, tok, GenerationConfig(max_new_tokens=30, temperature=2.0, top_k=0, seed=2),
                     input_fn=script(["ROMEO", f"/save {tmp_path / 'p'}"]), out=Interrupting(),
                     err=io.StringIO())  # fmt: skip

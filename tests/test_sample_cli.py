@@ -1,5 +1,5 @@
 """Tests of sample.py and gpt.infer (sample, repl, chat_repl): stdout/stderr separation, exit code 2
-with one clear line for bad input, conf/sample.yaml against SampleConfig, and the REPL driven by
+with one clear line for bad input, sample.py's composed defaults against SampleConfig, and the REPL driven by
 scripted input."""
 
 import dataclasses
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from gpt.checkpoint import save_checkpoint
-from gpt.commands.cli import run
-from gpt.config import REPO_ROOT
+from gpt.commands.cli import compose_config, field_docs, run
+from gpt.commands.sample import SAMPLE
 from gpt.infer.config import GenerationConfig, SampleConfig
 from gpt.infer.repl import SEPARATOR, Repl, parse_setting
 from gpt.infer.sample import sample
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
+from gpt.typed_config import REPO_ROOT
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n"
 
@@ -43,10 +43,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def defaults(**overrides) -> dict:
-    """The composed sample config, as Hydra hands it to the job (without the hydra group)."""
-    cfg = yaml.safe_load((REPO_ROOT / "conf" / "sample.yaml").read_text())
-    cfg.pop("defaults"), cfg.pop("hydra")
-    return {**cfg, **overrides}
+    """The composed sample config, as the command line hands it to the job."""
+    return {**compose_config(SAMPLE, [])[0], **overrides}
 
 
 def run_job(cfg: dict, capsys) -> tuple[int, str, str]:
@@ -59,14 +57,12 @@ def run_job(cfg: dict, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_sample_yaml_documents_every_key_with_its_default():
-    text = (REPO_ROOT / "conf" / "sample.yaml").read_text()
+def test_sample_py_composes_every_key_with_its_documented_default():
     cfg = defaults()
     assert set(cfg) == {f.name for f in dataclasses.fields(SampleConfig)}
-    assert SampleConfig.from_dict(cfg) == SampleConfig()  # the yaml's values are the code's defaults
-    for key in cfg:
-        line = next(ln for ln in text.splitlines() if ln.startswith(f"{key}:"))
-        assert "#" in line, f"{key} has no comment"
+    assert SampleConfig.from_dict(cfg) == SampleConfig()  # sample.py's values are the code's defaults
+    docs = field_docs(SampleConfig)
+    assert [key for key in cfg if not docs.get(key)] == []
 
 
 def test_samples_go_to_stdout_and_notices_to_stderr(run_dir, capsys):
@@ -126,9 +122,10 @@ def script(lines):
 
 
 def repl(run_dir, lines, settings=None, **kw) -> tuple[Repl, io.StringIO, io.StringIO]:
-    from gpt.runs.load import load_model
+    from gpt.runs.load import load
 
-    model, tok, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    model, tok = loaded.build(), loaded.tokenizer
     out, err = io.StringIO(), io.StringIO()
     settings = settings or GenerationConfig(max_new_tokens=10, seed=3)
     r = Repl(model, tok, settings, input_fn=script(lines), out=out, err=err, **kw)
@@ -202,9 +199,10 @@ def test_repl_hooks_make_a_chat_loop(run_dir):
             self.history += self.tokenizer.encode(text) + completions[0].ids
             super().on_reply(text, completions)
 
-    from gpt.runs.load import load_model
+    from gpt.runs.load import load
 
-    model, tok, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    model, tok = loaded.build(), loaded.tokenizer
     chat = Chat(model, tok, GenerationConfig(max_new_tokens=5), input_fn=script(["Ay", "", "me"]),
                 out=io.StringIO(), err=io.StringIO())  # fmt: skip
     chat.run()

@@ -21,13 +21,13 @@ from helpers_serve import live_server, tiny_run  # noqa: E402
 from gpt.chat_template import render_prompt  # noqa: E402
 from gpt.checkpoint import checkpoint_state, save_checkpoint  # noqa: E402
 from gpt.infer.config import GenerationConfig, ServeConfig  # noqa: E402
-from gpt.infer.engine import KVCache, RaggedKVCache  # noqa: E402
+from gpt.infer.engine import Decoder  # noqa: E402
 from gpt.infer.generate import generate  # noqa: E402
 from gpt.infer.sample import sample  # noqa: E402
 from gpt.interop.hf import export_hf  # noqa: E402
 from gpt.lora import adapter_weights, apply_lora  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
-from gpt.runs.load import base_location, load_model, weights_fingerprint  # noqa: E402
+from gpt.runs.load import base_location, load, weights_fingerprint  # noqa: E402
 from gpt.serve.batcher import Batcher, Done, Failed, Piece, Request  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
 from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
@@ -76,34 +76,25 @@ def test_ragged_cache_gives_the_logits_of_one_row_decoding(pos_emb, batched_pref
         GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64, pos_emb=pos_emb)
     ).eval()
     prompts = [torch.randint(0, 64, (1, n)) for n in (3, 9, 5)]
-    one = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
-    cache = RaggedKVCache(model.config, 4, torch.device("cpu"), torch.float32)
+    decoder = Decoder(model, 4)
     with torch.no_grad():
         if batched_prefill:
             padded = torch.zeros(3, 9, dtype=torch.long)
             for i, p in enumerate(prompts):
                 padded[i, : p.size(1)] = p[0]
-            cache.add_rows(3)
-            cache.begin(9)
-            first = model(padded, kv_cache=cache)
-            cache.advance([p.size(1) for p in prompts])
-            for i, p in enumerate(prompts):
-                torch.testing.assert_close(first[i, p.size(1) - 1], model(p)[0, -1], rtol=1e-5, atol=1e-5)
+            first = decoder.add(padded, [p.size(1) for p in prompts])
         else:
-            for p in prompts:
-                one.pos = 0
-                model(p, kv_cache=one)
-                one.pos = p.size(1)
-                cache.load_row(one)
+            first = torch.cat([decoder.add(p, [p.size(1)]) for p in prompts])
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(first[i], model(p)[0, -1], rtol=1e-5, atol=1e-5)
         for step in range(3):
-            nxt = torch.tensor([[3 + step], [4], [5 + step]])
-            cache.begin(1)
-            batched = model(nxt, kv_cache=cache)[:, -1]
-            cache.advance(1)
-            prompts = [torch.cat([p, nxt[i : i + 1]], dim=1) for i, p in enumerate(prompts)]
+            nxt = torch.tensor([3 + step, 4, 5 + step])
+            batched = decoder.step(nxt)
+            assert decoder.cache.attn_mask is not None  # rows of different lengths: a mask per row
+            prompts = [torch.cat([p, nxt[i : i + 1, None]], dim=1) for i, p in enumerate(prompts)]
             for i, p in enumerate(prompts):
                 torch.testing.assert_close(batched[i], model(p)[0, -1], rtol=1e-5, atol=1e-5)
-    assert cache.lengths[:3] == [p.size(1) for p in prompts]
+    assert decoder.lengths[:3] == [p.size(1) for p in prompts]
 
 
 def test_completion_usage_and_length(client, served):
@@ -339,8 +330,8 @@ def test_metrics_and_health(server, client):
 
 def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
     """A LoRA run is served with its adapters applied; an hf:DIR directory as exported."""
-    base_model, tok, _ = load_model(run_dir)
-    lora_model, _, _ = load_model(run_dir)
+    loaded = load(run_dir)
+    base_model, lora_model, tok = loaded.build(), loaded.build(), loaded.tokenizer
     spec = {
         "rank": 2,
         "alpha": 4.0,
@@ -402,4 +393,4 @@ def test_a_failing_prefill_fails_its_request_only(served):
     text = "".join(e.text for e in ok_events if isinstance(e, Piece))
     ids = greedy_ids(served, tok.encode("ROMEO:"), 30)
     assert text == tok.decode(ids).split("<|endoftext|>")[0]
-    assert batcher.occupancy == 0 and batcher.cache.rows == 0
+    assert batcher.occupancy == 0 and batcher.decoder.rows == 0

@@ -11,14 +11,15 @@ import pytest
 
 from gpt.chat_template import check_messages, render_dialog, render_prompt
 from gpt.commands.eval import run as eval_main
-from gpt.config import REPO_ROOT, TrainRunConfig
+from gpt.config import TrainRunConfig
 from gpt.data.dialogs import read_dialogs
 from gpt.eval.dialogs import EvalConfig, evaluate
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.sample import sample
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
+from gpt.typed_config import REPO_ROOT
 
 U = lambda text: {"role": "user", "content": text}
 A = lambda text, task: {"role": "assistant", "content": text, "task": task}
@@ -159,7 +160,8 @@ class RecordingChat(ChatRepl):
 def chat_session(run, lines, **kw):
     import io
 
-    model, tok, _ = load_model(run)
+    loaded = load(run)
+    model, tok = loaded.build(), loaded.tokenizer
     from gpt.infer.config import GenerationConfig
 
     settings = GenerationConfig(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 12))

@@ -17,26 +17,24 @@ training would cut them, are left out and counted. Prompts of equal length are d
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from gpt.chat_template import render_prompt, render_turns
-from gpt.config import resolve_path
 from gpt.data.dialogs import read_dialogs, split_dialogs
 from gpt.device import pick_device
 from gpt.errors import ConfigError
-from gpt.infer.engine import Decoder
-from gpt.runs.load import load_model
+from gpt.infer.generate import greedy_batch
+from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
 
 
 @dataclass
 class EvalConfig:
+    """``gpt eval dialogs``: a chat model's replies to held-out dialogs (``--help`` lists every key)."""
+
     ckpt: str = "out/chat"
-    """Run directory (its ckpt.pt) or checkpoint file of the chat model."""
+    """The chat model: a run directory, a checkpoint file, a LoRA run or hf:DIR."""
     data: str | None = None
     """Dialog file, directory or glob to score, all of it; None = the run's held-out dialogs."""
     limit: int = 0
@@ -50,6 +48,7 @@ class EvalConfig:
     out: str | None = None
     """Also write the results as JSON to this file."""
     device: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
 
     def __post_init__(self) -> None:
         for key in ("limit", "show"):
@@ -86,41 +85,10 @@ def turn_cases(tokenizer, dialogs, block_size: int) -> tuple[list[dict[str, Any]
     return cases, too_long
 
 
-@torch.inference_mode()
-def greedy_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int):
-    """(reply text, ended with end-of-turn) for each prompt, decoded greedily in batches of prompts
-    of equal length (no padding needed) with the generation engine's KV-cache decoder."""
-    eot_turn, vocab = tokenizer.special_id(EOT_TURN), min(tokenizer.vocab_size, model.config.vocab_size)
-    device = model.lm_head.weight.device
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    results: list[tuple[str, bool]] = [("", False)] * len(prompts)
-    groups = [idx[s : s + batch_size] for idx in by_length.values() for s in range(0, len(idx), batch_size)]
-    for group in groups:
-        decoder = Decoder(model, len(group))
-        ids = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)  # (B, T)
-        logits = decoder.prefill(ids)
-        out = torch.zeros(len(group), 0, dtype=torch.long, device=device)
-        done = torch.zeros(len(group), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_ids = logits[:, :vocab].argmax(dim=-1)  # (B,)
-            out = torch.cat([out, next_ids[:, None]], dim=1)
-            done |= next_ids == eot_turn
-            if done.all() or step + 1 == max_new_tokens:
-                break
-            logits = decoder.step(next_ids)
-        for row, i in enumerate(group):
-            reply = out[row].tolist()
-            ended = eot_turn in reply
-            reply = reply[: reply.index(eot_turn)] if ended else reply
-            results[i] = (tokenizer.decode(reply).strip(), ended)
-    return results
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the model; returns {"tasks": {task: {"replies", "exact_match"}}, "all": ..., ...}."""
-    model, tokenizer, state = load_model(resolve_path(cfg.ckpt), pick_device(cfg.device))
+    loaded = load(cfg.ckpt)
+    model, tokenizer, state = loaded.build(pick_device(cfg.device)), loaded.tokenizer, loaded.state
     model.eval()
     if cfg.data is None:
         dialogs, source = held_out_dialogs(state)
@@ -129,9 +97,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     dialogs = dialogs[: cfg.limit] if cfg.limit else dialogs
     cases, too_long = turn_cases(tokenizer, dialogs, model.config.block_size)
     t0 = time.time()
-    replies = greedy_replies(
-        model, tokenizer, [c["prompt"] for c in cases], cfg.max_new_tokens, cfg.batch_size
-    )
+    prompts, eot_turn = [c["prompt"] for c in cases], tokenizer.special_id(EOT_TURN)
+    completions = greedy_batch(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, (), [eot_turn])
+    replies = [(c.text.strip(), c.finish_reason == "stop") for c in completions]
     new = lambda: {"replies": 0, "exact": 0, "ended": 0, "wrong": []}
     tasks: dict[str, dict[str, Any]] = {}
     overall = new()
@@ -143,16 +111,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if reply != case["reference"] and t is not overall and len(t["wrong"]) < cfg.show:
                 t["wrong"].append({"reference": case["reference"], "reply": reply})
     summary = lambda t: {"replies": t["replies"], "exact_match": t["exact"] / max(t["replies"], 1)}
-    return {
-        "ckpt": cfg.ckpt,
-        "data": source,
-        "dialogs": len(dialogs),
-        "turns_too_long": too_long,
-        "tasks": {name: {**summary(t), "wrong": t["wrong"]} for name, t in sorted(tasks.items())},
-        "all": summary(overall),
-        "ended_with_eot": overall["ended"] / max(overall["replies"], 1),
-        "seconds": round(time.time() - t0, 1),
-    }
+    return {"ckpt": cfg.ckpt, "data": source, "dialogs": len(dialogs), "turns_too_long": too_long,
+            "tasks": {name: {**summary(t), "wrong": t["wrong"]} for name, t in sorted(tasks.items())},
+            "all": summary(overall), "ended_with_eot": overall["ended"] / max(overall["replies"], 1),
+            "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def report(result: dict[str, Any]) -> str:

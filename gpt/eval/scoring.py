@@ -27,23 +27,15 @@ def _batches(n: int, batch_size: int, progress: bool, what: str):
     return tqdm(starts, desc=what, unit="batch", leave=False, disable=None if progress else True)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
-def continuation_logprobs(
-    model: GPT,
-    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-    batch_size: int = 16,
-    progress: bool = False,
-) -> list[tuple[float, bool]]:
+def continuation_logprobs(model: GPT, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log p(continuation | context), whether
     greedy decoding would produce exactly the continuation). A context + continuation longer than
     block_size + 1 tokens keeps its most recent tokens (the continuation is always scored whole
     when it fits). An empty context must be given as ``[eot_id]`` by the caller."""
     block = model.config.block_size
-    device = _device(model)
+    device = next(model.parameters()).device
     results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
     # longest first: the rows of a batch then have similar lengths (less padding)
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -93,16 +85,15 @@ def windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def rolling_logprobs(
-    model: GPT, ids: Sequence[int], stride: int | None = None, batch_size: int = 16, progress: bool = False
-) -> torch.Tensor:
+def rolling_logprobs(model: GPT, ids: Sequence[int], stride: int | None = None, batch_size: int = 16,
+                     progress: bool = False) -> torch.Tensor:  # fmt: skip
     """log p(ids[t] | ids[:t]) for t = 1..len(ids)-1, as a float64 CPU tensor (len(ids) - 1,).
     Texts longer than block_size are scored in windows ``stride`` tokens apart (default: half a
     block): each window scores only the targets the previous one did not, with the context
     before them. ``ids[0]`` is context only (usually eot, the start of a document)."""
     block = model.config.block_size
     stride = stride or max(1, block // 2)
-    device = _device(model)
+    device = next(model.parameters()).device
     seq = torch.tensor(list(ids), dtype=torch.long)
     out = torch.zeros(max(len(seq) - 1, 0), dtype=torch.float64)
     spans = windows(len(seq), block, stride)
@@ -138,13 +129,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, tokenizer.encode(context + continuation)[len(context_ids) :]
 
 
-def choice_logprobs(
-    model: GPT,
-    tokenizer,
-    items: Sequence[tuple[str, Sequence[str]]],
-    batch_size: int = 16,
-    progress: bool = False,
-) -> list[list[float]]:
+def choice_logprobs(model: GPT, tokenizer, items: Sequence[tuple[str, Sequence[str]]], batch_size: int = 16,
+                    progress: bool = False) -> list[list[float]]:  # fmt: skip
     """For each (context, choices): the summed log-probability of every choice after the context
     (the choices of all items are scored together, in batches)."""
     requests, owners = [], []
@@ -153,8 +139,7 @@ def choice_logprobs(
             requests.append(encode_pair(tokenizer, context, choice))
             owners.append(i)
     scores: list[list[float]] = [[] for _ in items]
-    for i, (logprob, _) in zip(
-        owners, continuation_logprobs(model, requests, batch_size, progress), strict=True
-    ):
+    logprobs = continuation_logprobs(model, requests, batch_size, progress)
+    for i, (logprob, _) in zip(owners, logprobs, strict=True):
         scores[i].append(logprob)
     return scores

@@ -12,7 +12,7 @@ A task is a directory holding ``test.jsonl`` (and optionally ``train.jsonl``), o
   by its summed log-probability after the context (``acc``), and by that per UTF-8 byte of the
   delimiter and choice (``acc_norm``, which does not favour short choices);
 - generative ``{"prompt": str, "answer": str}`` or ``{"messages": [...], "answer": str}``: a greedy
-  completion (batched on the generation engine's decoder) compared by ``match``: exact, normalized
+  completion (``gpt.infer.generate.greedy_batch``) compared by ``match``: exact, normalized
   (case, punctuation, articles and spacing ignored) or regex (``answer`` is a pattern searched in the
   completion). A chat model (tuned on dialogs) gets the prompt as a user turn through the chat template.
 
@@ -28,38 +28,44 @@ import random
 import re
 import string
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from gpt.chat_template import check_messages, render_prompt
-from gpt.config import resolve_path
 from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError, DataError
 from gpt.eval.bpb import TextConfig, read_texts
 from gpt.eval.cloze import cloze_items
 from gpt.eval.scoring import choice_logprobs
-from gpt.infer.engine import Decoder
+from gpt.infer.generate import greedy_batch
 from gpt.model import GPT
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
+from gpt.typed_config import Dtype, resolve_path
 
 
 @dataclass
 class TasksConfig:
+    """``gpt eval tasks``: task files (JSONL) or the built-in cloze task (``--help`` lists every key)."""
+
     ckpt: str = "out/shakespeare_char"
+    """The model: a run directory, a checkpoint file, a LoRA run or hf:DIR."""
     tasks: list[str] = field(default_factory=lambda: ["cloze"])
-    """Task directories or files, or 'cloze'."""
+    """Task directories (test.jsonl [+ train.jsonl]) or files (NAME.jsonl [+ NAME_train.jsonl]), or
+    'cloze'."""
     num_fewshot: int = 0
+    """Examples before each item, from the train file (else the other test items)."""
     seed: int = 1234
+    """Few-shot draws (the same prompts for the same seed) and cloze items."""
     limit: int = 0
     """Score only the first this many items of each task; 0 = all."""
     match: Literal["exact", "normalized", "regex"] = "normalized"
+    """Generative: exact | normalized (case, punctuation, articles ignored) | regex (the answer is a
+    pattern)."""
     max_new_tokens: int = 32
+    """Generative: the longest completion."""
     stop: list[str] = field(default_factory=lambda: ["\n"])
     """Generative tasks, base models: stop strings (a chat model stops at end-of-turn)."""
     chat: bool | None = None
@@ -67,11 +73,17 @@ class TasksConfig:
     delimiter: str = " "
     """Between a context and its choice, and a prompt and its answer in few-shot examples."""
     fewshot_separator: str = "\n\n"
+    """Between few-shot examples."""
     cloze_n: int = 200
+    """Items of the cloze task (from the run's held-out text)."""
     batch_size: int = 16
+    """Sequences scored or decoded together."""
     device: str = "auto"
-    dtype: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    dtype: Dtype = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
     out: str | None = None
+    """Also write the results as JSON to this file."""
 
     def __post_init__(self) -> None:
         for key in ("num_fewshot", "limit"):
@@ -209,11 +221,8 @@ def generative_prompt(task: Task, index: int, cfg: TasksConfig, tokenizer, chat:
         question = s["prompt"] if "prompt" in s else s["messages"][-1]["content"]
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": _shown_answer(s)}]
     messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
-    if messages[0]["role"] == "system":
-        messages = [messages[0], *history, *messages[1:]]
-    else:
-        messages = [*history, *messages]
-    return render_prompt(tokenizer, messages)
+    k = int(messages[0]["role"] == "system")  # the examples go after the system prompt
+    return render_prompt(tokenizer, [*messages[:k], *history, *messages[k:]])
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -229,48 +238,6 @@ def matches(completion: str, answer: str, how: str) -> bool:
     if how == "normalized":
         return normalize(completion) == normalize(answer)
     return re.search(answer, completion) is not None
-
-
-@torch.no_grad()
-def greedy_completions(
-    model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16,
-    stop: Sequence[str] = (), stop_ids: Sequence[int] = (),
-) -> list[str]:  # fmt: skip
-    """The greedy completion of each prompt, cut before the first stop string or stop id. Prompts
-    of equal length are decoded together on the engine's KV-cache decoder (no padding: the model
-    has no attention mask); a prompt longer than the context keeps its last block_size tokens."""
-    block, device = model.config.block_size, model.lm_head.weight.device
-    vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # padded rows are never chosen
-    prompts = [list(p)[-block:] or [tokenizer.eot_id] for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    out = [""] * len(prompts)
-    for idx in by_length.values():
-        for s in range(0, len(idx), batch_size):
-            group = idx[s : s + batch_size]
-            decoder = Decoder(model, len(group))
-            logits = decoder.prefill(torch.tensor([prompts[i] for i in group], device=device))  # (B, V)
-            rows: list[list[int]] = [[] for _ in group]
-            done = [False] * len(group)
-            for step in range(max_new_tokens):
-                next_ids = logits[:, :vocab].float().argmax(dim=-1)  # (B,)
-                for r, t in enumerate(next_ids.tolist()):
-                    if done[r]:
-                        continue
-                    if t in stop_ids:
-                        done[r] = True
-                        continue
-                    rows[r].append(t)
-                    done[r] = any(x in tokenizer.decode(rows[r]) for x in stop)
-                if all(done) or step + 1 == max_new_tokens:
-                    break
-                logits = decoder.step(next_ids)
-            for r, i in enumerate(group):
-                text = tokenizer.decode(rows[r])
-                cut = min([text.find(x) for x in stop if x in text], default=len(text))
-                out[i] = text[:cut]
-    return out
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -297,9 +264,8 @@ def score_multiple_choice(model: GPT, tokenizer, task: Task, cfg: TasksConfig) -
     return {"acc": acc, "acc_norm": acc_norm}
 
 
-def score_generative(
-    model: GPT, tokenizer, task: Task, cfg: TasksConfig, chat: bool
-) -> dict[str, list[float]]:
+def score_generative(model: GPT, tokenizer, task: Task, cfg: TasksConfig, chat: bool
+                     ) -> dict[str, list[float]]:  # fmt: skip
     items = task.test[: cfg.limit] if cfg.limit else task.test
     if cfg.match == "regex":
         for it in items:
@@ -310,8 +276,9 @@ def score_generative(
                 raise DataError(f"{where}: answer {answer!r} is not a valid regex ({e})") from None
     prompts = [generative_prompt(task, i, cfg, tokenizer, chat) for i in range(len(items))]
     stop_ids = [tokenizer.special_id(EOT_TURN), tokenizer.eot_id] if chat else [tokenizer.eot_id]
-    completions = greedy_completions(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
-                                     () if chat else cfg.stop, stop_ids)  # fmt: skip
+    stop = () if chat else cfg.stop
+    done = greedy_batch(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, stop, stop_ids)
+    completions = [c.text for c in done]
     metric = {"exact": "exact_match", "normalized": "match", "regex": "regex_match"}[cfg.match]
     return {metric: [float(matches(c, it["answer"], cfg.match)) for c, it in zip(completions, items)]}
 
@@ -353,14 +320,11 @@ class TaskSuite:
                 else:
                     per_item = score_generative(model, tokenizer, task, cfg, chat)
                 stats = {name: _stats(values) for name, values in per_item.items()}
-                results[task.name] = {
-                    "kind": task.kind,
-                    "source": task.source,
-                    "n": len(next(iter(per_item.values()))),
-                    "num_fewshot": cfg.num_fewshot,
-                    "metrics": {k: round(m, 6) for k, (m, _) in stats.items()},
-                    "stderr": {k: round(se, 6) for k, (_, se) in stats.items()},
-                }
+                n = len(next(iter(per_item.values())))
+                results[task.name] = {"kind": task.kind, "source": task.source, "n": n,
+                                      "num_fewshot": cfg.num_fewshot,
+                                      "metrics": {k: round(m, 6) for k, (m, _) in stats.items()},
+                                      "stderr": {k: round(se, 6) for k, (_, se) in stats.items()}}
         finally:
             model.train(was_training)
         return results
@@ -368,7 +332,8 @@ class TaskSuite:
 
 def evaluate_tasks(cfg: TasksConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
-    model, tokenizer, state = load_model(resolve_path(cfg.ckpt), device)
+    loaded = load(cfg.ckpt)
+    model, tokenizer, state = loaded.build(device), loaded.tokenizer, loaded.state
     data = state.get("config", {}).get("data", {})
     chat = cfg.chat if cfg.chat is not None else data.get("format") == "dialogs"
     text = None

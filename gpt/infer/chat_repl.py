@@ -26,7 +26,6 @@ class ChatRepl(Repl):
     conversation is kept between turns: each turn runs only the tokens the last one did not."""
 
     prompt = "User: "
-    continuation = "... "
     empty_line_generates = False
     reply_prefix = "Assistant:"
     banner = "chat mode: type a message and press Enter; /help lists the commands, Ctrl-D exits"

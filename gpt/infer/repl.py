@@ -21,11 +21,11 @@ from typing import Any, TextIO
 import torch
 
 from gpt.atomic import atomic_write
-from gpt.config import from_dict
 from gpt.errors import ConfigError, UserError
 from gpt.infer.config import GenerationConfig, unescape
 from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.generate import Completion, Generation
+from gpt.typed_config import from_dict
 
 SEPARATOR = "---------------"  # printed on its own line between samples
 
@@ -109,17 +109,9 @@ class Repl:
   /help                this list;  /quit (or Ctrl-D) exits
 Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next line."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        settings: GenerationConfig,
-        *,
-        input_fn: Callable[[str], str] | None = None,
-        out: TextIO | None = None,
-        err: TextIO | None = None,
-        history_file: str | Path | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer, settings: GenerationConfig, *,
+                 input_fn: Callable[[str], str] | None = None, out: TextIO | None = None,
+                 err: TextIO | None = None, history_file: str | Path | None = None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.settings = self.initial_settings = settings
         self.input_fn = input_fn or input  # input() gets readline editing on a terminal

@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from typing import Any, BinaryIO, TextIO
 
-from gpt.config import resolve_path
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.config import SampleConfig
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
-from gpt.runs.load import load_model
+from gpt.runs.load import load
+from gpt.typed_config import resolve_path
 
 
 def read_prompt(cfg: SampleConfig, stdin: BinaryIO | None = None) -> str:
@@ -58,16 +58,14 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
     text = read_prompt(cfg)
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer, _ = load_model(resolve_path(cfg.ckpt), device)
+    loaded = load(cfg.ckpt)
+    model, tokenizer = loaded.build(device), loaded.tokenizer
     model.to(dtype).eval()
     prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
     # likewise a batch that cannot fit in memory (checked by Generation before it allocates)
     gen = Generation(model, tokenizer, prompt_ids, settings) if cfg.mode == "generate" else None
-    print(
-        f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
-        f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}",
-        file=err,
-    )
+    print(f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
+          f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}", file=err)
     print(f"settings: {settings_line(settings)}", file=err, flush=True)
     if cfg.mode == "interactive":
         Repl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file).run()

@@ -188,16 +188,15 @@ def create_app(model: GPT, tokenizer, cfg: ServeConfig, model_name: str, chat_tr
     app.state.service = service
 
     @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
+    async def api_error(request, e: ApiError):  # every error as OpenAI's body, counted by status
         service.counters.errors[e.status] = service.counters.errors.get(e.status, 0) + 1
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         code = "not_found" if e.status_code == 404 else None
-        return JSONResponse(
-            ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code
-        )
+        body = ApiError(e.status_code, str(e.detail), code=code).body()
+        return JSONResponse(body, status_code=e.status_code)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -205,7 +204,7 @@ def create_app(model: GPT, tokenizer, cfg: ServeConfig, model_name: str, chat_tr
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "running": service.batcher.occupancy,
+        return {"status": "ok", "model": service.model_name, "running": service.batcher.occupancy,
                 "waiting": service.batcher.queue_depth}  # fmt: skip
 
     @app.get("/metrics")
@@ -215,71 +214,74 @@ def create_app(model: GPT, tokenizer, cfg: ServeConfig, model_name: str, chat_tr
     @app.get("/v1/models")
     async def models(request: HttpRequest):
         service.check_auth(request)
-        card = {"id": model_name, "object": "model", "created": service.created, "owned_by": "gpt",
+        card = {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "gpt",
                 "max_model_len": service.block_size}  # fmt: skip
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        body = await service.read_body(request)
-        params = parse_fields(body, COMPLETION_FIELDS)
-        service.check_model(params)
-        if "prompt" not in params:
-            raise ApiError(400, "'prompt' is required", param="prompt")
-        prompts = [p if isinstance(p, list) else service.encode(p, "prompt")
-                   for p in prompt_list(params["prompt"], service.tokenizer.vocab_size)]  # fmt: skip
-        prompts = [p or [service.tokenizer.eot_id] for p in prompts]  # "" continues <|endoftext|>
-        max_new = min(service.limits(params, len(p)) for p in prompts)
-        service.counters.requests["completions"] += 1
-        job = Job(asyncio.get_running_loop())
-        service.submit(job, prompts, params, max_new, frozenset([service.tokenizer.eot_id]),
-                       params.get("logprobs"))  # fmt: skip
-        echo = [service.tokenizer.decode(p) if params.get("echo") else "" for p in prompts]
-        if params.get("stream"):
-            return sse(stream_completion(service, job, params, echo), service, job)
-        return await respond(request, service, job, "text_completion", params, echo)
+        return await complete(request, service, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
-        body = await service.read_body(request)
-        params = parse_fields(body, CHAT_FIELDS)
-        service.check_model(params)
-        if "messages" not in params:
-            raise ApiError(400, "'messages' is required", param="messages")
+        return await complete(request, service, chat=True)
+
+    return app
+
+
+async def complete(request: HttpRequest, service: Service, chat: bool):
+    """``POST /v1/completions``: one or several prompts (text or token ids), n choices each; or
+    ``POST /v1/chat/completions`` (``chat``): the conversation rendered by the chat template, n replies."""
+    params = parse_fields(await service.read_body(request), CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    service.check_model(params)
+    required, tok = "messages" if chat else "prompt", service.tokenizer
+    if required not in params:
+        raise ApiError(400, f"'{required}' is required", param=required)
+    if chat:
         messages = chat_messages(params["messages"])
         problems = check_messages(messages, final_role="user")
         if problems:
             index, text = problems[0]
             raise ApiError(400, f"messages[{index}]: {text}", param="messages")
-        ids = render_prompt(service.tokenizer, messages)
-        max_new = service.limits(params, len(ids), "max_completion_tokens")
+        prompts = [render_prompt(tok, messages)]
+        max_new = service.limits(params, len(prompts[0]), "max_completion_tokens")
         if not service.chat_trained:
             log.warning("chat request to %s, a model without chat training: its replies may not end "
-                        "their turn or follow the conversation", model_name)  # fmt: skip
-        service.counters.requests["chat"] += 1
-        job = Job(asyncio.get_running_loop())
+                        "their turn or follow the conversation", service.model_name)  # fmt: skip
+        stop_ids = frozenset([tok.special_id(EOT_TURN), tok.eot_id])
         logprobs = params.get("top_logprobs", 0) if params.get("logprobs") else None
-        stop_ids = frozenset([service.tokenizer.special_id(EOT_TURN), service.tokenizer.eot_id])
-        service.submit(job, [ids], params, max_new, stop_ids, logprobs)
-        if params.get("stream"):
-            return sse(stream_chat(service, job, params), service, job)
-        return await respond(request, service, job, "chat.completion", params, [""])
+    else:
+        prompts = [p if isinstance(p, list) else service.encode(p, "prompt")
+                   for p in prompt_list(params["prompt"], tok.vocab_size)]  # fmt: skip
+        prompts = [p or [tok.eot_id] for p in prompts]  # "" continues <|endoftext|>
+        max_new = min(service.limits(params, len(p)) for p in prompts)
+        stop_ids, logprobs = frozenset([tok.eot_id]), params.get("logprobs")
+    service.counters.requests["chat" if chat else "completions"] += 1
+    job = Job(asyncio.get_running_loop())
+    service.submit(job, prompts, params, max_new, stop_ids, logprobs)
+    echo = [tok.decode(p) if params.get("echo") else "" for p in prompts]  # chat: never echoed
+    if params.get("stream"):
+        chunks = stream_chat(service, job, params) if chat else stream_completion(service, job, params, echo)
+        return sse(chunks, service, job)
+    kind = "chat.completion" if chat else "text_completion"
+    return await respond(request, service, job, kind, params, echo)
 
-    def sse(chunks: AsyncIterator[dict[str, Any]], service: Service, job: Job):
-        async def lines() -> AsyncIterator[str]:
-            try:
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except ApiError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-            finally:  # also when the client disconnects: the stream is cancelled here
-                service.cancel(job)
-            yield "data: [DONE]\n\n"
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+def sse(chunks: AsyncIterator[dict[str, Any]], service: Service, job: Job) -> StreamingResponse:
+    """Server-sent events of ``chunks``, then ``data: [DONE]``; the job is cancelled at the end."""
 
-    return app
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:  # also when the client disconnects: the stream is cancelled here
+            service.cancel(job)
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
 
 
 async def respond(request, service: Service, job: Job, kind: str, params: dict[str, Any], echo: list[str]):
@@ -323,9 +325,8 @@ async def respond(request, service: Service, job: Job, kind: str, params: dict[s
             choices.append({"index": slot, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": reason})  # fmt: skip
         else:
-            lp = None
-            if params.get("logprobs") is not None:
-                lp = completion_logprobs(service.tokenizer, entries[slot], len(prefix))
+            lp = (completion_logprobs(service.tokenizer, entries[slot], len(prefix))
+                  if params.get("logprobs") is not None else None)  # fmt: skip
             choices.append({"index": slot, "text": prefix + text, "logprobs": lp, "finish_reason": reason})
     response = envelope(kind, new_id("chatcmpl" if kind == "chat.completion" else "cmpl"),
                         service.model_name, choices)  # fmt: skip
@@ -349,9 +350,8 @@ async def stream_completion(service: Service, job: Job, params, echo: list[str])
             continue
         slot = index * n + event.choice
         if isinstance(event, Piece):
-            lp = None
-            if params.get("logprobs") is not None:
-                lp = completion_logprobs(service.tokenizer, event.logprobs, offsets[slot])
+            lp = (completion_logprobs(service.tokenizer, event.logprobs, offsets[slot])
+                  if params.get("logprobs") is not None else None)  # fmt: skip
             offsets[slot] += len(event.text)
             yield chunk(slot, event.text, lp)
         elif isinstance(event, Finish):

@@ -1,13 +1,14 @@
 """Continuous batching: one model thread decodes every running request together.
 
 A request (a prompt, its sampling settings, ``n`` choices) waits in a bounded queue until ``n`` rows
-of the batch are free; then its prompt is prefilled once and copied into ``n`` rows of a
-``RaggedKVCache`` (alone, the prefill is a one-row forward exactly as ``gpt.infer.generate`` runs
+of the batch are free; then its prompt is prefilled once and copied into ``n`` rows of the
+engine's ``Decoder`` (alone, the prefill is a one-row forward exactly as ``gpt.infer.generate`` runs
 it; requests that wait together are prefilled as one right-padded batch). Every step runs
-one single-token forward over all rows in use, each at its own position with its own attention
-mask, and each row picks its next token with its own settings and its own seeded generator (so a
-request's output does not depend on what else is running). A row leaves the batch as soon as it is
-done or its client is gone, and a waiting request takes its place at the next step.
+one single-token forward over all rows in use, each at its own position (the KV cache's per-row
+lengths), and each row picks its next token with its own settings and its own seeded generator
+(``gpt.infer.sampling.choose``: a request's output does not depend on what else is running). A row
+leaves the batch as soon as it is done or its client is gone, and a waiting request takes its place
+at the next step.
 
     batcher = Batcher(model, tokenizer, max_batch=16, max_queue=64)
     batcher.start()
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt.infer.config import GenerationConfig
-from gpt.infer.engine import KVCache, RaggedKVCache, apply_penalties, choose_next
-from gpt.infer.generate import TextStream
+from gpt.infer.engine import Decoder
+from gpt.infer.sampling import Row, TextStream, choose, prompt_counts
 from gpt.model import GPT
 
 log = logging.getLogger("gpt.serve")
@@ -96,17 +97,13 @@ class Request:
 
 
 @dataclass
-class Row:
+class Choice:
     """A choice of a request being decoded: row ``i`` of the batch is ``rows[i]``."""
 
     request: Request
     choice: int
-    stream: TextStream
-    generator: torch.Generator | None
-    counts: torch.Tensor | None  # (V,) occurrences so far, for the penalties
+    row: Row  # its settings, generator, penalty counts, stop conditions and text
     logits: torch.Tensor  # (V,) the next position's logits
-    generated: int = 0
-    last: int = 0  # the token fed at the next step
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent: int = 0  # logprobs already emitted
 
@@ -143,17 +140,14 @@ class Stats:
 class Batcher:
     """The scheduler and the model thread (see the module docstring)."""
 
-    def __init__(
-        self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 1024
-    ):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 prefill_tokens: int = 1024):  # fmt: skip
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
-        weight = model.lm_head.weight
-        self.device = weight.device
-        self.cache = RaggedKVCache(model.config, max_batch, weight.device, weight.dtype)
-        self.prefill_cache = KVCache(model.config, 1, weight.device, weight.dtype)
+        self.device = model.lm_head.weight.device
+        self.decoder = Decoder(model, max_batch)
         self.vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
-        self.rows: list[Row] = []
+        self.rows: list[Choice] = []
         self.pending: deque[Request] = deque()
         self.wake = threading.Condition()
         self.stats = Stats()
@@ -223,7 +217,7 @@ class Batcher:
                 for request in {id(r.request): r.request for r in self.rows}.values():
                     request.emit(Failed(f"internal error: {type(e).__name__}: {e}"))
                 self.rows.clear()
-                self.cache.rows = self.cache.start = 0
+                self.decoder.rows = 0
         for request in [*{id(r.request): r.request for r in self.rows}.values(), *self.pending]:
             request.emit(Failed("the server is shutting down"))
         self.rows.clear()
@@ -244,138 +238,107 @@ class Batcher:
                     break
                 batch.append(self.pending.popleft())
                 free -= request.n
-        if len(batch) > 1 and self._guarded(batch, self._prefill_batch):
+        if len(batch) > 1 and self._guarded(batch):
             return
         for request in batch:  # alone, or one by one after a batch failed: only a bad one fails
-            self._guarded([request], lambda b: self._prefill_one(b[0]))
+            self._guarded([request])
 
-    def _guarded(self, batch: list[Request], prefill: Callable[[list[Request]], None]) -> bool:
-        """Run ``prefill``; on an error, undo its rows (the rows already decoding go on), fail a lone
+    def _guarded(self, batch: list[Request]) -> bool:
+        """Prefill ``batch``; on an error, undo its rows (the rows already decoding go on), fail a lone
         request, and say so."""
         before = len(self.rows)
         try:
-            prefill(batch)
+            self._prefill(batch)
             return True
         except Exception as e:
             log.exception("prefill failed")
             del self.rows[before:]
-            self.cache.rows, self.cache.start = before, 0
+            self.decoder.rows = before
             if len(batch) == 1:
                 batch[0].emit(Failed(f"the prompt could not be prefilled: {type(e).__name__}: {e}"))
             return False
 
-    def _prefill_one(self, request: Request) -> None:
-        """A one-row prefill, exactly as ``gpt.infer.generate`` runs it, copied into n rows."""
-        ids = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
-        self.stats.prefill_forwards += 1
-        self.prefill_cache.pos = 0
-        logits = self.model(ids, kv_cache=self.prefill_cache, last_only=True)[0, -1]  # (V,)
-        self.prefill_cache.pos = ids.size(1)
-        counts = self._counts(request)
-        for choice in range(request.n):
-            self.cache.load_row(self.prefill_cache)
-            self._add_row(request, choice, logits, counts)
-
-    def _prefill_batch(self, batch: list[Request]) -> None:
-        """One forward over the right-padded prompts (b, T) in new rows; extra choices are copies."""
+    def _prefill(self, batch: list[Request]) -> None:
+        """One forward over the right-padded prompts (b, T) in new rows (alone: a one-row prefill,
+        exactly as ``gpt.infer.generate`` runs it); extra choices are copies of a request's row."""
         lengths = [len(r.prompt_ids) for r in batch]
         ids = torch.zeros(len(batch), max(lengths), dtype=torch.long, device=self.device)
         for i, request in enumerate(batch):
             ids[i, : lengths[i]] = torch.tensor(list(request.prompt_ids), device=self.device)
         self.stats.prefill_forwards += 1
-        first = self.cache.add_rows(len(batch))
-        self.cache.begin(ids.size(1))
-        logits = self.model(ids, kv_cache=self.cache)  # (b, T, V)
-        self.cache.advance(lengths)
-        counts = [self._counts(r) for r in batch]
+        first = self.decoder.rows
+        logits = self.decoder.add(ids, lengths)  # (b, V)
+        counts = [prompt_counts(r.config, ids[i, : lengths[i]], self.vocab_size) for i, r in enumerate(batch)]
         for i, request in enumerate(batch):
-            self._add_row(request, 0, logits[i, lengths[i] - 1], counts[i])
+            self.stats.prompt_tokens += lengths[i]
+            self._add_row(request, 0, logits[i], counts[i])
         for i, request in enumerate(batch):
             for choice in range(1, request.n):
-                self.cache.copy_row(first + i)
-                self._add_row(request, choice, logits[i, lengths[i] - 1], counts[i])
+                self.decoder.copy_row(first + i)
+                self._add_row(request, choice, logits[i], counts[i])
 
-    def _counts(self, request: Request) -> torch.Tensor | None:
-        """Token counts (V,) of the prompt, when a penalty needs them."""
-        self.stats.prompt_tokens += len(request.prompt_ids)
-        cfg = request.config
-        if cfg.repetition_penalty == 1.0 and not cfg.frequency_penalty and not cfg.presence_penalty:
-            return None
-        ids = torch.tensor(list(request.prompt_ids), dtype=torch.long, device=self.device)
-        return torch.bincount(ids, minlength=self.vocab_size)[: self.vocab_size].float()
-
-    def _add_row(
-        self, request: Request, choice: int, logits: torch.Tensor, counts: torch.Tensor | None
-    ) -> None:
+    def _add_row(self, request: Request, choice: int, logits: torch.Tensor,
+                 counts: torch.Tensor | None) -> None:  # fmt: skip
         """The batch's next row (already filled in the cache) decodes this choice of the request."""
         cfg, generator = request.config, None
         if cfg.temperature > 0:
             generator = torch.Generator(device=self.device)
             # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
             generator.manual_seed(cfg.seed + choice) if cfg.seed is not None else generator.seed()
-        stream = TextStream(self.tokenizer, cfg.stop)
-        row_counts = None if counts is None else counts.clone()
-        self.rows.append(Row(request, choice, stream, generator, row_counts, logits))
+        row = Row(cfg, TextStream(self.tokenizer, cfg.stop), generator,
+                  None if counts is None else counts.clone(), request.stop_token_ids)  # fmt: skip
+        self.rows.append(Choice(request, choice, row, logits))
 
     def _step(self) -> None:
         """Pick every row's next token, emit text, retire finished rows, run one forward for the rest."""
-        scores = torch.stack([row.logits for row in self.rows])[:, : self.vocab_size].float()  # (B, V)
+        scores = torch.stack([c.logits for c in self.rows])[:, : self.vocab_size].float()  # (B, V)
+        tokens = choose([c.row for c in self.rows], scores).tolist()
         done = []
-        for i, row in enumerate(self.rows):
-            if row.request.cancelled:
-                done.append(i)
-                continue
-            self._choose(row, scores[i : i + 1])
-            if row.stream.finished:
+        for i, c in enumerate(self.rows):
+            if not c.request.cancelled:
+                self._emit(c, tokens[i], scores[i])
+            if c.request.cancelled or c.row.finished:
                 done.append(i)
         for i in reversed(done):  # the last row moves into a freed one: go from the end
-            row = self.rows[i]
-            self.cache.drop_row(i)
+            c = self.rows[i]
+            self.decoder.drop_row(i)
             self.rows[i] = self.rows[-1]
             self.rows.pop()
-            if not row.request.cancelled:
-                self._finish(row)
+            if not c.request.cancelled:
+                self._finish(c)
         if not self.rows:
             return
         self.stats.steps += 1
         self.stats.step_rows += len(self.rows)
-        tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long, device=self.device)
-        self.cache.begin(1)
-        logits = self.model(tokens[:, None], kv_cache=self.cache)[:, -1]  # (B, V)
-        self.cache.advance(1)
-        for row, row_logits in zip(self.rows, logits):
-            row.logits = row_logits
+        last = torch.tensor([c.row.last for c in self.rows], dtype=torch.long, device=self.device)
+        logits = self.decoder.step(last)  # (B, V)
+        for c, row_logits in zip(self.rows, logits):
+            c.logits = row_logits
 
-    def _choose(self, row: Row, scores: torch.Tensor) -> None:
-        """Sample row's next token from scores (1, V), push it to its text stream, emit new text."""
-        request, cfg = row.request, row.request.config
-        penalised = scores if row.counts is None else apply_penalties(scores, row.counts[None], cfg)
-        token = int(choose_next(penalised, cfg, row.generator)[0])
-        if row.counts is not None:
-            row.counts[token] += 1
+    def _emit(self, c: Choice, token: int, scores: torch.Tensor) -> None:
+        """Record the row's next token (chosen from scores (V,)), emit its new text and logprobs."""
+        request, row = c.request, c.row
         if request.logprobs is not None:
-            logprobs = F.log_softmax(scores[0], dim=-1)  # the model's distribution, before any control
+            logprobs = F.log_softmax(scores, dim=-1)  # the model's distribution, before any control
             top = logprobs.topk(request.logprobs) if request.logprobs else None
             alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            row.logprobs.append(TokenLogprob(token, float(logprobs[token]), alternatives))
-        row.generated += 1
-        row.last = token
+            c.logprobs.append(TokenLogprob(token, float(logprobs[token]), alternatives))
         request.completion_tokens += 1
         self.stats.count(1)
-        stream = row.stream
-        text = stream.end("stop") if token in request.stop_token_ids else stream.push(token)
+        text = row.accept(token)
         full = len(request.prompt_ids) + row.generated > self.model.config.block_size  # no room to feed it
-        if not stream.finished and (row.generated >= cfg.max_new_tokens or full):
-            text += stream.end("length")
+        if full and not row.finished:
+            text += row.stream.end("length")
+        stream = row.stream
         shown = len(stream.ids) if stream.finished else stream.shown_tokens
-        new = row.logprobs[row.sent : shown]
-        row.sent = max(row.sent, shown)
+        new = c.logprobs[c.sent : shown]
+        c.sent = max(c.sent, shown)
         if text or new:
-            request.emit(Piece(row.choice, text, new))
+            request.emit(Piece(c.choice, text, new))
 
-    def _finish(self, row: Row) -> None:
-        request = row.request
-        request.emit(Finish(row.choice, row.stream.finish_reason or "length"))
+    def _finish(self, c: Choice) -> None:
+        request = c.request
+        request.emit(Finish(c.choice, c.row.stream.finish_reason or "length"))
         request.finished_choices += 1
         if request.finished_choices == request.n:
             self.stats.requests_finished += 1

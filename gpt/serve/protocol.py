@@ -138,9 +138,8 @@ def chat_messages(messages: list[Any]) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ApiError(
-                400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages"
-            )
+            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'",
+                           param="messages")  # fmt: skip
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):

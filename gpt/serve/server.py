@@ -15,15 +15,12 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from gpt.checkpoint import load_state_dict_strict
-from gpt.config import resolve_path
 from gpt.device import pick_device, resolve_dtype
 from gpt.infer.config import ServeConfig
 from gpt.model import GPT
-from gpt.runs.load import load_base, load_model
+from gpt.runs.load import load
 from gpt.serve.app import create_app
 
 log = logging.getLogger("gpt.serve")
@@ -38,21 +35,13 @@ class Served:
 
 
 def load_for_serving(cfg: ServeConfig) -> Served:
+    """The model ``cfg.ckpt`` names (LoRA adapters merged), on the device and in the dtype asked for."""
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.ckpt.startswith("hf:"):
-        config, weights, tokenizer, source = load_base(cfg.ckpt)
-        model = GPT(config)
-        load_state_dict_strict(model, weights, source)
-        name, chat_trained = Path(cfg.ckpt[3:]).name, False
-    else:
-        path = resolve_path(cfg.ckpt)
-        model, tokenizer, state = load_model(path, merge=True)
-        run_config = state.get("config") or {}
-        chat_trained = (run_config.get("data") or {}).get("format") == "dialogs"
-        name = (path if path.is_dir() else path.parent).resolve().name
-    model.to(device=device, dtype=dtype).eval()
-    return Served(model, tokenizer, cfg.model_name or name, chat_trained)
+    loaded = load(cfg.ckpt, merge=True)
+    model = loaded.build().to(device=device, dtype=dtype).eval()
+    chat_trained = ((loaded.state.get("config") or {}).get("data") or {}).get("format") == "dialogs"
+    return Served(model, loaded.tokenizer, cfg.model_name or loaded.name, chat_trained)
 
 
 def is_loopback(host: str) -> bool:
@@ -71,39 +60,22 @@ def serve(cfg: ServeConfig) -> None:
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     served = load_for_serving(cfg)
-    model = served.model
-    print(
-        f"serving {cfg.ckpt} as '{served.name}': {model.num_params() / 1e6:.2f}M parameters, context "
-        f"{model.config.block_size}, device {model.lm_head.weight.device}, "
-        f"{str(model.lm_head.weight.dtype).removeprefix('torch.')}, batch {cfg.max_batch}",
-        file=sys.stderr,
-    )
+    model, weight = served.model, served.model.lm_head.weight
+    print(f"serving {cfg.ckpt} as '{served.name}': {model.num_params() / 1e6:.2f}M parameters, context "
+          f"{model.config.block_size}, device {weight.device}, {str(weight.dtype).removeprefix('torch.')}, "
+          f"batch {cfg.max_batch}", file=sys.stderr)  # fmt: skip
     if not served.chat_trained:
-        log.warning(
-            "%s has no chat training: /v1/chat/completions works, but replies may not follow the "
-            "conversation",
-            served.name,
-        )
+        log.warning("%s has no chat training: /v1/chat/completions works, but replies may not follow the "
+                    "conversation", served.name)  # fmt: skip
     if not is_loopback(cfg.host):
-        log.warning(
-            "binding %s: the server is reachable from other machines%s",
-            cfg.host,
-            "" if cfg.api_key else " and has no api_key",
-        )
+        log.warning("binding %s: the server is reachable from other machines%s", cfg.host,
+                    "" if cfg.api_key else " and has no api_key")  # fmt: skip
     app = create_app(model, served.tokenizer, cfg, served.name, served.chat_trained)
-    config = uvicorn.Config(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        log_level=cfg.log_level,
-        timeout_graceful_shutdown=cfg.shutdown_timeout,
-        access_log=cfg.log_level == "debug",
-    )
-    print(
-        f"open http://{cfg.host}:{cfg.port}/ for the chat page; OpenAI API at http://{cfg.host}:{cfg.port}/v1",
-        file=sys.stderr,
-        flush=True,
-    )
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            timeout_graceful_shutdown=cfg.shutdown_timeout,
+                            access_log=cfg.log_level == "debug")  # fmt: skip
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"open {url}/ for the chat page; OpenAI API at {url}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again to its previous
     # handler: a no-op one lets the process end normally, with status 0
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,10 +14,9 @@ available is refused.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from gpt.device import free_memory
 from gpt.errors import ConfigError
 from gpt.model import GPTConfig
 
@@ -37,31 +36,12 @@ def step_bytes(config: GPTConfig, micro_batch_size: int, dtype: torch.dtype, dev
     return int(blocks + logits + 16 * n_params)
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (None where it cannot be told)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
 def check_memory(config: GPTConfig, micro_batch_size: int, dtype: torch.dtype, device: torch.device,
                  activation_checkpointing: bool = False) -> None:  # fmt: skip
     """ConfigError when a training step would need far more memory than ``device`` has free."""
     need, have = (
         step_bytes(config, micro_batch_size, dtype, device, activation_checkpointing),
-        available_bytes(device),
+        free_memory(device),
     )
     if have is None or need <= MARGIN * have:
         return
