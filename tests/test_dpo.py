@@ -11,13 +11,14 @@ import re
 import pytest
 import torch
 
-from gpt.config import REPO_ROOT, DPOConfig, TrainRunConfig
+from gpt.config import DPOConfig, TrainRunConfig
 from gpt.data.preference import read_pairs
 from gpt.errors import ConfigError, DataError
 from gpt.model import GPT, GPTConfig
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 from gpt.train.objective import DPOObjective, dpo_losses, sequence_logps
+from gpt.typed_config import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,15 +235,11 @@ def test_dpo_steps_do_not_depend_on_the_micro_batch_split(sft_run, tmp_path):
 
 
 def test_the_dpo_preset_is_the_whole_command():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from gpt.commands.cli import compose_config
+    from gpt.commands.train import TRAIN
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        composed = compose(
-            config_name="train", overrides=["experiment=dpo", "init_from=out/chat", "data.path=p.jsonl"]
-        )
-    given = frozenset({"experiment", "init_from", "data.path"})
-    cfg = TrainRunConfig.from_command_line(OmegaConf.to_container(composed, resolve=True), given)
+    composed, given = compose_config(TRAIN, ["experiment=dpo", "init_from=out/chat", "data.path=p.jsonl"])
+    cfg = TrainRunConfig.from_command_line(composed, given)
     assert (cfg.experiment, cfg.data.format, cfg.data.path, cfg.init_from) == (
         "dpo",
         "pairs",

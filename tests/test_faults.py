@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -21,12 +22,15 @@ import pytest
 import torch
 
 from gpt.checkpoint import history, load_checkpoint, load_latest, save_checkpoint
-from gpt.config import REPO_ROOT
+from gpt.commands.cli import run
+from gpt.commands.train import train_job
 from gpt.data.prepare import check_token_ids, prepare
-from gpt.errors import CheckpointError, ConfigError, DivergenceError
+from gpt.errors import CheckpointError, ConfigError
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 from gpt.train.rundir import RunLock
+from gpt.train.signals import Stop
+from gpt.typed_config import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,8 +98,9 @@ def test_nan_steps_in_a_row_roll_back_past_the_bad_batches_and_the_run_finishes(
 
 def test_rollbacks_that_do_not_help_stop_the_run_with_the_good_checkpoint_intact(make_cfg):
     cfg = make_cfg(train=dict(max_steps=30, ckpt_interval=0, max_bad_steps=2, max_rollbacks=2))
-    with pytest.raises(DivergenceError, match="2 rollbacks did not help.*intact"):
-        train(cfg, after_backward=poison(set(range(5, 30))))
+    summary = train(cfg, after_backward=poison(set(range(5, 30))))
+    assert summary["stopped"] is Stop.DIVERGED
+    assert re.search("2 rollbacks did not help.*intact", summary["failure"])
     state = load_checkpoint(cfg.out_dir)
     assert state["step"] == 0  # the one written before the first step
     assert_finite_checkpoints(cfg.out_dir)
@@ -104,12 +109,14 @@ def test_rollbacks_that_do_not_help_stop_the_run_with_the_good_checkpoint_intact
     strict_lines(cfg.out_dir)
 
 
-def test_a_huge_learning_rate_stops_the_run_and_never_writes_non_finite_weights(make_cfg):
+def test_a_huge_learning_rate_stops_the_run_and_never_writes_non_finite_weights(make_cfg, capsys):
     cfg = make_cfg(
         optim=dict(lr=1e4, warmup_steps=1), train=dict(max_steps=30, ckpt_interval=5, max_rollbacks=1)
     )
-    with pytest.raises(DivergenceError, match="lower optim.lr"):
-        train(cfg)
+    with pytest.raises(SystemExit) as exc:  # what train.py does: one error line, exit status 2
+        run(train_job, cfg.to_dict())
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert exc.value.code == 2 and len(error) == 1 and "diverged" in error[0] and "lower optim.lr" in error[0]
     assert_finite_checkpoints(cfg.out_dir)
     strict_lines(cfg.out_dir)
 
@@ -212,14 +219,16 @@ def test_resume_with_dropout_and_the_measured_peak_flops_is_bit_exact(make_cfg):
 def test_random_numbers_drawn_before_the_first_step_do_not_change_the_run(make_cfg):
     """What train.compile's trial step does (a forward/backward, dropout masks drawn) after the RNG
     is restored: undone before the first step, so a resumed run cannot drift."""
-    from gpt.train import distributed as D
+    from gpt.ranks import Ranks
     from gpt.train.loop import Trainer
     from gpt.train.setup import setup_run
     from gpt.train.signals import StopFlag
 
+    cpu = torch.device("cpu")
+
     def weights_after(name: str, consume: bool) -> dict:
         cfg = make_cfg(name, model=dict(dropout=0.2), train=dict(max_steps=4, eval_interval=0))
-        info = D.DistInfo()
+        info = Ranks(device=cpu)
         trainer = Trainer(cfg, info, setup_run(cfg, info))
         if consume:
             trainer.forward_backward(trainer.model)
@@ -234,12 +243,12 @@ def test_random_numbers_drawn_before_the_first_step_do_not_change_the_run(make_c
 
 
 def test_the_grad_scaler_state_travels_in_the_checkpoint(make_cfg):
-    from gpt.train import distributed as D
+    from gpt.ranks import Ranks
     from gpt.train.loop import Trainer
     from gpt.train.setup import setup_run
 
     cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
-    info = D.DistInfo()
+    info = Ranks(device=torch.device("cpu"))
     run = setup_run(cfg, info)
     trainer = Trainer(cfg, info, run)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
@@ -270,7 +279,7 @@ def test_resume_refuses_changed_settings_unless_forced(make_cfg, capsys):
     assert train(make_cfg(resume=True, resume_force=True, seed=8, **changed))["step"] == 6
     assert "resume_force=true" in capsys.readouterr().out
     summary = train(make_cfg(resume=True, train=dict(max_steps=6, eval_interval=0)))
-    assert summary.get("finished") and "already finished" in capsys.readouterr().out
+    assert summary["stopped"] is Stop.DONE and "already finished" in capsys.readouterr().out
 
 
 def test_a_torn_last_metrics_line_does_not_break_resume(make_cfg):
@@ -534,11 +543,11 @@ def test_sigterm_during_a_long_eval_stops_at_once_with_a_checkpoint(make_cfg):
     timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
     long_evals = make_cfg(resume=True, train=dict(max_steps=50, eval_interval=3, eval_steps=1_000_000))
     try:
-        with pytest.raises(SystemExit) as exc:  # the signal comes during the eval at step 3 (of hours)
-            train(long_evals, should_stop=lambda step: step == 3 and timer.start())
+        # the signal comes during the eval at step 3 (of hours)
+        summary = train(long_evals, should_stop=lambda step: step == 3 and timer.start())
     finally:
         timer.cancel()
-    assert exc.value.code == 143
+    assert summary["stopped"] is Stop.SIGTERM and summary["step"] == 3
     assert load_checkpoint(long_evals.out_dir)["step"] == 3  # the eval was abandoned, the step saved
     assert read_metrics(long_evals.out_dir) == []
 
@@ -596,7 +605,9 @@ def test_a_signal_during_data_preparation_stops_it_at_once_and_cleanly(make_cfg,
     cfg = make_cfg(data=dict(path=str(big), num_workers=2))
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     script = "import json, sys\nfrom gpt.config import TrainRunConfig\nfrom gpt.train.loop import train\n"
-    script += "train(TrainRunConfig.from_dict(json.loads(open(sys.argv[1]).read())))\n"
+    script += "from gpt.commands.train import EXIT_STATUS\n"
+    script += "summary = train(TrainRunConfig.from_dict(json.loads(open(sys.argv[1]).read())))\n"
+    script += "sys.exit(EXIT_STATUS[summary['stopped']])\n"  # what the command does
     (tmp_path / "run.py").write_text(script)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
     p = subprocess.Popen(

@@ -8,7 +8,7 @@ import torch
 
 from gpt.checkpoint import load_checkpoint
 from gpt.errors import CheckpointError, ConfigError
-from gpt.runs.load import load_model
+from gpt.runs.load import load
 from gpt.runs.metrics import read_metrics
 from gpt.train.loop import train
 
@@ -33,7 +33,8 @@ def test_tiny_run_lowers_the_loss_and_fills_the_run_directory(make_cfg):
 def test_save_then_load_gives_identical_logits(make_cfg):
     cfg = make_cfg(train=dict(max_steps=5, eval_interval=0))
     train(cfg)
-    model, tokenizer, _ = load_model(cfg.out_dir)
+    loaded = load(cfg.out_dir)
+    model, tokenizer = loaded.build(), loaded.tokenizer
     idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat light")])
     # retrain deterministically to the same point and compare against the in-memory weights
     from gpt.model import GPT, GPTConfig
@@ -52,7 +53,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(make_cfg):
     train(full)
     part = make_cfg("part", model=dict(dropout=0.1), train=dict(micro_batch_size=4))
     summary = train(part, should_stop=lambda step: step == 13)
-    assert summary["interrupted"] and summary["step"] == 13
+    assert summary["stopped"] == "requested" and summary["step"] == 13
     assert load_checkpoint(part.out_dir)["step"] == 13
     resumed = make_cfg("part", model=dict(dropout=0.1), train=dict(micro_batch_size=4), resume=True)
     train(resumed)

@@ -12,17 +12,20 @@ Every ``eval_interval`` steps (and at the end) train and val losses (and ``val_b
 of ``train.eval_tasks``) go to ``metrics.jsonl`` and wandb; a checkpoint is written every
 ``ckpt_interval`` steps, at the end, and on Ctrl-C / SIGTERM.
 
+Each step reads top to bottom in ``Trainer.fit``: the step, then ``maybe_rollback``, ``maybe_stop``,
+``maybe_eval`` and ``maybe_save`` each decide for themselves; ``fit`` returns why the run stopped
+(``gpt.train.signals.Stop``) and the command maps that to an exit status.
+
 The guard (``gpt.train.guard``): a step whose loss or gradient norm is non-finite on any rank is
 skipped by every rank; too many in a row, or a loss spike, roll the run back to its last good
-checkpoint, past the batches that failed; when rollbacks do not help the run stops (exit 2) with
-that checkpoint intact. A checkpoint with non-finite weights is never written. The run directory is
-locked for the run (``gpt.train.rundir``).
+checkpoint, past the batches that failed; when rollbacks do not help the run stops (Stop.DIVERGED)
+with that checkpoint intact. A checkpoint with non-finite weights is never written. The run
+directory is locked for the run (``gpt.train.rundir``).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +35,11 @@ import torch
 
 from gpt.checkpoint import BEST_NAME, CKPT_NAME, load_latest, non_finite_tensors, save_checkpoint
 from gpt.config import TrainRunConfig
-from gpt.data.shards import TokenWindows
 from gpt.device import autocast_for, keep_freed_memory, measure_peak_flops, resolve_dtype
-from gpt.errors import ConfigError, DivergenceError
-from gpt.eval.bpb import bytes_per_token
+from gpt.errors import ConfigError
+from gpt.ranks import Ranks
 from gpt.train import distributed as D
-from gpt.train.evaluation import EvalInterrupted, estimate_loss, estimate_pair_metrics, task_suite
+from gpt.train.evaluation import Evaluator
 from gpt.train.guard import Guard
 from gpt.train.memory import check_memory
 from gpt.train.monitor import Throughput
@@ -45,7 +47,7 @@ from gpt.train.objective import make_objective
 from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
 from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
-from gpt.train.signals import StopFlag
+from gpt.train.signals import AGREED, Interrupted, Stop, StopFlag
 
 # a test hook: after_backward(step, model) may poison a gradient (see tests/test_faults.py)
 AfterBackward = Callable[[int, torch.nn.Module], None]
@@ -71,7 +73,7 @@ def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) 
     return mbs, per_rank // mbs
 
 
-def try_compile(model, run_step: Callable[[Any], Any], info: D.DistInfo):
+def try_compile(model, run_step: Callable[[Any], Any], info: Ranks):
     """torch.compile with a graceful fallback: compile errors surface on the first call, so run one
     step with the compiled model and fall back to eager (one notice line) if it fails."""
     compiled = torch.compile(model)
@@ -90,7 +92,7 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainRunConfig,
-        info: D.DistInfo,
+        info: Ranks,
         run: RunSetup,
         after_backward: AfterBackward | None = None,
     ) -> None:
@@ -124,11 +126,11 @@ class Trainer:
         # clipping with foreach kernels: one norm over all gradients, not a Python loop (the CPU default)
         self.clip_foreach = info.device.type in ("cpu", "cuda")
         self.t_start = time.time()
-        # val_bpb = val_loss in bits x tokens per byte of the val split (text corpora only)
-        val = run.val_data
-        text = isinstance(val, TokenWindows)
-        self.val_bytes_per_token = bytes_per_token(run.tokenizer, val.shards) if text else None
-        self.tasks = task_suite(cfg) if cfg.train.eval_tasks else None
+        self.evaluator = Evaluator(cfg, info, run, self.mbs, self.autocast, self.objective)
+        self.record: dict[str, Any] = {}  # the last eval's
+        self.stopped: Stop | None = None  # set by a stop (maybe_stop) or a divergence (rollback)
+        self.failure = ""  # why the run diverged
+        self.bar: Any = None  # the progress bar, from start()
 
     def forward_backward(self, model) -> torch.Tensor:
         """This step's forward/backward over this rank's micro-batches; returns this rank's part of
@@ -140,7 +142,7 @@ class Trainer:
         counts = [self.objective.count(b) for b in batches]  # target tokens (or pairs) per micro-batch
         # the step's loss is the mean over the global batch's target tokens, however it is split:
         # a micro-batch's mean weighs n / total, times world_size as DDP/FSDP average over ranks
-        total = max(D.sum_over_ranks(sum(counts), info), 1)
+        total = max(info.sum([sum(counts)])[0], 1)
         loss_sum = torch.zeros((), device=info.device)
         for micro, (batch, n) in enumerate(zip(batches, counts, strict=True)):
             with D.no_grad_sync(model, sync=micro == self.accum - 1), self.autocast:
@@ -178,48 +180,16 @@ class Trainer:
         return verdict, loss_val
 
     def evaluate(self, abort: Callable[[], int] | None = None) -> dict[str, Any]:
-        """Train and val loss on fixed batches, logged; keeps best.pt if asked. ``abort()`` true (a
+        """An eval (see ``gpt.train.evaluation``), logged; keeps best.pt if asked. ``abort()`` true (a
         stop signal) abandons it: nothing logged, {} returned."""
-        cfg, run = self.cfg, self.run
-        args = (cfg, self.info, self.mbs, self.autocast, self.objective)
-        extra: dict[str, Any] = {}
-        try:
-            if self.objective.metrics:  # preference pairs: loss, reward accuracy, margin, log-probs
-                parts = {"train": estimate_pair_metrics(self.model, run.train_eval, *args, abort)}
-                if run.val_data:
-                    parts["val"] = estimate_pair_metrics(self.model, run.val_data, *args, abort)
-                extra = {
-                    f"{p}_{k}": round(v, 6) for p, m in parts.items() for k, v in m.items() if k != "loss"
-                }
-                train_loss, val_loss = parts["train"]["loss"], parts.get("val", {}).get("loss", float("nan"))
-            else:
-                train_loss = estimate_loss(self.model, run.train_eval, *args, abort)
-                val_loss = (
-                    estimate_loss(self.model, run.val_data, *args, abort) if run.val_data else float("nan")
-                )
-        except EvalInterrupted:
-            self.meter.restart()
-            return {}
-        bpt = self.val_bytes_per_token
-        record = {
-            "step": self.step,
-            "tokens": self.step * cfg.train.batch_size * run.block_size,
-            "train_loss": round(train_loss, 6),
-            "val_loss": round(val_loss, 6) if run.val_data else None,  # null: no val split; NaN stays NaN
-            "val_bpb": round(val_loss / math.log(2) / bpt, 6) if bpt and run.val_data else None,
-            **extra,
-            "lr": lr_at(max(self.step - 1, 0), cfg.optim, cfg.train.max_steps) * self.guard.lr_scale,
-            "elapsed_s": round(time.time() - self.t_start, 3),
-        }
-        if self.tasks is not None:  # on every rank, the same items: FSDP's weight gathers match
-            with torch.no_grad(), self.autocast:
-                scores = self.tasks.score(self.raw_model, run.tokenizer, chat=cfg.data.format == "dialogs")
-            record.update({f"{task}/{k}": v for task, r in scores.items() for k, v in r["metrics"].items()})
-        run.logger.metrics(record)
-        better = self.best_val is None or val_loss < self.best_val
-        if cfg.train.keep_best and not math.isnan(val_loss) and better:
-            self.best_val = val_loss
-            self.save(Path(cfg.out_dir) / BEST_NAME)
+        lr = lr_at(max(self.step - 1, 0), self.cfg.optim, self.cfg.train.max_steps) * self.guard.lr_scale
+        record, val_loss = self.evaluator(self.model, self.raw_model, self.step, lr, self.t_start, abort)
+        if record:
+            self.run.logger.metrics(record)
+            better = self.best_val is None or val_loss < self.best_val
+            if self.cfg.train.keep_best and not math.isnan(val_loss) and better:
+                self.best_val = val_loss
+                self.save(Path(self.cfg.out_dir) / BEST_NAME)
         self.meter.restart()
         return record
 
@@ -232,7 +202,7 @@ class Trainer:
             extra["scaler"] = self.scaler.state_dict()
         state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val, **extra)
         bad = non_finite_tensors(state["model"]) if self.info.is_main else []
-        if D.max_over_ranks(int(bool(bad)), self.info):
+        if self.info.max([int(bool(bad))])[0]:
             self.run.logger.info(f"step {self.step}: non-finite weights ({bad[:3]}); {path.name} not written")
             self.meter.restart()
             return False
@@ -241,25 +211,28 @@ class Trainer:
             save_checkpoint(path, state, keep_last=keep, check_finite=True)
         if path.name == CKPT_NAME:
             self.guard.saved(self.step)
-        D.wait_all(self.info, "rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
+        self.info.wait_all("rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
         self.meter.restart()
         return True
 
     def rollback(self, reason: str) -> None:
         """Back to the newest good checkpoint (weights, optimizer, RNG, scaler), past the batches that
         failed, at a lower LR if asked; logged, and saved at once so that a resume continues from
-        here. Raises DivergenceError once ``train.max_rollbacks`` rollbacks in a row did not help."""
+        here. Once ``train.max_rollbacks`` rollbacks in a row did not help, the run stops instead
+        (``self.stopped``: Stop.DIVERGED, ``self.failure`` says why)."""
         cfg, out_dir, failed = self.cfg, Path(self.cfg.out_dir), self.step
         if self.guard.rollbacks >= cfg.train.max_rollbacks:
             self.run.logger.event(
                 {"step": failed, "event": "diverged", "reason": reason}, f"step {failed}: {reason}; giving up"
             )
-            raise DivergenceError(
+            self.stopped = Stop.DIVERGED
+            self.failure = (
                 f"training diverged at step {failed} ({reason}) and {self.guard.rollbacks} rollbacks did "
                 f"not help; the last good checkpoint in {out_dir} is intact: lower optim.lr (now "
                 f"{cfg.optim.lr:g}), raise optim.warmup_steps or set train.rollback_lr_factor=0.5, then "
                 "resume=true resume_force=true"
             )
+            return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         state, used = load_latest(out_dir, warn=self.run.logger.info)  # every rank reads it
@@ -274,15 +247,9 @@ class Trainer:
         self.step, self.best_val = int(state["step"]), state.get("best_val_loss")
         D.restore_rng(state.get("rng", {}), self.info, cfg.seed, self.step)
         self.guard.rolled_back(failed, self.step, state.get("guard"))
-        record = {
-            "step": self.step,
-            "event": "rollback",
-            "from_step": failed,
-            "reason": reason,
-            "data_offset": self.guard.data_offset,
-            "lr_scale": self.guard.lr_scale,
-            "rollback": self.guard.rollbacks,
-        }
+        g = self.guard
+        record = {"step": self.step, "event": "rollback", "from_step": failed, "reason": reason,
+                  "data_offset": g.data_offset, "lr_scale": g.lr_scale, "rollback": g.rollbacks}  # fmt: skip
         self.run.logger.rolled_back(self.step)
         self.run.logger.event(
             record,
@@ -292,84 +259,117 @@ class Trainer:
         )
         self.save(out_dir / CKPT_NAME)
 
+    def due(self, interval: int) -> bool:
+        """Whether an every-``interval``-steps action (eval, save) falls on this step; always at the end."""
+        return interval > 0 and (self.step % interval == 0 or self.step == self.cfg.train.max_steps)
+
+    # ------------------------------------------------------------------ one step of fit, in order
+    def train_step(self) -> str:
+        """One optimizer step (or a skipped one, logged), counted; returns the guard's verdict: a
+        "rollback" step is not counted (see maybe_rollback)."""
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps) * self.guard.lr_scale
+        loss = self.forward_backward(self.model)
+        verdict, loss_val = self.optimizer_step(lr, loss)
+        if verdict == "rollback":
+            return verdict
+        if verdict == "skip":
+            self.run.logger.event(
+                {"step": self.step, "event": "skipped", "loss": loss_val, "reason": self.guard.reason},
+                f"step {self.step}: skipped, {self.guard.reason} (loss {loss_val:.4g})",
+            )
+        self.step += 1
+        self.bar.update(1)
+        if self.step % self.cfg.train.log_interval == 0 or self.step == self.cfg.train.max_steps:
+            self.log(loss, lr)
+        return verdict
+
     def log(self, loss: torch.Tensor, lr: float) -> None:
         loss_val = D.all_reduce_mean(loss.detach().float()).item()
         dt, tokens_per_s = self.meter.take(self.info.world_size)
         mfu = self.flops_per_token * tokens_per_s / (self.peak * self.info.world_size)
         self.run.logger.step_line(self.step, self.cfg.train.max_steps, loss_val, lr, tokens_per_s, mfu, dt)
 
-    def due(self, interval: int) -> bool:
-        """Whether an every-``interval``-steps action (eval, save) falls on this step; always at the end."""
-        return interval > 0 and (self.step % interval == 0 or self.step == self.cfg.train.max_steps)
+    def maybe_rollback(self, verdict: str) -> bool:
+        """After a step the guard refused (``train.max_bad_steps`` bad steps in a row, a loss spike):
+        back to the last good checkpoint, or stop (Stop.DIVERGED). Returns whether it did."""
+        if verdict != "rollback":
+            return False
+        self.rollback(self.guard.reason)
+        self.meter.restart()
+        return True
 
-    def fit(self, stop: StopFlag, should_stop: Callable[[int], bool] | None) -> dict[str, Any]:
-        """Train from ``self.step`` to ``train.max_steps``, or until a stop; returns the summary."""
-        cfg, info, out_dir = self.cfg, self.info, Path(self.cfg.out_dir)
-        if cfg.resume and self.step >= cfg.train.max_steps:
-            self.run.logger.info(
-                f"the run in {out_dir} already finished: step {self.step} of "
-                f"train.max_steps={cfg.train.max_steps}; raise train.max_steps to train it further"
-            )
-            self.run.logger.close()
-            return {"step": self.step, "finished": True, "rank": info.rank}
+    def maybe_stop(self, stop: StopFlag, should_stop: Callable[[int], bool] | None = None) -> None:
+        """A signal (or ``should_stop``) stops the run after this step. Ranks may see one at different
+        steps: they agree (one all-reduce) and stop together at the first; the checkpoint is written at
+        once, so that a kill during the eval that may follow loses nothing."""
+        code = stop.code() or int(bool(should_stop and should_stop(self.step)))
+        self.stopped = AGREED[self.info.max([code])[0]]
+        if self.stopped is not None:
+            self.save(Path(self.cfg.out_dir) / CKPT_NAME)
+
+    def maybe_eval(self, stop: StopFlag) -> None:
+        """Every ``train.eval_interval`` steps and at the end; a signal abandons it and stops the run."""
+        if not self.due(self.cfg.train.eval_interval):
+            return
+        self.record = self.evaluate(stop.code) or self.record
+        if self.stopped is None:
+            self.maybe_stop(stop)
+
+    def maybe_save(self) -> None:
+        """Every ``train.ckpt_interval`` steps and at the end (a stop saved already); weights that are
+        not finite are never written: the run rolls back instead."""
+        due = self.due(self.cfg.train.ckpt_interval) or self.step == self.cfg.train.max_steps
+        if self.stopped is None and due and not self.save(Path(self.cfg.out_dir) / CKPT_NAME):
+            self.rollback("non-finite weights")
+
+    def start(self) -> None:
+        """Before the first step: compile, restore the random state, write a checkpoint to roll back
+        to, and the step-0 eval."""
+        cfg, out_dir = self.cfg, Path(self.cfg.out_dir)
         if cfg.train.compile:
-            self.model = try_compile(self.model, self.forward_backward, info)
+            self.model = try_compile(self.model, self.forward_backward, self.info)
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
-        D.rng_restore(self.rng, info.device)  # exactly the random state setup left, see __init__
+        D.rng_restore(self.rng, self.info.device)  # exactly the random state setup left, see __init__
         if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
-        record = self.evaluate(stop.code) if self.step == 0 and cfg.train.eval_interval > 0 else {}
+        if self.step == 0 and cfg.train.eval_interval > 0:
+            self.record = self.evaluate()  # a signal now stops the run at once (signals.Interrupted)
         self.model.train()
-        stop.immediate = False  # from here a stop finishes the step and saves
         self.meter.restart()
-        bar = self.run.logger.progress(total=cfg.train.max_steps, initial=self.step)
-        while self.step < cfg.train.max_steps:
-            lr = lr_at(self.step, cfg.optim, cfg.train.max_steps) * self.guard.lr_scale
-            loss = self.forward_backward(self.model)
-            verdict, loss_val = self.optimizer_step(lr, loss)
-            if verdict == "rollback":
-                self.rollback(self.guard.reason)
-                self.meter.restart()
+        self.bar = self.run.logger.progress(total=cfg.train.max_steps, initial=self.step)
+
+    def fit(self, stop: StopFlag, should_stop: Callable[[int], bool] | None = None) -> Stop:
+        """Train from ``self.step`` to ``train.max_steps``, or until a stop; returns why it stopped."""
+        if self.cfg.resume and self.step >= self.cfg.train.max_steps:
+            self.run.logger.info(
+                f"the run in {self.cfg.out_dir} already finished: step {self.step} of "
+                f"train.max_steps={self.cfg.train.max_steps}; raise train.max_steps to train it further"
+            )
+            return Stop.DONE
+        self.start()
+        stop.immediate = False  # from here a stop finishes the step and saves
+        while self.step < self.cfg.train.max_steps and self.stopped is None:
+            if self.maybe_rollback(self.train_step()):
                 continue
-            if verdict == "skip":
-                self.run.logger.event(
-                    {"step": self.step, "event": "skipped", "loss": loss_val, "reason": self.guard.reason},
-                    f"step {self.step}: skipped, {self.guard.reason} (loss {loss_val:.4g})",
-                )
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.max_steps:
-                self.log(loss, lr)
-            # ranks may see a signal (or should_stop) at different steps: they stop together at the first
-            code = D.max_over_ranks(stop.code() or int(bool(should_stop and should_stop(self.step))), info)
-            if code:  # a stop: save first, so that a kill during the eval below loses nothing
-                self.save(out_dir / CKPT_NAME)
-            if self.due(cfg.train.eval_interval):
-                record = self.evaluate(stop.code) or record  # a stop during the eval ends it at once
-                if not code and (code := D.max_over_ranks(stop.code(), info)):
-                    self.save(out_dir / CKPT_NAME)
-            due = self.due(cfg.train.ckpt_interval) or self.step == cfg.train.max_steps
-            if not code and due and not self.save(out_dir / CKPT_NAME):
-                self.rollback("non-finite weights")
-                continue
-            if code:
-                self.run.logger.close()
-                D.print0(
-                    f"stopped at step {self.step}; continue with resume=true out_dir={out_dir}", info=info
-                )
-                if code in StopFlag.REASONS:
-                    sys.exit(130 if StopFlag.REASONS[code] == "SIGINT" else 143)
-                return {**record, "step": self.step, "interrupted": True}
-        summary = {
-            **record,
-            "step": self.step,
-            "elapsed_s": round(time.time() - self.t_start, 3),
-            "rank": info.rank,
-        }
-        if info.device.type == "cuda":
-            summary["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2)
+            self.maybe_stop(stop, should_stop)
+            self.maybe_eval(stop)
+            self.maybe_save()
+        return self.stopped or Stop.DONE
+
+    def finish(self, stopped: Stop) -> dict[str, Any]:
+        """Close the monitor; returns the summary: the last eval's record, the step, why the run
+        stopped (and, when it diverged, ``failure``: the message that says what to do)."""
+        summary = {**self.record, "step": self.step, "stopped": stopped, "rank": self.info.rank}
+        summary["elapsed_s"] = round(time.time() - self.t_start, 3)
+        if stopped is Stop.DIVERGED:
+            summary["failure"] = self.failure
+        if stopped is Stop.DONE and self.info.device.type == "cuda":
+            summary["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**30, 2)
             self.run.logger.info(f"peak GPU memory: {summary['peak_mem_GiB']} GiB (rank 0)")
         self.run.logger.close()
+        if stopped in AGREED:  # a signal or should_stop
+            resume = f"continue with resume=true out_dir={self.cfg.out_dir}"
+            D.print0(f"stopped at step {self.step}; {resume}", info=self.info)
         return summary
 
 
@@ -378,7 +378,8 @@ def train(
     should_stop: Callable[[int], bool] | None = None,
     after_backward: AfterBackward | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) one training job; returns a summary of the final step's metrics.
+    """Run (or resume) one training job; returns a summary: the last eval's metrics, the step and
+    why the run stopped (``"stopped"``: a ``Stop``; the command maps it to an exit status).
     ``should_stop(step)`` lets Python callers interrupt the run as Ctrl-C would; ``after_backward``
     is a test hook (fault injection)."""
     info = D.init_distributed(cfg.device, cfg.train.timeout_s)
@@ -388,9 +389,11 @@ def train(
         with StopFlag() as stop:
             lock = claim_out_dir(cfg.out_dir, info)  # held by rank 0 for the whole run
             try:
-                run = setup_run(cfg, info)
-                return Trainer(cfg, info, run, after_backward).fit(stop, should_stop)
+                trainer = Trainer(cfg, info, setup_run(cfg, info), after_backward)
+                return trainer.finish(trainer.fit(stop, should_stop))
             finally:
                 lock.release()
+    except Interrupted as e:  # a signal before the first step: nothing to save
+        return {"stopped": e.stop, "rank": info.rank}
     finally:
         D.teardown()

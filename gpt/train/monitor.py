@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from gpt.atomic import atomic_write
 from gpt.config import TrainRunConfig
+from gpt.ranks import Ranks
 from gpt.runs.metrics import json_safe, parse_record
-from gpt.train import distributed as D
 
 
 class Throughput:
@@ -54,7 +54,7 @@ class Monitor:
     def __init__(
         self,
         cfg: TrainRunConfig,
-        info: D.DistInfo,
+        info: Ranks,
         out_dir: Path,
         resume_step: int | None,
         config: dict[str, Any],

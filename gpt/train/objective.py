@@ -15,6 +15,7 @@
 
     objective = make_objective(cfg)
     loss = objective.loss(model, batch, device)       # mean over the micro-batch (tokens or pairs)
+    sums, n = objective.eval_sums(model, batch, device, torch.float64)  # evals: sums of .metrics, weight
 """
 
 from __future__ import annotations
@@ -81,11 +82,17 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
 class LMObjective:
     """Mean next-token cross-entropy over the batch's target tokens."""
 
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ("loss",)
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         """What this micro-batch weighs in the step's mean: its target tokens."""
         return int((batch[1] != -1).sum())
+
+    def eval_sums(self, model, batch, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """(the loss summed over the micro-batch's target tokens (1,), in ``dtype``; the tokens)."""
+        n, loss = self.count(batch), self.loss(model, batch, device)  # the mean over the targets
+        # none: the mean is nan (the forward still ran: FSDP gathers weights in it)
+        return (loss.to(dtype) * n).reshape(1) if n else torch.zeros(1, dtype=dtype, device=device), n
 
     def loss(self, model, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
         x, y, *rest = (t.to(device, non_blocking=True) for t in batch)
@@ -123,6 +130,11 @@ class DPOObjective:
 
     def loss(self, model, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
         return self.pair_metrics(model, batch, device)[0].mean()
+
+    def eval_sums(self, model, batch, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+        """(``metrics`` summed over the micro-batch's pairs (len(metrics),), in ``dtype``; the pairs)."""
+        per_pair = self.pair_metrics(model, batch, device)[1]
+        return torch.stack([per_pair[k].to(dtype).sum() for k in self.metrics]), self.count(batch)
 
     def zero_loss(self, model, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
         return model(batch[0].to(device)).float().sum() * 0.0

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from gpt.atomic import atomic_write
-from gpt.config import TrainRunConfig, resolve_path
+from gpt.config import TrainRunConfig
 from gpt.data.preference import PairBatches
 from gpt.errors import CheckpointError
+from gpt.ranks import Ranks
 from gpt.runs.load import weights_fingerprint
-from gpt.train import distributed as D
 from gpt.train.objective import sequence_logps
+from gpt.typed_config import resolve_path
 
 VERSION = 1  # bump when what the cache holds changes
 RUN_COPY = "reference.npy"
@@ -80,7 +81,7 @@ def attach_reference(
     model: torch.nn.Module,
     sources: tuple[PairBatches, PairBatches, PairBatches | None],
     out_dir: Path,
-    info: D.DistInfo,
+    info: Ranks,
     resume: bool,
 ) -> str:
     """Give the sources their reference log-probs (train_eval holds train's pairs): from the run's
@@ -107,7 +108,7 @@ def attach_reference(
             _save(cache, table)
             return table, f"computed for {len(rows) // 2} pairs in {time.time() - t0:.1f}s, cached in {cache}"
 
-        table, how = D.main_first(make, info)
+        table, how = info.main_first(make)
         if info.is_main:
             _save(run_copy, table)
     expected = sum(2 * s.n for s in distinct)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gpt.checkpoint import BEST_NAME, CKPT_NAME, HISTORY_RE
 from gpt.errors import ConfigError
-from gpt.train import distributed as D
+from gpt.ranks import Ranks
 
 try:
     import fcntl
@@ -164,7 +164,7 @@ def replace_run(out_dir: str | Path) -> bool:
     return True
 
 
-def claim_out_dir(out_dir: str | Path, info: D.DistInfo) -> RunLock:
+def claim_out_dir(out_dir: str | Path, info: Ranks) -> RunLock:
     """Rank 0 locks out_dir and removes what killed runs left there; every rank learns the outcome."""
     lock, error = RunLock(out_dir), None
     if info.is_main:
@@ -173,6 +173,6 @@ def claim_out_dir(out_dir: str | Path, info: D.DistInfo) -> RunLock:
             clean_stray_files(out_dir)
         except ConfigError as e:
             error = e
-    if D.max_over_ranks(int(error is not None), info):
+    if info.max([int(error is not None)])[0]:
         raise error or ConfigError(f"out_dir={out_dir} is in use by another run (see rank 0)")
     return lock

@@ -14,9 +14,10 @@ Three ways in, one result (``RunSetup``):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +34,26 @@ from gpt.data.shards import TokenWindows
 from gpt.errors import CheckpointError, ConfigError
 from gpt.lora import adapter_weights, attach, describe
 from gpt.model import GPT, GPTConfig, pad_vocab
+from gpt.ranks import Ranks
 from gpt.train import distributed as D
 from gpt.train.init import Start, resolve_start
 from gpt.train.monitor import Monitor
 from gpt.train.reference import attach_reference
 from gpt.train.rundir import replace_run
 
-# what may change on resume: how often things happen, how long, how it is shown, where it runs
-RESUMABLE = {
-    "train": {"max_steps", "micro_batch_size", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",
-              "compile", "parallel", "activation_checkpointing", "keep_best", "peak_flops", "progress",
-              "timeout_s", "keep_last", "max_bad_steps", "spike_std", "spike_window", "max_rollbacks",
-              "rollback_lr_factor"},
-    "data": {"name", "num_workers", "cache_dir"},
-}  # fmt: skip
-IGNORED = {"out_dir", "device", "resume", "resume_force", "init_from", "overwrite", "model", "wandb"}
 
-
-def run_fingerprint(cfg: TrainRunConfig) -> dict[str, Any]:
-    """The settings that define a run, flat (``data.path``: value): a resume must keep them."""
+def run_fingerprint(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """The settings that define a run, flat (``data.path``: value): every config field but those
+    marked ``RESUMABLE`` (``gpt.config``); a resume must keep them."""
     flat: dict[str, Any] = {}
-    for key, value in cfg.to_dict().items():
-        if key in IGNORED:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("resumable"):
             continue
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items() if k not in RESUMABLE.get(key, ())})
+        if is_dataclass(value):
+            flat.update(run_fingerprint(value, f"{prefix}{f.name}."))
         else:
-            flat[key] = value
+            flat[prefix + f.name] = copy.deepcopy(value)
     return flat
 
 
@@ -100,7 +94,7 @@ class RunSetup:
     guard_state: dict | None = None  # the numerical guard's (see gpt.train.guard)
     scaler_state: dict | None = None  # the fp16 GradScaler's
     lora: dict[str, Any] | None = None  # a LoRA run's settings and base (see gpt.train.init)
-    dist: D.DistInfo = field(default_factory=D.DistInfo)  # this process's rank and device
+    dist: Ranks = field(default_factory=Ranks)  # this process's rank and device
     fingerprint: dict[str, Any] = field(default_factory=dict)  # see run_fingerprint
 
     def checkpoint_state(
@@ -128,10 +122,10 @@ class RunSetup:
         )
 
 
-def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInfo):
+def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: Ranks):
     """Prepare and return (tokenizer, train, train_eval, val) batch sources: text is prepared by all
     ranks together (each tokenizes its share of the corpus, see gpt.data.prepare); dialogs on rank 0
-    first, the others then hit its cache (see D.main_first)."""
+    first, the others then hit its cache (see Ranks.main_first)."""
     if cfg.data.format in ("dialogs", "pairs"):
 
         def make():
@@ -140,10 +134,8 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: D.DistInf
             return dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
                                   batch_size=cfg.train.batch_size)  # fmt: skip
 
-        return D.main_first(make, info)
-    prepared = prepare(
-        cfg.data, block_size, tokenizer, show_progress=info.is_main, distributed=True, group=info.control
-    )
+        return info.main_first(make)
+    prepared = prepare(cfg.data, block_size, tokenizer, show_progress=info.is_main, ranks=info)
     train = TokenWindows(prepared.train_shards, block_size, cfg.seed)
     train_eval = TokenWindows(prepared.train_shards, block_size, cfg.seed + 1)
     val = TokenWindows(prepared.val_shards, block_size, cfg.seed + 2) if prepared.val_shards else None
@@ -173,7 +165,7 @@ def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
         raise ConfigError("resume=true and init_from are exclusive: resume continues out_dir itself")
 
 
-def _build_model(cfg: TrainRunConfig, start: Start, tokenizer, info: D.DistInfo) -> GPT:
+def _build_model(cfg: TrainRunConfig, start: Start, tokenizer, info: Ranks) -> GPT:
     """The model with its starting weights (and LoRA adapters); the same initial weights on every
     rank, then a per-rank RNG so that dropout differs between ranks."""
     config = start.model_config
@@ -194,7 +186,24 @@ def _build_model(cfg: TrainRunConfig, start: Start, tokenizer, info: D.DistInfo)
     return model
 
 
-def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
+def _monitor(cfg: TrainRunConfig, info: Ranks, model: GPT, tokenizer, step: int, config_dict: dict[str, Any],
+             notices: list[str | None]) -> Monitor:  # fmt: skip
+    """The run's monitor, its log opened with the model and the ``notices`` that apply (None: not)."""
+    resume_step = step if cfg.resume else None
+    logger = Monitor(cfg, info, Path(cfg.out_dir), resume_step=resume_step, config=config_dict)
+    logger.info(
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
+        f"MFLOP/token, block_size={model.config.block_size}, vocab={model.config.vocab_size} (tokenizer "
+        f"{tokenizer.kind}, {tokenizer.vocab_size}); device={info.device}, world={info.world_size}"
+    )
+    for notice in notices:
+        if notice:
+            logger.info(notice)
+    return logger
+
+
+def setup_run(cfg: TrainRunConfig, info: Ranks) -> RunSetup:
+    """Everything the run needs before its first step (see the module docstring)."""
     out_dir = Path(cfg.out_dir)
     ckpt_file = out_dir / CKPT_NAME
     _check_out_dir(cfg, ckpt_file)
@@ -206,7 +215,7 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
     config = start.model_config
     block_size = config.block_size if config else cfg.model.given().get("block_size", GPTConfig.block_size)
     tokenizer, train_data, train_eval, val_data = _build_data(cfg, start.tokenizer, block_size, info)
-    D.check_same_on_ranks(_rank_fingerprint(cfg, tokenizer, train_data), "data, tokenizer or settings", info)
+    info.check_same(_rank_fingerprint(cfg, tokenizer, train_data), "data, tokenizer or settings")
     model = _build_model(cfg, start, tokenizer, info)
 
     config_dict = cfg.to_dict()
@@ -223,20 +232,12 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         reference = attach_reference(
             cfg, model, sources, out_dir, info, resume=start.resume_state is not None
         )
-    logger = Monitor(cfg, info, out_dir, resume_step=step if cfg.resume else None, config=config_dict)
-    logger.info(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} "
-        f"MFLOP/token, block_size={model.config.block_size}, vocab={model.config.vocab_size} (tokenizer "
-        f"{tokenizer.kind}, {tokenizer.vocab_size}); device={info.device}, world={info.world_size}"
-    )
-    if start.lora is not None:
-        logger.info(describe(model, start.lora))
-    if reference is not None:
-        logger.info(reference)
-    if start.resume_state is not None:
-        logger.info(f"resuming {start.source} at step {step}")
-    if forced:
-        logger.info(forced)
+    notices = [
+        describe(model, start.lora) if start.lora is not None else None,
+        reference,
+        f"resuming {start.source} at step {step}" if start.resume_state is not None else None,
+        forced,
+    ]
     return RunSetup(
         model=model,
         tokenizer=tokenizer,
@@ -244,7 +245,7 @@ def setup_run(cfg: TrainRunConfig, info: D.DistInfo) -> RunSetup:
         train_data=train_data,
         train_eval=train_eval,
         val_data=val_data,
-        logger=logger,
+        logger=_monitor(cfg, info, model, tokenizer, step, config_dict, notices),
         config_dict=config_dict,
         step=step,
         best_val_loss=state.get("best_val_loss"),
