@@ -69,9 +69,8 @@ def _turn(tokenizer: Tokenizer, role: str, content: str, first: bool) -> tuple[l
     return head, [*tokenizer.encode(" " + content.strip()), tokenizer.special_id(EOT_TURN)]
 
 
-def render_turns(
-    tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
-) -> tuple[list[int], list[int], list[int]]:
+def render_turns(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
+                 ) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
     """(ids, loss_mask, turn_ends): <|endoftext|>, then each turn as marker, content, end-of-turn;
     loss_mask[i] = 1 where ids[i] is an assistant's content or its end-of-turn; turn_ends[k] is
     len(ids) after turn k. A char tokenizer that lacks a character raises DataError naming it."""
@@ -97,9 +96,8 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> l
     return ids + tokenizer.encode("\n" + MARKERS["assistant"] if messages else MARKERS["assistant"])
 
 
-def fit_dialog(
-    ids: list[int], mask: list[int], ends: list[int], messages: Sequence[dict[str, Any]], max_tokens: int
-) -> tuple[list[int], list[int]] | None:
+def fit_dialog(ids: list[int], mask: list[int], ends: list[int], messages: Sequence[dict[str, Any]],
+               max_tokens: int) -> tuple[list[int], list[int]] | None:  # fmt: skip
     """Cut a rendered dialog to at most ``max_tokens`` ids at a turn boundary: the system prompt and
     the first exchanges that fit (ending with an assistant turn); None if not even one fits."""
     if len(ids) <= max_tokens:
@@ -109,9 +107,8 @@ def fit_dialog(
     return None if last is None else (ids[: ends[last]], mask[: ends[last]])
 
 
-def fit_history(
-    tokenizer: Tokenizer, messages: list[dict[str, Any]], max_tokens: int
-) -> tuple[list[int], int]:
+def fit_history(tokenizer: Tokenizer, messages: list[dict[str, Any]], max_tokens: int
+                ) -> tuple[list[int], int]:  # fmt: skip
     """(prompt ids, dropped turns): the prompt for the next reply after dropping the oldest
     user/assistant exchanges (never the system prompt, never the last user turn) until it fits."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []

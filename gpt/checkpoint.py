@@ -14,7 +14,7 @@ is verified on load: torch's zip reader does not check its CRCs, so a flipped by
 otherwise load silently. ``load_latest`` takes the newest checkpoint that loads and verifies, and
 reports the damaged ones it passed over. A checkpoint with non-finite weights is never written.
 
-so it is read back with ``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects),
+Plain types are read back with ``torch.load(..., weights_only=True)`` (no unpickling of any object),
 and the model's shape and tokenizer always travel with its weights. Whatever wrote it (one process,
 DDP or FSDP ranks), the tensors are full and the optimizer state is keyed by parameter name (the
 layout of ``torch.distributed.checkpoint.state_dict``), and ``rng`` holds every rank's state under
@@ -104,21 +104,15 @@ def payload_checksum(state: dict[str, Any]) -> str:
 
 def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` holding a NaN or an infinity."""
-    return [
-        k
-        for k, t in state_dict.items()
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    return [k for k, t in state_dict.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def history(out_dir: str | Path) -> list[Path]:
     """A run directory's checkpoints, newest first: ``ckpt.pt``, then ``ckpt-STEP.pt`` by step."""
     out = Path(out_dir)
-    older = sorted(
-        (p for p in out.glob("ckpt-*.pt") if HISTORY_RE.match(p.name)),
-        key=lambda p: int(HISTORY_RE.match(p.name).group(1)),
-        reverse=True,
-    )
+    older = sorted((p for p in out.glob("ckpt-*.pt") if HISTORY_RE.match(p.name)),
+                   key=lambda p: int(HISTORY_RE.match(p.name).group(1)), reverse=True)  # fmt: skip
     return [p for p in [out / CKPT_NAME] if p.exists()] + older
 
 
@@ -131,9 +125,8 @@ def _peek_step(path: Path) -> int | None:
         return None
 
 
-def save_checkpoint(
-    path: str | Path, state: dict[str, Any], keep_last: int = 1, check_finite: bool = False
-) -> Path:
+def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 1, check_finite: bool = False
+                    ) -> Path:  # fmt: skip
     """Write ``state`` to ``path`` atomically: a crash mid-save leaves the previous file intact.
     With ``keep_last`` > 1 the checkpoint ``path`` held stays as ``ckpt-STEP.pt`` beside it (a hard
     link, so ``path`` exists at every moment), and only the newest ``keep_last`` are kept.
@@ -173,10 +166,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated zip, random bytes, a pickle with disallowed globals, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = re.split(r"(?<=\.)\s", first)[0]  # its first whole sentence (torch's advice follows)
-        raise CheckpointError(
-            f"checkpoint {file} is corrupt or not a gpt checkpoint ({first}); "
-            "restore it from a backup or train again"
-        ) from None
+        raise CheckpointError(f"checkpoint {file} is corrupt or not a gpt checkpoint ({first}); "
+                              "restore it from a backup or train again") from None  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a gpt checkpoint (no '{FORMAT}' marker)")
     if state.get("version") != VERSION:
@@ -229,49 +220,25 @@ def check_state_dict(own: dict[str, torch.Tensor], state_dict: dict[str, torch.T
         for k, v in own.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:8]}")
+    listed = lambda keys: f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    parts = [f"missing keys {listed(missing)}"] if missing else []
+    parts += [f"unexpected keys {listed(unexpected)}"] if unexpected else []
+    parts += [f"shape mismatches {shapes[:8]}"] if shapes else []
+    if parts:
         raise CheckpointError(f"weights in {source} do not match the model: " + "; ".join(parts))
 
 
-def model_config_from(state: dict[str, Any]) -> GPTConfig:
-    return GPTConfig.from_dict(dict(state["model_config"]))
-
-
-def checkpoint_state(
-    model: dict[str, torch.Tensor],
-    model_config: GPTConfig | dict[str, Any],
-    tokenizer: dict[str, Any],
-    *,
-    optimizer: dict[str, Any] | None = None,
-    step: int = 0,
-    tokens: int = 0,
-    rng: dict[str, Any] | None = None,
-    config: dict[str, Any] | None = None,
-    best_val_loss: float | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
+def checkpoint_state(model: dict[str, torch.Tensor], model_config: GPTConfig | dict[str, Any],
+                     tokenizer: dict[str, Any], *, optimizer: dict[str, Any] | None = None, step: int = 0,
+                     tokens: int = 0, rng: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                     best_val_loss: float | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
     """The one checkpoint schema (see the module docstring): what ``save_checkpoint`` writes.
     ``extra`` holds optional entries such as ``lora``."""
     if isinstance(model_config, GPTConfig):
         model_config = model_config.to_dict()
-    state = {
-        "model": model,
-        "model_config": dict(model_config),
-        "tokenizer": tokenizer,
-        "optimizer": optimizer,
-        "step": step,
-        "tokens": tokens,
-        "config": config or {},
-        "best_val_loss": best_val_loss,
-        **extra,
-    }
+    state = {"model": model, "model_config": dict(model_config), "tokenizer": tokenizer,
+             "optimizer": optimizer, "step": step, "tokens": tokens, "config": config or {},
+             "best_val_loss": best_val_loss, **extra}  # fmt: skip
     if rng is not None:
         state["rng"] = rng
     return state

@@ -94,11 +94,8 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension with a gain: x / sqrt(mean(x^2) + eps) * weight."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-    ):
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if cpu_fp32 and not torch.compiler.is_compiling():
         if torch.is_grad_enabled():
             return _RMSNorm.apply(x, weight, eps)
         return _rms_norm_forward(x, weight, eps)[0]

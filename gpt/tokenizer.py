@@ -35,8 +35,8 @@ import numpy as np
 import tiktoken
 
 from gpt.atomic import atomic_write
-from gpt.config import REPO_ROOT, resolve_path
 from gpt.errors import DataError
+from gpt.typed_config import REPO_ROOT, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class Tokenizer(ABC):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = hashlib.sha256(_canonical_json(self.to_state()).encode()).hexdigest()
+            canonical = json.dumps(self.to_state(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+            self._fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
         return self._fingerprint
 
     def __reduce__(self):
@@ -126,9 +127,8 @@ class Tokenizer(ABC):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
-            raise ValueError(
-                f"token id {bad} is out of range for this tokenizer (vocab_size {self.vocab_size})"
-            )
+            raise ValueError(f"token id {bad} is out of range for this tokenizer "
+                             f"(vocab_size {self.vocab_size})")  # fmt: skip
         return ids
 
 
@@ -180,12 +180,8 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
     def to_state(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "kind": "char",
-            "chars": list(self._chars),
-            "special_tokens": dict(self._special),
-        }
+        return {"format": STATE_FORMAT, "kind": "char", "chars": list(self._chars),
+                "special_tokens": dict(self._special)}  # fmt: skip
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -196,14 +192,8 @@ class TiktokenTokenizer(Tokenizer):
     the public id of each mergeable token and encode/decode translate through it.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        mergeable_ranks: dict[bytes, int],
-        pattern: str,
-        special_tokens: dict[str, int],
-        id_map: list[int] | None = None,
-    ):
+    def __init__(self, kind: str, mergeable_ranks: dict[bytes, int], pattern: str,
+                 special_tokens: dict[str, int], id_map: list[int] | None = None):  # fmt: skip
         super().__init__(special_tokens)
         self.kind, self._ranks, self._pattern = kind, mergeable_ranks, pattern
         self._id_map = None if id_map is None else [int(i) for i in id_map]
@@ -259,13 +249,9 @@ class TiktokenTokenizer(Tokenizer):
             raise ValueError(f"token id belongs to no token: {e}") from None
 
     def to_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "kind": self.kind,
-            "pattern": self._pattern,
-            "mergeable_ranks": {base64.b64encode(b).decode("ascii"): r for b, r in self._ranks.items()},
-            "special_tokens": dict(self._special),
-        }
+        ranks = {base64.b64encode(b).decode("ascii"): r for b, r in self._ranks.items()}
+        state: dict[str, Any] = {"format": STATE_FORMAT, "kind": self.kind, "pattern": self._pattern,
+                                 "mergeable_ranks": ranks, "special_tokens": dict(self._special)}  # fmt: skip
         if self._id_map is not None:
             state["id_map"] = list(self._id_map)
         return state
@@ -338,10 +324,6 @@ def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
         raise DataError(f"BPE rank file {p} is malformed: {e}") from None
 
 
-# ---------------------------------------------------------------------------------------------------
-# helpers
-
-
 @lru_cache(maxsize=1)
 def _read_rank_file(path: Path) -> dict[bytes, int]:
     if not path.is_file():
@@ -355,13 +337,8 @@ def _read_rank_file(path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise DataError(
-                    f"{path}:{lineno}: expected 'base64_token rank', got {line.strip()!r}"
-                ) from None
+                what = f"expected 'base64_token rank', got {line.strip()!r}"
+                raise DataError(f"{path}:{lineno}: {what}") from None
     if not ranks:
         raise DataError(f"BPE rank file {path} is empty")
     return ranks
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -103,8 +103,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     # each part on the one schedule at its own peak LR
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
     assert all(g["lr_scale"] == 1.0 for g in adamw.param_groups)
-    with pytest.raises(ConfigError, match="optim.muon_lr"):
-        configure_optimizer(model, OptimConfig(name="muon", muon_lr=0.0), "cpu")
+    with pytest.raises(ConfigError, match="optim.muon_lr"):  # checked by the config, before any model
+        OptimConfig(name="muon", muon_lr=0.0)
 
 
 def test_muon_steps_lower_the_loss_and_adamw_is_unchanged_by_default():
@@ -217,7 +217,7 @@ def test_gpu_check_flow_runs_on_the_cpu_with_tiny_shapes(one_thread):
 def load_bench(name: str):
     import importlib.util
 
-    from gpt.config import REPO_ROOT
+    from gpt.typed_config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -226,10 +226,9 @@ def load_bench(name: str):
 
 
 def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from gpt.config import REPO_ROOT, TrainRunConfig
+    from gpt.commands.cli import compose_config
+    from gpt.commands.train import TRAIN
+    from gpt.config import TrainRunConfig
 
     vs = load_bench("vs_nanogpt")
     nano_log = (
@@ -247,9 +246,7 @@ def test_vs_nanogpt_reads_both_logs_and_builds_a_valid_command(tmp_path):
     assert s["per_round"] == "1.30x (1.10-1.50)"
     # every override of our command is a real key, giving nanoGPT's shape
     cmd = vs.ours_command(vs.SHAPES["6x384"], 10, tmp_path / "o", "auto")
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
-        d = OmegaConf.to_container(compose(config_name="train", overrides=cmd[2:]), resolve=True)
-    cfg = TrainRunConfig.from_dict(d)
+    cfg = TrainRunConfig.from_dict(compose_config(TRAIN, cmd[2:])[0])
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.train.batch_size) == (
         6,
         384,
@@ -296,7 +293,7 @@ def test_muon_on_two_ranks_matches_one_process(tmp_path, corpus, parallel):
     import subprocess
     import sys
 
-    from gpt.config import REPO_ROOT
+    from gpt.typed_config import REPO_ROOT
 
     def args(out: str) -> list[str]:
         return [

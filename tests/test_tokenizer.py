@@ -13,7 +13,6 @@ import rustbpe
 import tiktoken.load
 from helpers_hf import write_hf_gpt2_files
 
-from gpt.config import REPO_ROOT
 from gpt.data.tokenizers import _training_pieces, build_tokenizer, train_bpe
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_bpe_tokenizer
@@ -25,6 +24,7 @@ from gpt.tokenizer import (
     load_tokenizer,
     tokenizer_from_state,
 )
+from gpt.typed_config import REPO_ROOT
 
 SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare" / "input.txt"
 KINDS = ["char", "bpe", "gpt2", "hf"]

@@ -3,7 +3,7 @@
     python train.py experiment=finetune init_from=hf:models/gpt2 data=text data.path=notes.txt \\
         finetune.method=lora optim.lr=1e-3
     python sample.py ckpt=out/finetune                          # adapters loaded unmerged
-    gpt merge ckpt=out/finetune out=out/merged   # a plain checkpoint (lora/__main__.py)
+    gpt merge ckpt=out/finetune out=out/merged   # a plain checkpoint (gpt/commands/export.py)
 
 A targeted ``nn.Linear`` (y = x W^T + b, W (out, in)) becomes a ``LoRALinear`` computing
 y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T with A (rank, in) and B (out, rank). B starts
@@ -80,9 +80,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     unknown = [t for t in targets if not any(_matches(n, t) for n, _ in linears)]
     if unknown or not targets:
         valid = sorted({n.split(".", 1)[1] for n, _ in linears} | {n.rsplit(".", 1)[1] for n, _ in linears})
-        raise ConfigError(
-            f"finetune.lora_targets={targets} matches no linear layer for {unknown}; valid: {valid}"
-        )
+        raise ConfigError(f"finetune.lora_targets={targets} matches no linear layer for {unknown}; "
+                          f"valid: {valid}")  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -111,9 +110,8 @@ def adapter_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in state_dict.items() if k.endswith(ADAPTER_SUFFIXES)}
 
 
-def attach(
-    model: nn.Module, spec: dict[str, Any], adapter: dict[str, torch.Tensor] | None, source: str
-) -> None:
+def attach(model: nn.Module, spec: dict[str, Any], adapter: dict[str, torch.Tensor] | None, source: str
+           ) -> None:  # fmt: skip
     """Apply LoRA as ``spec`` says, then load ``adapter`` (when given) strictly."""
     apply_lora(model, spec["rank"], spec["alpha"], spec["dropout"], spec["targets"])
     if adapter is not None:
