@@ -97,9 +97,15 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = tokenizer
     # a forked worker inherits the trainer's handlers: Ctrl-C (sent to the whole process group) is
-    # the parent's to act on, and the parent's pool.terminate() (SIGTERM) must end the worker at once
+    # the parent's to act on, and SIGTERM (the parent's pool.terminate(), or the group's) ends the
+    # worker at once, but by unwinding: a worker killed outright while it holds the result queue's
+    # lock would leave pool.terminate() in the parent waiting for that lock forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _exit_worker)
+
+
+def _exit_worker(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait(result: Any, pool: Any, pids: set[int]) -> np.ndarray:
