@@ -35,21 +35,41 @@ class ModelConfig:
     n_layer: int | None = None
     """Transformer blocks."""
     n_head: int | None = None
-    """Attention heads (n_embd must divide by it)."""
+    """Attention (query) heads (n_embd must divide by it)."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention (1 = multi-query; n_head must divide by it);
+    unset = n_head. The KV cache holds n_kv_head heads."""
     n_embd: int | None = None
     """Residual stream width."""
+    mlp: str | None = None
+    """standard (c_fc -> activation -> c_proj) | swiglu (Llama's gated MLP, SiLU; activation unused)."""
     mlp_ratio: float | None = None
-    """MLP hidden width = mlp_ratio * n_embd."""
+    """Standard MLP hidden width = mlp_ratio * n_embd (when mlp_hidden is unset)."""
+    mlp_hidden: int | None = None
+    """MLP hidden width (HF's intermediate_size); unset = mlp_ratio * n_embd for standard, Llama's
+    2/3 * 4 * n_embd rounded up to a multiple of 256 for swiglu."""
     dropout: float | None = None
     """Dropout probability (0 = off); with init_from, set it to regularise."""
     bias: bool | None = None
     """Biases in linear layers and norms."""
+    qkv_bias: bool | None = None
+    """A bias on the q, k, v projection even with bias=false (Qwen2)."""
     norm: str | None = None
     """layernorm | rmsnorm."""
+    norm_eps: float | None = None
+    """The norms' epsilon; unset = 1e-5 for layernorm, 1e-6 for rmsnorm."""
     pos_emb: str | None = None
     """learned (GPT-2's table) | rope (rotary)."""
     rope_theta: float | None = None
     """RoPE base frequency (unused with learned positions)."""
+    rope_scaling_factor: float | None = None
+    """Llama 3's rope scaling factor (1 = no scaling)."""
+    rope_low_freq_factor: float | None = None
+    """Llama 3's rope scaling: low_freq_factor (default 1)."""
+    rope_high_freq_factor: float | None = None
+    """Llama 3's rope scaling: high_freq_factor (default 4)."""
+    rope_original_max_position: int | None = None
+    """Llama 3's rope scaling: original_max_position_embeddings (default 8192)."""
     tie_embeddings: bool | None = None
     """Share the token embedding with the output head."""
     activation: str | None = None
@@ -71,9 +91,10 @@ class DataConfig:
     a glob."""
     tokenizer: Literal["char", "bpe", "gpt2", "hf"] = "char"
     """'char' (built from the corpus), 'bpe' (trained on the corpus), 'gpt2' (shipped ranks),
-    'hf' (vocab.json + merges.txt in tokenizer_path)."""
+    'hf' (a Hugging Face model's tokenizer, from tokenizer_path)."""
     tokenizer_path: str | None = None
-    """tokenizer=hf: the directory with vocab.json + merges.txt."""
+    """tokenizer=hf: a Hugging Face model directory with tokenizer.json (+ tokenizer_config.json, whose
+    eos_token ends each document: Llama, Mistral, Qwen2, SmolLM2) or vocab.json + merges.txt (GPT-2)."""
     vocab_size: int = 4096
     """Target vocabulary size of a trained BPE tokenizer (special tokens included)."""
     bpe_train_bytes: int = 100_000_000

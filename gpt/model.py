@@ -25,11 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
-from gpt.ops import relu_squared, rms_norm, rotate
+from gpt.ops import relu_squared, rms_norm, rope_frequencies, rope_tables, rotate
 
 # fields that define the weights' shapes and meaning: a loaded checkpoint must agree on them
 SHAPE_FIELDS = (
     "n_layer", "n_head", "n_embd", "mlp_ratio", "bias", "norm", "pos_emb", "tie_embeddings", "activation",
+    "mlp", "mlp_hidden", "n_kv_head", "qkv_bias", "norm_eps", "rope_theta", "rope_scaling_factor",
+    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
 )  # fmt: skip
 # model.activation -> the MLP's nonlinearity
 ACTIVATIONS = {
@@ -54,17 +56,41 @@ class GPTConfig:
     """Rows of the embedding table; the tokenizer's size rounded up to a multiple of 64."""
     n_layer: int = 12
     n_head: int = 12
+    """Query heads; head size = n_embd / n_head."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention; 1 = multi-query): each serves n_head / n_kv_head
+    consecutive query heads, and the KV cache holds only these. None = n_head (multi-head)."""
     n_embd: int = 768
+    mlp: str = "standard"
+    """'standard' (c_fc -> activation -> c_proj, GPT-2's) or 'swiglu' (Llama's gated MLP:
+    c_proj(silu(gate) * up), gate and up the two halves of one c_fc; ``activation`` is not used)."""
     mlp_ratio: float = 4.0
-    """Hidden width of the MLP as a multiple of n_embd."""
+    """Hidden width of the standard MLP as a multiple of n_embd (when mlp_hidden is None)."""
+    mlp_hidden: int | None = None
+    """Hidden width of the MLP (Hugging Face's intermediate_size). None = the rule: mlp_ratio * n_embd
+    for 'standard'; Llama's 2/3 * 4 * n_embd rounded up to a multiple of 256 for 'swiglu'."""
     dropout: float = 0.0
     bias: bool = True
     """Biases in linear layers and LayerNorm (GPT-2 has them; modern models drop them)."""
+    qkv_bias: bool = False
+    """A bias on the q, k, v projection (c_attn) even when ``bias`` is off (Qwen2)."""
     norm: str = "layernorm"
-    """'layernorm' or 'rmsnorm'."""
+    """'layernorm' or 'rmsnorm' (a gain only, no bias)."""
+    norm_eps: float | None = None
+    """Epsilon of every norm; None = 1e-5 for LayerNorm, 1e-6 for RMSNorm."""
     pos_emb: str = "learned"
     """'learned' (GPT-2's absolute table) or 'rope' (rotary, applied to queries and keys)."""
     rope_theta: float = 10000.0
+    """RoPE's base: the rotation of pair i is position * rope_theta^(-2i / head_size)."""
+    rope_scaling_factor: float = 1.0
+    """Llama 3's rope scaling (1 = none): low frequencies are divided by this factor, high ones kept,
+    those between interpolated (transformers' rope_type 'llama3')."""
+    rope_low_freq_factor: float = 1.0
+    """Llama 3 scaling: wavelengths above rope_original_max_position / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """Llama 3 scaling: wavelengths below rope_original_max_position / this are kept."""
+    rope_original_max_position: int = 8192
+    """Llama 3 scaling: the context length the model was first trained at."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head (GPT-2 does)."""
     activation: str = "gelu_tanh"
@@ -78,6 +104,9 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} "
+                              "(None = n_head)")  # fmt: skip
         if self.n_embd % self.n_head != 0:
             valid = [h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0]
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -92,10 +121,34 @@ class GPTConfig:
             raise ConfigError(f"model.activation={self.activation!r} must be one of {', '.join(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.mlp not in ("standard", "swiglu"):
+            raise ConfigError(f"model.mlp={self.mlp!r} must be 'standard' or 'swiglu'")
+        for name in ("mlp_hidden", "norm_eps"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be positive (None = the default)")
+        if self.rope_scaling_factor != 1.0 and not (
+            self.rope_scaling_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
+            raise ConfigError("model.rope_scaling_factor must be positive and 0 < model.rope_low_freq_factor "
+                              "< model.rope_high_freq_factor")  # fmt: skip
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is None."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: mlp_hidden, or the rule of the MLP kind (see mlp_hidden)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return (int(2 * 4 * self.n_embd / 3) + 255) // 256 * 256
+        return int(self.mlp_ratio * self.n_embd)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +186,8 @@ class KVStore(Protocol):
     plain causal mask (an empty cache) or no mask (one new token after equally long rows) is right."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at the rows' positions; return the cached keys, values (B, nh, S, hs)."""
+        """Store k, v (B, n_kv_head, T, hs) at the rows' positions; return the cached keys, values
+        (B, n_kv_head, S, hs)."""
         ...
 
 
@@ -149,15 +203,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_size // 2) for rotary position embedding."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+        return RMSNorm(config.n_embd, config.norm_eps or 1e-6)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps or 1e-5, bias=config.bias)
 
 
 def cpu_attention_upcast(qkv: torch.Tensor, head_size: int) -> bool:
@@ -174,11 +221,13 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        # one matmul for q, k, v; GPT-2's layout, so imported weights need no reshuffling
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # one matmul for q (n_head heads), k and v (n_kv_head heads each), side by side: GPT-2's
+        # layout when the counts are equal, so imported weights need no reshuffling
+        qkv = (config.n_head + 2 * config.kv_heads) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True  # scaled init, see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -186,28 +235,30 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVStore | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, T, C = x.size()
-        nh, hs = self.n_head, C // self.n_head
-        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys, values side by side
+        nh, nkv, hs = self.n_head, self.n_kv_head, C // self.n_head
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs): queries, keys, values side by side
         dtype, upcast = qkv.dtype, cpu_attention_upcast(qkv, hs)
         if upcast:
             qkv = qkv.float()  # one copy for q, k and v (and the rotation in fp32)
-        qk, v = qkv.split((2 * C, C), dim=2)
-        qk = qk.view(B, T, 2 * nh, hs)  # the queries' heads, then the keys'
+        qk, v = qkv.split(((nh + nkv) * hs, nkv * hs), dim=2)
+        qk = qk.view(B, T, nh + nkv, hs)  # the queries' heads, then the keys'
         if rope is not None:
             qk = rotate(qk, *rope)  # one rotation for q and k; tables (T or B x T, 1, hs/2)
-        q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
-        v = v.view(B, T, nh, hs).transpose(1, 2)
+        q, k = qk.transpose(1, 2).split((nh, nkv), dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, S, hs): the cached keys and the new ones
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hs): the cached keys and the new ones
         dropout_p = self.dropout if self.training else 0.0
         # attn_mask: packed documents' block-diagonal causal mask (B, 1, T, T), or the cache's (ragged
         # rows, or several tokens after cached ones); else causal over the T new tokens (training, an
         # empty cache's prefill: flash on GPU), and a one-token decode sees every cached key
         causal = attn_mask is None and T > 1
-        # upcast: autocast would cast the inputs back to bf16, so it is off around the call
+        # upcast: autocast would cast the inputs back to bf16, so it is off around the call. GQA:
+        # SDPA shares each k/v head among nh / nkv query heads itself (on the CPU as fast as
+        # repeat_interleave in training, faster in decoding: measured at B=8, nh=8, nkv=2, T=128)
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=nkv != nh
             )
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -216,15 +267,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = int(config.mlp_ratio * config.n_embd)
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        hidden = config.mlp_width
+        self.gated = config.mlp == "swiglu"
+        # swiglu: gate and up in one matmul, (2 hidden, C), the gate's rows first (as fast as two
+        # matmuls on the CPU, fwd + bwd at (8, 128, 128) -> 512, and one module for LoRA and Muon)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, hidden) inside
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 hidden): gate, up
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
+        return self.dropout(self.c_proj(self.act(h)))
 
 
 class Block(nn.Module):
@@ -258,7 +316,11 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+            inv_freq = rope_frequencies(
+                config.head_size, config.rope_theta, config.rope_scaling_factor, config.rope_low_freq_factor,
+                config.rope_high_freq_factor, config.rope_original_max_position,
+            )  # fmt: skip
+            cos, sin = rope_tables(inv_freq, config.block_size)
             # not persistent: derived from the config, so checkpoints stay plain weights
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)

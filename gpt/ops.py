@@ -1,5 +1,5 @@
 """Three elementwise pieces of the model with hand-written backward passes: the rotary embedding,
-RMSNorm (on the CPU) and ReLU squared.
+RMSNorm (on the CPU) and ReLU squared; and the rotary embedding's tables (Llama 3's scaling too).
 
 Why: at the shapes a CPU trains (4 x 128, 768 tokens a step), a step spends as much time in these
 elementwise kernels as in the matmuls, and eager autograd runs several kernels per forward kernel
@@ -13,7 +13,8 @@ Under ``torch.compile`` each function is the plain expression instead, which ind
 and backward better than any hand-written pass. tests/test_ops.py checks the values and gradients
 against the plain expressions.
 
-    from gpt.ops import relu_squared, rms_norm, rotate
+    from gpt.ops import relu_squared, rms_norm, rope_frequencies, rope_tables, rotate
+    cos, sin = rope_tables(rope_frequencies(hs, theta=10000.0), length)  # (length, hs / 2) each
     y = rotate(x, cos, sin)       # x (..., hs); cos, sin broadcast to (..., hs / 2)
     y = rms_norm(x, weight, eps)  # over the last dimension
     y = relu_squared(h)
@@ -21,8 +22,37 @@ against the plain expressions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def rope_frequencies(
+    head_size: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0, original_max_position: int = 8192,
+) -> torch.Tensor:  # fmt: skip
+    """(head_size // 2,) the angle per position of each rotated pair (i, i + head_size / 2):
+    theta^(-2i / head_size); with Llama 3's scaling when factor != 1, as transformers'
+    ``_compute_llama3_parameters``: wavelengths longer than original_max_position / low_freq_factor
+    are stretched by factor, those shorter than original_max_position / high_freq_factor kept, and
+    those between interpolated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    if factor == 1.0:
+        return inv_freq
+    low, high, old = low_freq_factor, high_freq_factor, original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (length, head_size // 2) of the angles position * inv_freq (fp32)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:

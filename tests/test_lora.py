@@ -52,7 +52,10 @@ def test_adapters_start_as_the_base_model_and_are_all_that_trains():
         apply_lora(tiny(), 2, 4.0, 0.0, ["c_attn", "lm_head"])
 
 
-@pytest.mark.parametrize("options", [{}, {"bias": False, "norm": "rmsnorm", "pos_emb": "rope"}])
+@pytest.mark.parametrize("options", [
+    {}, {"bias": False, "norm": "rmsnorm", "pos_emb": "rope"},
+    {"bias": False, "norm": "rmsnorm", "pos_emb": "rope", "mlp": "swiglu", "n_kv_head": 1, "qkv_bias": True},
+])  # fmt: skip
 def test_merged_equals_unmerged(options):
     model = tiny(**options)
     base_keys = set(model.state_dict())

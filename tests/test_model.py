@@ -13,6 +13,7 @@ OPTIONS = [
     dict(norm="rmsnorm", pos_emb="rope", bias=False, tie_embeddings=False),
     dict(norm="rmsnorm", pos_emb="rope", bias=False, activation="gelu"),
     dict(norm="layernorm", pos_emb="learned", bias=True, activation="relu2"),
+    dict(norm="rmsnorm", pos_emb="rope", bias=False, mlp="swiglu", n_kv_head=1, qkv_bias=True),  # Llama-like
 ]
 
 

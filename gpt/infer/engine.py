@@ -31,11 +31,11 @@ class KVCache:
     reads (``gpt.model.KVStore``: the new tokens' positions and, only when the rows differ in length
     or T tokens follow cached ones, the attention mask), the model calls ``update`` for every layer,
     and ``advance`` records the new lengths. ``n_head`` is the cache's own: the number of key/value
-    heads, which grouped-query attention will make smaller than the query heads'."""
+    heads (``config.kv_heads``), which grouped-query attention makes smaller than the query heads'."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  n_head: int | None = None):  # fmt: skip
-        self.n_head = n_head or config.n_head
+        self.n_head = n_head or config.kv_heads
         self.block_size = config.block_size
         shape = (batch_size, self.n_head, config.block_size, config.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -101,9 +101,11 @@ class KVCache:
 
 def check_memory(model: GPT, rows: int, key: str) -> None:
     """ConfigError naming ``key`` when ``rows`` decoded together cannot fit in free memory: each row
-    holds its KV cache (2 x n_layer x block_size x n_embd) and a few (vocab,) float32 score rows."""
+    holds its KV cache (2 x n_layer x block_size x kv_heads x head_size) and a few (vocab,) float32
+    score rows."""
     config, weight = model.config, model.lm_head.weight
-    per_row = 2 * config.n_layer * config.block_size * config.n_embd * weight.element_size()
+    kv_width = config.kv_heads * config.head_size
+    per_row = 2 * config.n_layer * config.block_size * kv_width * weight.element_size()
     per_row += 8 * config.vocab_size * 4 + 8 * config.block_size
     free = free_memory(weight.device)
     if free is not None and rows * per_row > free:
