@@ -1,15 +1,17 @@
 """Tokenizers: text <-> token ids, for every model in the framework.
 
-Four kinds share one interface (``Tokenizer``):
+Five kinds share one interface (``Tokenizer``):
 
-* ``"char"``  -- one id per character seen in the corpus (``char_tokenizer(texts)``);
-* ``"bpe"``   -- byte-level BPE trained on the corpus with rustbpe (``gpt.data.tokenizers.train_bpe``);
-* ``"gpt2"``  -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
-* ``"hf"``    -- a Hugging Face BPE pair vocab.json + merges.txt (``gpt.hf_vocab.hf_bpe_tokenizer``).
+* ``"char"``    -- one id per character seen in the corpus (``char_tokenizer(texts)``);
+* ``"bpe"``     -- byte-level BPE trained on the corpus with rustbpe (``gpt.data.tokenizers.train_bpe``);
+* ``"gpt2"``    -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
+* ``"hf"``      -- a Hugging Face BPE pair vocab.json + merges.txt, encoded by tiktoken;
+* ``"hf_json"`` -- a Hugging Face tokenizer.json (Llama, Mistral, Qwen2), encoded by the ``tokenizers``
+  library (both HF kinds: ``gpt.interop.hf_vocab.hf_tokenizer(directory)``).
 
-All BPE kinds encode with tiktoken and round-trip any Unicode text. Every tokenizer has the special
-tokens in ``SPECIAL_TOKENS``; ``encode`` never produces them (their spelling in user text is encoded as
-ordinary text), so callers insert them by id::
+Every tokenizer has the special tokens in ``SPECIAL_TOKENS`` (by name or, for "hf_json", as aliases of
+the model's eos token); ``encode`` never produces a special token (its spelling in user text is encoded
+as ordinary text), so callers insert them by id::
 
     tok = build_tokenizer("bpe", lambda: open("corpus.txt"), vocab_size=4096)
     ids = tok.encode("Hello") + [tok.eot_id]
@@ -36,6 +38,7 @@ import tiktoken
 
 from gpt.atomic import atomic_write
 from gpt.errors import DataError
+from gpt.hf_tokenizer import read_definition, special_tokens, token_bytes
 from gpt.typed_config import REPO_ROOT, resolve_path
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 EOT = "<|endoftext|>"
 EOT_TURN = "<|end_of_turn|>"
 SPECIAL_TOKENS = (EOT, EOT_TURN)
-KINDS = ("char", "bpe", "gpt2", "hf")
+KINDS = ("char", "bpe", "gpt2", "hf")  # what data.tokenizer may name ("hf" gives "hf" or "hf_json")
 STATE_FORMAT = 1
 
 # GPT-2's split pattern as tiktoken ships it (equivalent to the original, but faster). Hard-coded so
@@ -69,6 +72,7 @@ class Tokenizer(ABC):
 
     @property
     def eot_id(self) -> int:
+        """The token a document or a reply ends with (the model stops there)."""
         return self._special[EOT]
 
     def special_id(self, name: str) -> int:
@@ -266,12 +270,63 @@ class TiktokenTokenizer(Tokenizer):
         return path
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, encoded by the ``tokenizers`` library (see gpt.hf_tokenizer).
+
+    ``definition`` is the parsed tokenizer.json; ``eos_token`` (tokenizer_config.json's) is ``eot_id``,
+    the token the model was trained to stop at. ``special_id`` knows the file's special tokens by name
+    (<|im_start|>, </s>, ...); <|endoftext|> and <|end_of_turn|>, where the file lacks them, name the eos
+    token. ``encode`` adds no BOS (a template adds what it wants: ``bos_id``).
+    """
+
+    kind = "hf_json"
+
+    def __init__(self, definition: dict[str, Any], eos_token: str, bos_token: str | None = None,
+                 pad_token: str | None = None):  # fmt: skip
+        self._definition, self._library = definition, read_definition(definition)
+        self._roles = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
+        ids = {r: self._library.token_to_id(name) for r, name in self._roles.items() if name is not None}
+        if None in ids.values():
+            role = next(r for r, i in ids.items() if i is None)
+            raise DataError(f"{role} {self._roles[role]!r} is not a token of this tokenizer.json")
+        self._eos, self.bos_id, self.pad_id = ids["eos_token"], ids.get("bos_token"), ids.get("pad_token")
+        super().__init__({**{name: self._eos for name in SPECIAL_TOKENS}, **special_tokens(self._library)})
+        self._bytes = token_bytes(self._library, definition)  # (vocab_size,) bytes or None (a gap)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    @property
+    def eot_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._library.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._library.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids, table = self._id_list(ids), self._bytes
+        pieces = [table[i] for i in ids]
+        if None in pieces:
+            raise ValueError(f"token id {ids[pieces.index(None)]} belongs to no token")
+        return b"".join(pieces)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "kind": self.kind, "definition": self._definition, **self._roles}
+
+
 def tokenizer_from_state(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from ``Tokenizer.to_state()``; DataError if the state is malformed."""
     try:
         if state.get("format") != STATE_FORMAT:
             raise DataError(f"unsupported tokenizer state format {state.get('format')!r}")
         kind = state["kind"]
+        if kind == HFTokenizer.kind:
+            return HFTokenizer(dict(state["definition"]), str(state["eos_token"]), state.get("bos_token"),
+                               state.get("pad_token"))  # fmt: skip
         specials = {str(k): int(v) for k, v in state["special_tokens"].items()}
         if kind == "char":
             return CharTokenizer(list(state["chars"]), specials)
@@ -279,7 +334,7 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
             ranks = {base64.b64decode(k, validate=True): int(v) for k, v in state["mergeable_ranks"].items()}
             id_map = state.get("id_map")
             return TiktokenTokenizer(kind, ranks, str(state["pattern"]), specials, id_map)
-        raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)}, hf_json)")
     except DataError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:

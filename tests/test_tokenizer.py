@@ -15,7 +15,7 @@ from helpers_hf import write_hf_gpt2_files
 
 from gpt.data.tokenizers import _training_pieces, build_tokenizer, train_bpe
 from gpt.errors import ConfigError, DataError
-from gpt.interop.hf_vocab import hf_bpe_tokenizer
+from gpt.interop.hf_vocab import hf_tokenizer
 from gpt.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
@@ -62,7 +62,7 @@ def toks(shakespeare, hf_dir) -> dict[str, Tokenizer]:
         "char": char_tokenizer(iter(SAMPLES)),
         "bpe": train_bpe([shakespeare], 512),
         "gpt2": gpt2_tokenizer(),
-        "hf": hf_bpe_tokenizer(hf_dir),
+        "hf": hf_tokenizer(hf_dir),
     }
 
 
@@ -257,7 +257,7 @@ def test_hf_pair_with_ids_out_of_merge_order(toks, hf_dir, tmp_path):
     shuffled = {token: perm[i] for token, i in vocab.items()}
     (tmp_path / "vocab.json").write_text(json.dumps(shuffled), encoding="utf-8")
     (tmp_path / "merges.txt").write_text((hf_dir / "merges.txt").read_text(encoding="utf-8"))
-    tok = hf_bpe_tokenizer(tmp_path)
+    tok = hf_tokenizer(tmp_path)
     assert tok._id_map is not None
     assert (tok.eot_id, tok.special_id("<|end_of_turn|>"), tok.vocab_size) == (60000, 60001, 60002)
     for text in SAMPLES:
@@ -283,21 +283,21 @@ def test_hf_pair_matches_transformers(toks, hf_dir):
 
 def test_hf_pair_errors(hf_dir, tmp_path):
     with pytest.raises(DataError, match="vocab.json"):
-        hf_bpe_tokenizer(tmp_path)
+        hf_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text("{not json", encoding="utf-8")
     (tmp_path / "merges.txt").write_text((hf_dir / "merges.txt").read_text(encoding="utf-8"))
     with pytest.raises(DataError, match="vocab.json"):
-        hf_bpe_tokenizer(tmp_path)
+        hf_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text((hf_dir / "vocab.json").read_text(encoding="utf-8"))
     (tmp_path / "merges.txt").unlink()
     with pytest.raises(DataError, match="merges.txt"):
-        hf_bpe_tokenizer(tmp_path)
+        hf_tokenizer(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ t\nthree parts here\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"merges\.txt:3"):
-        hf_bpe_tokenizer(tmp_path)
+        hf_tokenizer(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ zzzzq\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"merges\.txt:2.*not in vocab\.json"):
-        hf_bpe_tokenizer(tmp_path)
+        hf_tokenizer(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ loading, dispatch

@@ -1,6 +1,7 @@
 """Which tokenizer a data preset gets: the dispatch on ``data.tokenizer`` (char and BPE are built from
-the corpus, GPT-2's ranks ship in ``data/gpt2/``, a Hugging Face vocab.json + merges.txt pair is read
-by ``gpt.interop.hf_vocab``), and the training of a byte-level BPE on the corpus (rustbpe).
+the corpus, GPT-2's ranks ship in ``data/gpt2/``, a Hugging Face directory's tokenizer.json or
+vocab.json + merges.txt is read by ``gpt.interop.hf_vocab``), and the training of a byte-level BPE on
+the corpus (rustbpe).
 
     tokenizer = build_tokenizer("bpe", lambda: iter_documents(cfg), vocab_size=4096)
     tokenizer = train_bpe(texts, vocab_size=4096, max_bytes=100 << 20)
@@ -12,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from gpt.errors import ConfigError, DataError
-from gpt.interop.hf_vocab import hf_bpe_tokenizer
+from gpt.interop.hf_vocab import hf_tokenizer
 from gpt.tokenizer import KINDS, SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer, char_tokenizer, gpt2_tokenizer
 
 log = logging.getLogger("gpt.tokenizer")
@@ -35,10 +36,9 @@ def build_tokenizer(kind: str, texts_factory: Callable[[], Iterable[str]], vocab
         return gpt2_tokenizer(path)
     if kind == "hf":
         if not path:
-            raise ConfigError(
-                "data.tokenizer=hf needs data.tokenizer_path: a directory with vocab.json and merges.txt"
-            )
-        return hf_bpe_tokenizer(path)
+            raise ConfigError("data.tokenizer=hf needs data.tokenizer_path: a Hugging Face model directory "
+                              "with tokenizer.json, or with vocab.json and merges.txt")  # fmt: skip
+        return hf_tokenizer(path)
     raise ConfigError(f"data.tokenizer={kind!r} is not a tokenizer kind; use one of {', '.join(KINDS)}")
 
 

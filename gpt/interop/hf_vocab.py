@@ -1,8 +1,12 @@
-"""Hugging Face byte-level BPE files (``vocab.json`` + ``merges.txt``, the GPT-2 family) read into
-a tiktoken-backed ``Tokenizer`` whose ids equal the Hugging Face ids.
+"""The tokenizer of a Hugging Face model directory, behind our ``Tokenizer`` interface:
 
-    from gpt.interop.hf_vocab import hf_bpe_tokenizer
-    tok = hf_bpe_tokenizer("models/gpt2")      # or data.tokenizer=hf data.tokenizer_path=models/gpt2
+* ``tokenizer.json`` (+ ``tokenizer_config.json``; Llama, Mistral, Qwen2, SmolLM2): ``HFTokenizer``,
+  encoded by the ``tokenizers`` library, eot = the config's ``eos_token``;
+* ``vocab.json`` + ``merges.txt`` (the GPT-2 family): a tiktoken-backed byte-level BPE whose ids equal
+  the Hugging Face ids.
+
+    from gpt.interop.hf_vocab import hf_tokenizer
+    tok = hf_tokenizer("models/SmolLM2-135M")   # or data.tokenizer=hf data.tokenizer_path=models/...
 """
 
 from __future__ import annotations
@@ -14,16 +18,58 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import DataError
-from gpt.tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer
+from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer
 from gpt.typed_config import resolve_path
 
+# Where tokenizer_config.json names no eos_token: the end-of-text tokens of the families we know.
+_EOS_GUESSES = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 
-def hf_bpe_tokenizer(directory: str | Path) -> Tokenizer:
-    """A tokenizer from a Hugging Face byte-level BPE pair (``vocab.json`` + ``merges.txt``, GPT-2
-    family) in ``directory``; ids equal the Hugging Face ids."""
+
+def hf_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer in a Hugging Face model ``directory`` (or a path to one of its tokenizer files):
+    tokenizer.json when present, else vocab.json + merges.txt. DataError naming the file otherwise."""
     d = resolve_path(directory)
-    if d.is_file():  # tolerate a path to vocab.json or merges.txt itself
+    if d.is_file():
         d = d.parent
+    if (d / "tokenizer.json").is_file():
+        return _tokenizer_json(d)
+    if not (d / "vocab.json").is_file() and not (d / "merges.txt").is_file():
+        raise DataError(
+            f"{d} holds no tokenizer: expected tokenizer.json (Llama, Mistral, Qwen2) or "
+            "vocab.json and merges.txt (GPT-2); copy the model's tokenizer files there"
+        )
+    return _bpe_pair(d)
+
+
+def _tokenizer_json(d: Path) -> Tokenizer:
+    """tokenizer.json through the tokenizers library; bos/eos/pad from tokenizer_config.json."""
+    path, config_path = d / "tokenizer.json", d / "tokenizer_config.json"
+    definition = read_json(path)
+    config = read_json(config_path) if config_path.is_file() else {}
+    roles = {role: _token_name(config.get(role)) for role in ("eos_token", "bos_token", "pad_token")}
+    if roles["eos_token"] is None:
+        added = {t.get("content") for t in definition.get("added_tokens") or [] if isinstance(t, dict)}
+        roles["eos_token"] = next((name for name in _EOS_GUESSES if name in added), None)
+        if roles["eos_token"] is None:
+            raise DataError(f"{config_path} names no eos_token and {path.name} has none of {_EOS_GUESSES}: "
+                            'add "eos_token": "<the token the model ends a text with>" to it')  # fmt: skip
+    try:
+        return HFTokenizer(definition, roles["eos_token"], roles["bos_token"], roles["pad_token"])
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def _token_name(value: Any) -> str | None:
+    """A token as tokenizer_config.json spells it: a string, or an AddedToken dict with its content."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _bpe_pair(d: Path) -> Tokenizer:
+    """A tokenizer from a Hugging Face byte-level BPE pair (``vocab.json`` + ``merges.txt``, GPT-2
+    family) in ``d``; ids equal the Hugging Face ids."""
     vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
     vocab = _read_vocab(vocab_path)
     decoder = {ch: b for b, ch in bytes_to_unicode().items()}
@@ -100,20 +146,6 @@ def _added_tokens(vocab: dict[str, int], mergeable_ids: set[int], decoder: dict[
             specials[name] = next_id
             next_id += 1
     return specials
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters, as used in vocab.json/merges.txt."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def read_json(path: Path) -> dict[str, Any]:
