@@ -1,8 +1,11 @@
-"""Test helper: GPT-2's tokenizer as a Hugging Face pair (vocab.json + merges.txt), rebuilt offline.
+"""Test helpers for Hugging Face interop, all offline: GPT-2's tokenizer as a Hugging Face pair
+(vocab.json + merges.txt) and small random Llama-family models saved with save_pretrained.
 
 ``write_hf_gpt2_files(directory)`` writes the pair from the repository's tiktoken rank file
 (data/gpt2/gpt2.tiktoken), so tests can exercise the "hf" tokenizer kind and compare with
-``transformers`` without any download.
+``transformers`` without any download. ``save_tiny_llama_family(directory, "llama")`` writes a
+random LlamaForCausalLM (or MistralForCausalLM, Qwen2ForCausalLM) with config.json and
+model.safetensors (sharded with ``max_shard_size``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from gpt.interop.hf_vocab import bytes_to_unicode
+import torch
+
+from gpt.hf_tokenizer import bytes_to_unicode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPT2_RANK_FILE = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken"
@@ -68,3 +73,47 @@ def write_hf_gpt2_files(directory: str | Path) -> Path:
     (directory / "vocab.json").write_text(vocab, encoding="utf-8")
     (directory / "merges.txt").write_text(merges, encoding="utf-8")
     return directory
+
+
+def noisy_(module: torch.nn.Module) -> None:
+    """Perturb every parameter so that biases and norm gains are not their trivial initial values."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+# small configs of each family: 8 heads of 8 over width 64, 2 layers, 128 positions; weights drawn
+# wide enough (std 0.3) that greedy decoding wanders over the vocabulary instead of repeating one token
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+              max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.3)  # fmt: skip
+FAMILIES = {
+    # GQA 4:1, tied; Llama 3's rope scaling with wavelengths (head size 8: 6, 167, 4443, 10^5 positions)
+    # in each of its three bands (kept, smoothed, scaled); vocabulary not a multiple of 64 (ours pads it)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=96, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0.25, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    # GQA 2:1, untied, no sliding window
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        vocab_size=128, num_key_value_heads=4, tie_word_embeddings=False, sliding_window=None)),
+    # biases on q, k, v; GQA 4:1, untied
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=100, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1000000.0)),
+}  # fmt: skip
+
+
+def save_tiny_llama_family(directory: str | Path, family: str, max_shard_size: str | None = None,
+                           **overrides):  # fmt: skip
+    """A random, perturbed ``family`` model (llama, mistral or qwen2) in eval mode, saved to
+    ``directory`` with save_pretrained (sharded when ``max_shard_size`` is given); returns it."""
+    import transformers
+
+    config_class, model_class, options = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**COMMON, **options, **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    noisy_(model)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(directory), **kw)
+    return model

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers_hf import write_hf_gpt2_files
+from helpers_hf import noisy_, write_hf_gpt2_files
 
 from gpt.checkpoint import save_checkpoint
 from gpt.commands.export import export_main
@@ -25,14 +25,6 @@ TEXTS = [
     'def f(x: int) -> int:\n    """Doc."""\n    return {"a": [x ** 2, x // 3]}  # comment\n',
     "for (int i = 0; i < n; ++i) { s += a[i]; }\r\n\tif x != y && !z: pass",
 ]
-
-
-def noisy_(module: torch.nn.Module) -> None:
-    """Perturb every parameter so that biases and norm gains are not their trivial initial values."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
 
 
 def save_tiny_gpt2(directory, **overrides):

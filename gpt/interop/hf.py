@@ -1,11 +1,14 @@
-"""Hugging Face GPT-2 interop: import a local GPT-2-family directory into our model, export ours back.
+"""Hugging Face interop: import a local GPT-2, Llama, Mistral or Qwen2 directory into our model,
+export ours back as GPT-2.
 
-Import (``python train.py init_from=hf:DIR ...`` does this; no network access anywhere):
+Import (``python train.py init_from=hf:DIR ...`` does this; no network access anywhere). config.json's
+``architectures`` picks the family; the Llama family's config and weight mapping live in
+``gpt.interop.llama``; reading the directory (weights single or sharded, tokenizer) is here:
 
     from gpt.interop.hf import import_hf
-    config, state_dict, tokenizer = import_hf("~/models/gpt2")  # config.json, model.safetensors,
-    model = GPT(config)                                         # vocab.json, merges.txt
-    model.load_state_dict(state_dict)
+    config, state_dict, tokenizer = import_hf("~/models/SmolLM2-135M")  # config.json, the weights
+    model = GPT(config)                              # (sharded: model.safetensors.index.json), and
+    model.load_state_dict(state_dict)                # tokenizer.json or vocab.json + merges.txt
 
 Export (the command line is ``gpt export ckpt=DIR out=HF_DIR``):
 
@@ -16,8 +19,9 @@ Hugging Face's GPT-2 keeps its linear layers as ``Conv1D``, whose weight is (in,
 of ``nn.Linear``'s (out, in). The names are otherwise ours, so the mapping is a key copy plus four
 transposes per block. Our embedding has ``vocab_size`` padded to a multiple of 64: imported rows past
 Hugging Face's are set to the mean embedding (their logits then sit at the average, never on top),
-and exported tables are cut back to the tokenizer's size. Weights are read from safetensors, or from
-``pytorch_model.bin`` with ``torch.load(weights_only=True)``: nothing is ever unpickled.
+and exported tables are cut back to the tokenizer's size. Weights are read from safetensors (one file,
+or the shards an index names), or from ``pytorch_model.bin`` with ``torch.load(weights_only=True)``:
+nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ import torch
 
 from gpt.checkpoint import check_state_dict
 from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.interop.hf_vocab import bytes_to_unicode, hf_bpe_tokenizer, read_json
+from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.interop.hf_vocab import hf_tokenizer, read_json
+from gpt.interop.llama import LLAMA_FAMILY, config_from_llama, llama_to_gpt
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig, pad_vocab
-from gpt.tokenizer import EOT, GPT2_PATTERN
+from gpt.tokenizer import EOT, GPT2_PATTERN, Tokenizer
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -85,20 +91,36 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig
     return config
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names (each must be there)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map: it is not a sharded checkpoint's index")
+    files = [directory / str(name) for name in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"shard {absent[0]} named in {index} is missing from {directory}"
+                              f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; copy every "
+                              "shard of the checkpoint there")  # fmt: skip
+    return files
+
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``directory``: model.safetensors (or its sharded index), else
+    """The state dict in ``directory``: model.safetensors (or the shards its index names), else
     pytorch_model.bin read with weights_only=True."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     pickled = directory / "pytorch_model.bin"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-    elif pickled.is_file():
+    if not any((directory / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        if not pickled.is_file():
+            raise CheckpointError(
+                f"no model.safetensors or pytorch_model.bin in {directory}: hf:DIR must be a local Hugging "
+                "Face model directory (e.g. one written by save_pretrained)"
+            )
         try:
             weights = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickle with disallowed globals, a truncated file, ...
@@ -108,13 +130,8 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise CheckpointError(f"{pickled} is not a state dict of tensors")
         return weights
-    else:
-        raise CheckpointError(
-            f"no model.safetensors or pytorch_model.bin in {directory}: hf:DIR must be a local Hugging "
-            "Face GPT-2 directory (e.g. one written by save_pretrained)"
-        )
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in _weight_files(directory):
         try:
             weights.update(load_file(file, device="cpu"))
         except (SafetensorError, OSError) as e:
@@ -122,10 +139,10 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def hf_to_gpt(weights: dict[str, torch.Tensor], config: GPTConfig, hf_vocab: int) -> dict[str, torch.Tensor]:
+def hf_to_gpt(weights: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Map Hugging Face GPT-2 weights to our state dict: strip/add the ``transformer.`` prefix,
-    transpose Conv1D weights, drop the old causal-mask buffers, pad the vocabulary rows to
-    ``config.vocab_size`` with the mean embedding. Converted to fp32 (training keeps fp32 weights)."""
+    transpose Conv1D weights, drop the old causal-mask buffers and a tied lm_head. Converted to fp32
+    (training keeps fp32 weights); the vocabulary is not yet padded."""
     out: dict[str, torch.Tensor] = {}
     for key, t in weights.items():
         name = key.removeprefix("transformer.")
@@ -136,7 +153,14 @@ def hf_to_gpt(weights: dict[str, torch.Tensor], config: GPTConfig, hf_vocab: int
                 out["lm_head.weight"] = t
             continue  # tied: the same tensor as wte
         out["transformer." + name] = t.t() if name.endswith(CONV1D) else t
-    out = {k: v.float().contiguous() for k, v in out.items()}
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def pad_vocab_rows(state_dict: dict[str, torch.Tensor], config: GPTConfig, hf_vocab: int
+                   ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Embedding (and untied head) rows from ``hf_vocab`` up to ``config.vocab_size`` set to the mean
+    row, whose logit is the average, never the top; a tied head is listed as wte itself."""
+    out = dict(state_dict)
     for key in ("transformer.wte.weight", "lm_head.weight"):
         table = out.get(key)
         if table is not None and table.size(0) == hf_vocab < config.vocab_size:
@@ -147,26 +171,45 @@ def hf_to_gpt(weights: dict[str, torch.Tensor], config: GPTConfig, hf_vocab: int
     return out
 
 
-def import_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Any]:
-    """(model config, state dict, tokenizer) from a local Hugging Face GPT-2 directory: config.json,
-    model.safetensors (or pytorch_model.bin), vocab.json and merges.txt. The state dict is checked
-    against the config: missing/unexpected keys and wrong shapes are listed in a CheckpointError."""
+def hf_family(hf: dict[str, Any], source: str) -> str:
+    """'gpt2', 'llama', 'mistral' or 'qwen2': the family of a config.json, from its architectures
+    (else its model_type); ConfigError naming the field for any other."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch in ("GPT2LMHeadModel", "GPT2Model"):
+        return "gpt2"
+    if arch in LLAMA_FAMILY:
+        return LLAMA_FAMILY[arch]
+    kind = hf.get("model_type", "gpt2")
+    if arch is None and kind in ("gpt2", *LLAMA_FAMILY.values()):
+        return kind
+    what = f"architectures={archs}" if arch is not None else f"model_type={kind!r}"
+    raise ConfigError(f"{source}: {what} cannot be imported (ours: GPT2LMHeadModel, "
+                      f"{', '.join(LLAMA_FAMILY)})")  # fmt: skip
+
+
+def import_hf(directory: str | Path, with_tokenizer: bool = True
+              ) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer | None]:  # fmt: skip
+    """(model config, state dict, tokenizer) from a local Hugging Face directory of a GPT-2,
+    Llama, Mistral or Qwen2 model: config.json, model.safetensors (sharded with its index, or
+    pytorch_model.bin) and the tokenizer's files (skipped, and None returned, without
+    ``with_tokenizer``). The state dict is checked against the config: missing/unexpected keys and
+    wrong shapes are listed in a CheckpointError."""
     d = Path(directory).expanduser()
     if not (d / "config.json").is_file():
-        raise CheckpointError(
-            f"{d}/config.json not found: hf:DIR must be a local Hugging Face GPT-2 directory"
-        )
-    config = config_from_hf(read_json(d / "config.json"), str(d / "config.json"))
-    missing = [n for n in ("vocab.json", "merges.txt") if not (d / n).is_file()]
-    if missing:
-        raise DataError(
-            f"{d} lacks {' and '.join(missing)}: the tokenizer comes from the model's directory; copy "
-            "GPT-2's tokenizer files there (they come with every GPT-2 download)"
-        )
-    tokenizer = hf_bpe_tokenizer(d)
+        raise CheckpointError(f"{d}/config.json not found: hf:DIR must be a local Hugging Face model "
+                              "directory")  # fmt: skip
+    source = str(d / "config.json")
+    hf = read_json(d / "config.json")
+    family = hf_family(hf, source)
+    config = config_from_hf(hf, source) if family == "gpt2" else config_from_llama(hf, family, source)
+    tokenizer = hf_tokenizer(d) if with_tokenizer else None
     hf_vocab = config.vocab_size
-    config.vocab_size = pad_vocab(max(hf_vocab, tokenizer.vocab_size))
-    state_dict = hf_to_gpt(read_hf_weights(d), config, hf_vocab)
+    weights = read_hf_weights(d)
+    gpt2 = family == "gpt2"
+    state_dict = hf_to_gpt(weights, config) if gpt2 else llama_to_gpt(weights, config, f"hf:{d}")
+    config.vocab_size = pad_vocab(max(hf_vocab, tokenizer.vocab_size if tokenizer else 0))
+    state_dict = pad_vocab_rows(state_dict, config, hf_vocab)
     with torch.device("meta"):  # shapes only: nothing is allocated
         expected = GPT(config).state_dict()
     check_state_dict(expected, state_dict, f"hf:{d}")

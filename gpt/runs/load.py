@@ -1,9 +1,9 @@
 """The one loader: a model reference to weights, config and tokenizer, and from them a model.
 
 A reference is a run directory, a checkpoint file, a LoRA run (adapters over a base model that is
-loaded again and checked against its fingerprint) or ``hf:DIR`` (a Hugging Face GPT-2 directory).
-Sampling, evaluation, serving, export, merge and training's ``init_from``/``resume`` all read
-references here, so a reference means the same everywhere.
+loaded again and checked against its fingerprint) or ``hf:DIR`` (a Hugging Face GPT-2, Llama,
+Mistral or Qwen2 directory). Sampling, evaluation, serving, export, merge and training's
+``init_from``/``resume`` all read references here, so a reference means the same everywhere.
 
     from gpt.runs.load import load
     loaded = load("out/shakespeare_char")                  # config, weights, tokenizer, checkpoint
