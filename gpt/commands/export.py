@@ -1,20 +1,21 @@
-"""Export a checkpoint to a Hugging Face GPT-2 directory that ``transformers`` loads as is, and fold
-a LoRA run's adapters into a plain checkpoint.
+"""Export a checkpoint to a Hugging Face directory that ``transformers`` loads as is, and fold a LoRA
+run's adapters into a plain checkpoint.
 
     gpt export ckpt=out/finetune out=out/finetune-hf
     gpt export ckpt=out/finetune/best.pt out=out/best-hf overwrite=true check=true
-    gpt export ckpt=hf:models/gpt2 out=out/gpt2-again        # any model reference (gpt.runs.load)
+    gpt export ckpt=hf:models/SmolLM2-135M out=out/smol-again  # any model reference (gpt.runs.load)
     gpt merge ckpt=out/finetune out=out/merged
 
-Export writes config.json and model.safetensors (plus vocab.json, merges.txt and
-tokenizer_config.json when the tokenizer is GPT-2's byte-level BPE), so that
+Export writes config.json and model.safetensors: GPT2LMHeadModel for learned positions + LayerNorm,
+LlamaForCausalLM for rotary + RMSNorm + SwiGLU (Qwen2ForCausalLM with biases on q, k, v only), so that
 
-    from transformers import GPT2LMHeadModel, GPT2Tokenizer
-    model = GPT2LMHeadModel.from_pretrained("out/finetune-hf")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("out/finetune-hf")
 
-gives the same logits as ours. LoRA checkpoints are merged first. Models outside the GPT-2 family
-(rotary positions, RMSNorm) are refused with the list of options that cannot be exported.
-``check=true`` loads the result with ``transformers`` (if installed) and compares logits.
+gives the same logits as ours. The tokenizer goes along where Hugging Face can express it
+(tokenizer.json, or vocab.json + merges.txt for GPT-2's); otherwise one line says it stays ours.
+LoRA checkpoints are merged first. A model neither family expresses is refused with every option
+that cannot be exported. ``check=true`` loads the result with ``transformers`` and compares logits.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class MergeConfig:
 
 @dataclass
 class ExportConfig(MergeConfig):
-    """``gpt export``: write a Hugging Face GPT-2 directory."""
+    """``gpt export``: write a Hugging Face model directory (GPT-2, Llama or Qwen2)."""
 
     check: bool = False
     """Load the result with transformers and compare logits."""
@@ -66,9 +67,9 @@ MERGE = Command("merge", schema=MergeConfig, free_text=("ckpt", "out"),
 def check_with_transformers(model, out_dir: Path) -> float:
     """Load ``out_dir`` with transformers and return the largest logit difference from ``model`` on
     a fixed sequence (over the exported vocabulary)."""
-    from transformers import GPT2LMHeadModel  # optional: the [hf] extra
+    from transformers import AutoModelForCausalLM  # optional: the [hf] extra
 
-    ref = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     n_vocab = ref.config.vocab_size
     idx = torch.arange(min(16, model.config.block_size)).unsqueeze(0) * 7 % n_vocab  # (1, T)
     model.eval()
@@ -82,12 +83,10 @@ def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) ->
     """Load ``ckpt`` (LoRA adapters merged) and write ``out``; returns the files written."""
     loaded = load(ckpt, merge=True)
     model, tokenizer = loaded.build(), loaded.tokenizer
-    files = export_hf(model, tokenizer, out, overwrite=overwrite)
+    files, note = export_hf(model, tokenizer, out, overwrite=overwrite)
     print(f"exported {ckpt} to {out}: {', '.join(f.name for f in files)}")
-    if not any(f.name == "vocab.json" for f in files):
-        print(f"note: the tokenizer ({tokenizer.kind}) is not GPT-2's byte-level BPE, so no Hugging Face "
-              f"tokenizer files were written; its ids are described by {Path(ckpt)}'s tokenizer.json",
-              file=sys.stderr)  # fmt: skip
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if check:
         diff = check_with_transformers(model, Path(out))
         print(f"check: transformers' logits differ from ours by at most {diff:.2e}")

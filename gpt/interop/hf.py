@@ -1,5 +1,5 @@
 """Hugging Face interop: import a local GPT-2, Llama, Mistral or Qwen2 directory into our model,
-export ours back as GPT-2.
+export ours back as GPT-2, Llama or Qwen2 (whichever expresses the model exactly).
 
 Import (``python train.py init_from=hf:DIR ...`` does this; no network access anywhere). config.json's
 ``architectures`` picks the family; the Llama family's config and weight mapping live in
@@ -13,7 +13,11 @@ Import (``python train.py init_from=hf:DIR ...`` does this; no network access an
 Export (the command line is ``gpt export ckpt=DIR out=HF_DIR``):
 
     from gpt.interop.hf import export_hf
-    export_hf(model, tokenizer, "out/hf")  # then transformers.GPT2LMHeadModel.from_pretrained("out/hf")
+    files, note = export_hf(model, tokenizer, "out/hf")  # then AutoModelForCausalLM.from_pretrained("out/hf")
+
+Learned positions + LayerNorm + the standard MLP export as GPT2LMHeadModel; rotary + RMSNorm + SwiGLU
+as LlamaForCausalLM (Qwen2ForCausalLM with biases on q, k, v only) through ``gpt.interop.llama``'s
+mapping run backwards; tokenizer files come from ``gpt.interop.tokenizer_export``.
 
 Hugging Face's GPT-2 keeps its linear layers as ``Conv1D``, whose weight is (in, out): the transpose
 of ``nn.Linear``'s (out, in). The names are otherwise ours, so the mapping is a key copy plus four
@@ -26,8 +30,6 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
-import base64
-import itertools
 import json
 import os
 import shutil
@@ -37,13 +39,20 @@ from typing import Any
 import torch
 
 from gpt.checkpoint import check_state_dict
-from gpt.errors import CheckpointError, ConfigError, DataError
-from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.errors import CheckpointError, ConfigError
 from gpt.interop.hf_vocab import hf_tokenizer, read_json
-from gpt.interop.llama import LLAMA_FAMILY, config_from_llama, llama_to_gpt
+from gpt.interop.llama import (
+    LLAMA_FAMILY,
+    config_from_llama,
+    gpt_to_llama,
+    llama_config,
+    llama_problems,
+    llama_to_gpt,
+)
+from gpt.interop.tokenizer_export import tokenizer_files
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig, pad_vocab
-from gpt.tokenizer import EOT, GPT2_PATTERN, Tokenizer
+from gpt.tokenizer import Tokenizer
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -217,7 +226,7 @@ def import_hf(directory: str | Path, with_tokenizer: bool = True
 
 
 # -------------------------------------------------------------------------------------------- export
-def export_problems(config: GPTConfig) -> list[str]:
+def gpt2_problems(config: GPTConfig) -> list[str]:
     """The options of ``config`` that GPT2LMHeadModel cannot express (empty: exportable).
     bias=false exports as zero biases and untied embeddings as tie_word_embeddings=false."""
     problems = []
@@ -225,7 +234,26 @@ def export_problems(config: GPTConfig) -> list[str]:
         problems.append(f"model.pos_emb={config.pos_emb!r} (GPT-2 has learned absolute positions, no rotary)")
     if config.norm != "layernorm":
         problems.append(f"model.norm={config.norm!r} (GPT-2 uses LayerNorm)")
+    if config.norm == "layernorm" and (config.norm_eps or LAYER_NORM_EPS) != LAYER_NORM_EPS:
+        problems.append(f"model.norm_eps={config.norm_eps} (GPT-2's is {LAYER_NORM_EPS})")
+    if config.mlp != "standard":
+        problems.append(f"model.mlp={config.mlp!r} (GPT-2's MLP is c_fc -> activation -> c_proj)")
+    if config.kv_heads != config.n_head:
+        problems.append(f"model.n_kv_head={config.n_kv_head} (GPT-2 has as many key/value heads as heads)")
+    if config.qkv_bias and not config.bias:
+        problems.append("model.qkv_bias=true with model.bias=false (GPT-2 has every bias or none)")
     return problems
+
+
+def export_problems(config: GPTConfig) -> tuple[str, list[str]]:
+    """('gpt2' or 'llama', []) for the family that expresses ``config`` exactly, else ('', what
+    each family lacks, one entry per option)."""
+    gpt2, llama = gpt2_problems(config), llama_problems(config)
+    if not gpt2:
+        return "gpt2", []
+    if not llama:
+        return "llama", []
+    return "", [f"as GPT2LMHeadModel: {'; '.join(gpt2)}", f"as LlamaForCausalLM: {'; '.join(llama)}"]
 
 
 def gpt_to_hf(state_dict: dict[str, torch.Tensor], config: GPTConfig, n_vocab: int
@@ -266,68 +294,42 @@ def hf_config(config: GPTConfig, n_vocab: int, eot_id: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
-    """The merge that creates ``token``: byte-level BPE on it with only the merges ranked below its
-    own leaves exactly two parts."""
-    limit, parts = ranks[token], [bytes([b]) for b in token]
-    while len(parts) > 2:
-        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
-        rank, i = min(pairs)
-        if rank >= limit:
-            break
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-    if len(parts) != 2:
-        raise DataError(f"token {token!r} is not the result of a merge of lower-ranked tokens")
-    return parts[0], parts[1]
-
-
-def hf_tokenizer_files(tokenizer) -> dict[str, str] | None:
-    """{file name: text} of vocab.json, merges.txt and tokenizer_config.json for a GPT-2-style
-    byte-level BPE tokenizer ("gpt2", or "hf" with GPT-2's split pattern); None for any other."""
-    state = tokenizer.to_state()
-    if state["kind"] not in ("gpt2", "hf") or state["pattern"] != GPT2_PATTERN:
-        return None
-    ranks = {base64.b64decode(k): int(r) for k, r in state["mergeable_ranks"].items()}
-    id_map = state.get("id_map")
-    b2u = bytes_to_unicode()
-    spell = lambda b: "".join(b2u[x] for x in b)
-    vocab = {spell(t): (id_map[r] if id_map else r) for t, r in ranks.items()}
-    vocab.update(state["special_tokens"])
-    merges = ["#version: 0.2"]
-    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) > 1:
-            merges.append(" ".join(spell(p) for p in _merge_parts(ranks, token)))
-    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
-    return {
-        "vocab.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False),
-        "merges.txt": "\n".join(merges) + "\n",
-        "tokenizer_config.json": json.dumps(config, indent=1),
-    }
-
-
-def export_hf(model: GPT, tokenizer, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write ``out_dir`` for ``transformers.GPT2LMHeadModel.from_pretrained``: config.json and
-    model.safetensors, plus the tokenizer files when the tokenizer is GPT-2-style. A model with
-    options GPT-2 lacks raises ConfigError listing them, before anything is written. An ``out_dir``
-    that is not empty is refused unless ``overwrite``. Returns the files written."""
-    from safetensors.torch import save_file
-
+def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, overwrite: bool = False
+              ) -> tuple[list[Path], str | None]:  # fmt: skip
+    """Write ``out_dir`` for transformers' ``from_pretrained``: config.json and model.safetensors of a
+    GPT2LMHeadModel (learned positions, LayerNorm) or a LlamaForCausalLM (rotary, RMSNorm, SwiGLU;
+    Qwen2ForCausalLM for biases on q, k, v only), plus the tokenizer's files where Hugging Face can
+    express it. A model neither family expresses raises ConfigError listing every option, before
+    anything is written; so does an ``out_dir`` that is not empty, unless ``overwrite``. Returns (the
+    files written, None or the one-line note on why the tokenizer stays ours)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError("the model still has LoRA adapters: merge them first (gpt merge ckpt=... out=...)")
-    problems = export_problems(model.config)
+    family, problems = export_problems(model.config)
     if problems:
-        raise ConfigError(f"this model cannot be exported to Hugging Face GPT-2 format: {'; '.join(problems)}"
-                          ". Only models with learned positions and LayerNorm (the GPT-2 family) can be")
+        raise ConfigError(f"this model cannot be exported to Hugging Face: {' | '.join(problems)}")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ConfigError(
             f"out={out} exists and is not an empty directory; choose another or set overwrite=true"
         )
-    n_vocab = tokenizer.vocab_size
-    weights = gpt_to_hf(model.state_dict(), model.config, n_vocab)
-    files = hf_tokenizer_files(tokenizer) or {}
-    files["config.json"] = json.dumps(hf_config(model.config, n_vocab, tokenizer.eot_id), indent=2)
-    # build everything beside the target, then move it in: a failure leaves no half-written model
+    n_vocab, eos = tokenizer.vocab_size, tokenizer.eot_id
+    if family == "gpt2":
+        weights = gpt_to_hf(model.state_dict(), model.config, n_vocab)
+        config = hf_config(model.config, n_vocab, eos)
+    else:
+        weights = gpt_to_llama(model.state_dict(), model.config, n_vocab)
+        bos = getattr(tokenizer, "bos_id", None)  # a tokenizer.json's BOS; ours have none: eos
+        config = llama_config(model.config, n_vocab, eos, eos if bos is None else bos)
+    files, note = tokenizer_files(tokenizer)
+    files["config.json"] = json.dumps(config, indent=2)
+    return _write_dir(out, weights, files), note
+
+
+def _write_dir(out: Path, weights: dict[str, torch.Tensor], files: dict[str, str]) -> list[Path]:
+    """model.safetensors and ``files`` built beside ``out``, then moved in: a failure leaves no
+    half-written model."""
+    from safetensors.torch import save_file
+
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -9,6 +9,10 @@ field. ``gpt.interop.hf`` reads the directory and calls this module.
 
     config = config_from_llama(read_json(d / "config.json"), "d/config.json")
     state_dict = llama_to_gpt(read_hf_weights(d), config, "hf:d")   # fp32, vocabulary not padded
+
+Export is the same mapping in reverse (``BLOCK_PARTS`` drives both): ``llama_problems`` lists what the
+family cannot express (learned positions, LayerNorm, a standard MLP), ``llama_config`` writes
+config.json (Qwen2ForCausalLM for biases on q, k, v only) and ``gpt_to_llama`` the weights.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ SHAPE_FIELDS_OF = {
     "gate_proj": "intermediate_size, hidden_size", "up_proj": "intermediate_size, hidden_size",
     "down_proj": "intermediate_size, hidden_size",
 }  # fmt: skip
+# each block's tensor of ours <- the Hugging Face tensors stacked along its output rows, in this order
+# (import concatenates them, export splits them back); biases exist where the config has them
+BLOCK_PARTS = {"ln_1": ("input_layernorm",), "ln_2": ("post_attention_layernorm",),
+               "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "attn.c_proj": ("self_attn.o_proj",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+               "mlp.c_proj": ("mlp.down_proj",)}  # fmt: skip
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
             "max_position_embeddings")  # fmt: skip
 
@@ -172,15 +182,78 @@ def llama_to_gpt(weights: dict[str, torch.Tensor], config: GPTConfig, source: st
            "transformer.ln_f.weight": w["model.norm.weight"]}  # fmt: skip
     if not config.tie_embeddings:
         out["lm_head.weight"] = w["lm_head.weight"]
-    # ours <- theirs, stacked along the output rows; biases exist where the config has them
-    parts = {"ln_1": ["input_layernorm"], "ln_2": ["post_attention_layernorm"],
-             "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-             "attn.c_proj": ["self_attn.o_proj"], "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"],
-             "mlp.c_proj": ["mlp.down_proj"]}  # fmt: skip
     for i in range(config.n_layer):
-        for ours, theirs in parts.items():
+        for ours, theirs in BLOCK_PARTS.items():
             for kind in ("weight", "bias"):
                 found = [w[k] for t in theirs if (k := f"model.layers.{i}.{t}.{kind}") in w]
                 if found:
                     out[f"transformer.h.{i}.{ours}.{kind}"] = torch.cat(found)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# -------------------------------------------------------------------------------------------- export
+def llama_problems(config: GPTConfig) -> list[str]:
+    """The options of ``config`` that LlamaForCausalLM / Qwen2ForCausalLM cannot express (empty:
+    exportable). bias=true exports as Llama's attention_bias and mlp_bias, qkv_bias alone as Qwen2."""
+    problems = []
+    if config.pos_emb != "rope":
+        problems.append(f"model.pos_emb={config.pos_emb!r} (Llama has rotary positions: rope)")
+    if config.norm != "rmsnorm":
+        problems.append(f"model.norm={config.norm!r} (Llama uses RMSNorm)")
+    if config.mlp != "swiglu":
+        problems.append(f"model.mlp={config.mlp!r} with model.activation={config.activation!r} "
+                        "(Llama's MLP is SwiGLU: mlp=swiglu)")  # fmt: skip
+    return problems
+
+
+def llama_family_of(config: GPTConfig) -> str:
+    """'qwen2' for biases on q, k, v only (qkv_bias without bias), else 'llama'."""
+    return "qwen2" if config.qkv_bias and not config.bias else "llama"
+
+
+def llama_config(config: GPTConfig, n_vocab: int, eos_id: int, bos_id: int) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (Qwen2ForCausalLM for qkv_bias): what config_from_llama reads
+    back into ``config`` (vocabulary cut to ``n_vocab``), in transformers 4's spelling of the rope
+    options, which transformers 5 reads as well."""
+    c, family = config, llama_family_of(config)
+    out = {
+        "architectures": [next(a for a, f in LLAMA_FAMILY.items() if f == family)], "model_type": family,
+        "vocab_size": n_vocab, "hidden_size": c.n_embd, "intermediate_size": c.mlp_width,
+        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_size, "hidden_act": "silu", "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps or 1e-6, "rope_theta": c.rope_theta, "rope_scaling": None,
+        "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True, "dtype": "float32",
+    }  # fmt: skip
+    if family == "llama":
+        out |= {"attention_bias": c.bias, "mlp_bias": c.bias}
+    else:  # Qwen2: biases on q, k, v are built in; attend over the whole context
+        out |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": c.n_layer}
+    if c.rope_scaling_factor != 1.0:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
+                               "low_freq_factor": c.rope_low_freq_factor,
+                               "high_freq_factor": c.rope_high_freq_factor,
+                               "original_max_position_embeddings": c.rope_original_max_position}  # fmt: skip
+    return out
+
+
+def gpt_to_llama(state_dict: dict[str, torch.Tensor], config: GPTConfig, n_vocab: int
+                 ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """llama_to_gpt in reverse (the same BLOCK_PARTS table): our stacked c_attn rows split into q, k, v
+    (nh hs, nkv hs, nkv hs), c_fc into gate and up (H, H); vocabulary cut to ``n_vocab`` rows; no
+    lm_head when tied (transformers re-ties it). Fresh fp32 tensors."""
+    q, kv, H = config.n_head * config.head_size, config.kv_heads * config.head_size, config.mlp_width
+    rows = {"attn.c_attn": [q, kv, kv], "mlp.c_fc": [H, H]}
+    sd = {k: v.detach().float() for k, v in state_dict.items()}
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"][:n_vocab],
+           "model.norm.weight": sd["transformer.ln_f.weight"]}  # fmt: skip
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:n_vocab]
+    for i in range(config.n_layer):
+        for ours, theirs in BLOCK_PARTS.items():
+            for kind in ("weight", "bias"):
+                t = sd.get(f"transformer.h.{i}.{ours}.{kind}")
+                if t is not None:
+                    pieces = t.split(rows[ours]) if ours in rows else (t,)
+                    out |= {f"model.layers.{i}.{n}.{kind}": p for n, p in zip(theirs, pieces, strict=True)}
+    return {k: v.contiguous().clone() for k, v in out.items()}

@@ -1,0 +1,125 @@
+"""Our tokenizer as Hugging Face tokenizer files, for an exported model directory:
+
+* a Hugging Face ``tokenizer.json`` (kind "hf_json"): the same file back, and tokenizer_config.json
+  with its eos/bos/pad tokens;
+* GPT-2's byte-level BPE ("gpt2", or "hf" with GPT-2's split pattern): vocab.json + merges.txt, the
+  merges recovered from the tiktoken ranks;
+* another byte-level BPE (ours, trained with data.tokenizer=bpe): a tokenizer.json (a Split on our
+  pattern, byte-level BPE on our ranks), written only if the ``tokenizers`` library gives our ids
+  on sample text;
+* anything else (char): no files, and a one-line note saying the tokenizer stays ours.
+
+    files, note = tokenizer_files(tokenizer)   # {file name: text}, None or the reason for no files
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from typing import Any
+
+from gpt.errors import DataError
+from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.tokenizer import EOT, GPT2_PATTERN, HFTokenizer, Tokenizer
+
+# text the exported tokenizer.json must encode exactly as ours before it is written
+SAMPLES = (
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "emoji 😀👍🏽 CJK 日本語 中文 한국어, accents e\u0301 naïve café, RTL עברית",
+    "   runs     of\t\t\twhitespace   \n\n\n   and trailing   ",
+    "numbers 1234567890 3.14159 -42 0xFF 1,000,000 don't we'll I'M",
+    'def f(x: int) -> int:\n    return {"a": [x ** 2, x // 3]}  # comment\r\n',
+)
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> tuple[dict[str, str], str | None]:
+    """({file name: text}, None), or ({}, one line on why the tokenizer stays ours)."""
+    state = tokenizer.to_state()
+    kind = state["kind"]
+    if kind == HFTokenizer.kind:
+        roles = {r: state[r] for r in ("eos_token", "bos_token", "pad_token") if state.get(r) is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
+        return {"tokenizer.json": json.dumps(state["definition"], ensure_ascii=False),
+                "tokenizer_config.json": json.dumps(config, indent=1)}, None  # fmt: skip
+    if kind in ("gpt2", "hf") and state["pattern"] == GPT2_PATTERN:
+        return _bpe_pair(state), None
+    if "mergeable_ranks" in state:
+        files = _byte_level_json(tokenizer, state)
+        if files is not None:
+            return files, None
+        return {}, (f"the tokenizers library cannot reproduce this {kind} tokenizer's ids, so no Hugging "
+                    "Face tokenizer files were written: the tokenizer stays ours (tokenizer.json of the run)")
+    return {}, (f"a {kind} tokenizer has no Hugging Face counterpart, so no Hugging Face tokenizer files "
+                "were written: the tokenizer stays ours (tokenizer.json of the run)")  # fmt: skip
+
+
+def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The merge that creates ``token``: byte-level BPE on it with only the merges ranked below its
+    own leaves exactly two parts."""
+    limit, parts = ranks[token], [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise DataError(f"token {token!r} is not the result of a merge of lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+def _vocab_and_merges(state: dict[str, Any]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(byte-level spelling -> public id of every mergeable token, the merges in rank order)."""
+    ranks = {base64.b64decode(k): int(r) for k, r in state["mergeable_ranks"].items()}
+    id_map = state.get("id_map")
+    b2u = bytes_to_unicode()
+    spell = lambda b: "".join(b2u[x] for x in b)
+    vocab = {spell(t): (id_map[r] if id_map else r) for t, r in ranks.items()}
+    merges = [tuple(spell(p) for p in _merge_parts(ranks, token))
+              for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]  # fmt: skip
+    return vocab, merges
+
+
+def _bpe_pair(state: dict[str, Any]) -> dict[str, str]:
+    """vocab.json, merges.txt and tokenizer_config.json of GPT-2's tokenizer class."""
+    vocab, merges = _vocab_and_merges(state)
+    vocab.update(state["special_tokens"])
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    return {
+        "vocab.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False),
+        "merges.txt": "\n".join(["#version: 0.2", *(f"{a} {b}" for a, b in merges)]) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=1),
+    }
+
+
+def _byte_level_json(tokenizer: Tokenizer, state: dict[str, Any]) -> dict[str, str] | None:
+    """tokenizer.json + tokenizer_config.json for a byte-level BPE with its own split pattern; None if
+    the library cannot read it or gives other ids than ``tokenizer`` on SAMPLES."""
+    vocab, merges = _vocab_and_merges(state)
+    specials = sorted(state["special_tokens"].items(), key=lambda kv: kv[1])
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    split = {"type": "Split", "pattern": {"Regex": state["pattern"]}, "behavior": "Isolated", "invert": False}
+    definition = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for name, i in specials],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+        "decoder": byte_level,
+        # ignore_merges: a piece that is itself a token is that token, as in tiktoken
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True, "vocab": vocab, "merges": [list(m) for m in merges]},
+    }  # fmt: skip
+    eos = next(name for name, i in specials if i == tokenizer.eot_id)
+    try:
+        theirs = HFTokenizer(definition, eos)
+    except DataError:
+        return None
+    if theirs.vocab_size != tokenizer.vocab_size or any(
+        theirs.encode(text) != tokenizer.encode(text) for text in SAMPLES
+    ):
+        return None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos}
+    return {"tokenizer.json": json.dumps(definition, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config, indent=1)}  # fmt: skip
