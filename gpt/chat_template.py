@@ -15,6 +15,10 @@ loss mask covers exactly each assistant turn's content and its end-of-turn token
     ids, loss_mask = render_dialog(tokenizer, messages)     # what SFT trains on
     prompt = render_prompt(tokenizer, history)              # ... + "\\nAssistant:", to generate a reply
     prompt, dropped = fit_history(tokenizer, history, max_tokens=block_size - 64)
+
+A model that brings its own Jinja template (``tokenizer.chat_template``: a Hugging Face model's
+tokenizer_config.json or chat_template.jinja) is rendered by it instead (``gpt.chat_jinja``), through
+the same functions and with the same contract; the choice is made here and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gpt.chat_jinja import render_jinja
 from gpt.tokenizer import EOT_TURN, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -74,6 +79,8 @@ def render_turns(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
     """(ids, loss_mask, turn_ends): <|endoftext|>, then each turn as marker, content, end-of-turn;
     loss_mask[i] = 1 where ids[i] is an assistant's content or its end-of-turn; turn_ends[k] is
     len(ids) after turn k. A char tokenizer that lacks a character raises DataError naming it."""
+    if tokenizer.chat_template is not None:
+        return render_jinja(tokenizer, messages, add_generation_prompt=False)
     ids, mask, ends = [tokenizer.eot_id], [0], []
     for k, m in enumerate(messages):
         head, body = _turn(tokenizer, m["role"], m["content"], first=k == 0)
@@ -91,7 +98,10 @@ def render_dialog(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> t
 
 def render_prompt(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The ids that precede the next assistant reply: the history (ending with a user turn) and the
-    opening ``\\nAssistant:``; exactly the training rendering cut before the reply's content."""
+    opening ``\\nAssistant:``; exactly the training rendering cut before the reply's content. (A model's
+    own template: its rendering with add_generation_prompt.)"""
+    if tokenizer.chat_template is not None:
+        return render_jinja(tokenizer, messages, add_generation_prompt=True)[0]
     ids, _, _ = render_turns(tokenizer, messages)
     return ids + tokenizer.encode("\n" + MARKERS["assistant"] if messages else MARKERS["assistant"])
 

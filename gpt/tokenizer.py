@@ -10,8 +10,7 @@ Five kinds share one interface (``Tokenizer``):
   library (both HF kinds: ``gpt.interop.hf_vocab.hf_tokenizer(directory)``).
 
 Every tokenizer has the special tokens in ``SPECIAL_TOKENS`` (by name or, for "hf_json", as aliases of
-the model's eos token); ``encode`` never produces a special token (its spelling in user text is encoded
-as ordinary text), so callers insert them by id::
+the model's eos token); ``encode`` never produces one (its spelling in text is text); insert them by id::
 
     tok = build_tokenizer("bpe", lambda: open("corpus.txt"), vocab_size=4096)
     ids = tok.encode("Hello") + [tok.eot_id]
@@ -26,7 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from functools import lru_cache
@@ -40,8 +38,6 @@ from gpt.atomic import atomic_write
 from gpt.errors import DataError
 from gpt.hf_tokenizer import read_definition, special_tokens, token_bytes
 from gpt.typed_config import REPO_ROOT, resolve_path
-
-log = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
 EOT_TURN = "<|end_of_turn|>"
@@ -58,6 +54,8 @@ class Tokenizer(ABC):
     """The common interface. Ids are ints in ``[0, vocab_size)``; special tokens included."""
 
     kind: str
+    chat_template: str | None = None  # a model's own Jinja template (HFTokenizer; gpt.chat_jinja)
+    chat_template_file: str | None = None  # where it came from (errors name it)
 
     def __init__(self, special_tokens: dict[str, int]):
         missing = [s for s in SPECIAL_TOKENS if s not in special_tokens]
@@ -100,9 +98,8 @@ class Tokenizer(ABC):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/tokenizer.json``; returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "tokenizer.json"
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_state(), ensure_ascii=False)
         try:
             text.encode("utf-8")
@@ -118,8 +115,7 @@ class Tokenizer(ABC):
         return self._fingerprint
 
     def __reduce__(self):
-        # Pickle through the plain state (data-pipeline worker processes receive tokenizers this way);
-        # tiktoken's Rust core is rebuilt on the other side.
+        # Pickle through the plain state (data workers get tokenizers so); the Rust cores are rebuilt.
         return (tokenizer_from_state, (self.to_state(),))
 
     def __repr__(self) -> str:
@@ -276,21 +272,24 @@ class HFTokenizer(Tokenizer):
     ``definition`` is the parsed tokenizer.json; ``eos_token`` (tokenizer_config.json's) is ``eot_id``,
     the token the model was trained to stop at. ``special_id`` knows the file's special tokens by name
     (<|im_start|>, </s>, ...); <|endoftext|> and <|end_of_turn|>, where the file lacks them, name the eos
-    token. ``encode`` adds no BOS (a template adds what it wants: ``bos_id``).
+    token. ``encode`` adds no BOS (a template adds what it wants: ``bos_id``; ``chat_template``: its own).
     """
 
     kind = "hf_json"
 
     def __init__(self, definition: dict[str, Any], eos_token: str, bos_token: str | None = None,
-                 pad_token: str | None = None):  # fmt: skip
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 chat_template_file: str | None = None):  # fmt: skip
         self._definition, self._library = definition, read_definition(definition)
+        self.chat_template, self.chat_template_file = chat_template, chat_template_file
         self._roles = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
         ids = {r: self._library.token_to_id(name) for r, name in self._roles.items() if name is not None}
         if None in ids.values():
             role = next(r for r, i in ids.items() if i is None)
             raise DataError(f"{role} {self._roles[role]!r} is not a token of this tokenizer.json")
         self._eos, self.bos_id, self.pad_id = ids["eos_token"], ids.get("bos_token"), ids.get("pad_token")
-        super().__init__({**{name: self._eos for name in SPECIAL_TOKENS}, **special_tokens(self._library)})
+        self.template_specials = special_tokens(self._library)  # the file's own: what a template may write
+        super().__init__({**{name: self._eos for name in SPECIAL_TOKENS}, **self.template_specials})
         self._bytes = token_bytes(self._library, definition)  # (vocab_size,) bytes or None (a gap)
 
     @property
@@ -315,7 +314,9 @@ class HFTokenizer(Tokenizer):
         return b"".join(pieces)
 
     def to_state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "kind": self.kind, "definition": self._definition, **self._roles}
+        template = {"chat_template": self.chat_template, "chat_template_file": self.chat_template_file}
+        return {"format": STATE_FORMAT, "kind": self.kind, "definition": self._definition, **self._roles,
+                **(template if self.chat_template is not None else {})}  # fmt: skip
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
@@ -325,8 +326,8 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
             raise DataError(f"unsupported tokenizer state format {state.get('format')!r}")
         kind = state["kind"]
         if kind == HFTokenizer.kind:
-            return HFTokenizer(dict(state["definition"]), str(state["eos_token"]), state.get("bos_token"),
-                               state.get("pad_token"))  # fmt: skip
+            optional = ("bos_token", "pad_token", "chat_template", "chat_template_file")
+            return HFTokenizer(dict(state["definition"]), str(state["eos_token"]), *map(state.get, optional))
         specials = {str(k): int(v) for k, v in state["special_tokens"].items()}
         if kind == "char":
             return CharTokenizer(list(state["chars"]), specials)
@@ -392,8 +393,7 @@ def _read_rank_file(path: Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                what = f"expected 'base64_token rank', got {line.strip()!r}"
-                raise DataError(f"{path}:{lineno}: {what}") from None
+                raise DataError(f"{path}:{lineno}: expected 'base64_token rank': {line.strip()!r}") from None
     if not ranks:
         raise DataError(f"BPE rank file {path} is empty")
     return ranks

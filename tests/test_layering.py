@@ -22,7 +22,7 @@ PKG = REPO_ROOT / "gpt"
 
 # the layers, bottom to top; a module may import its own layer (no cycles) and the layers listed
 CORE = {"errors", "typed_config", "config", "device", "ops", "model", "tokenizer", "hf_tokenizer",
-        "chat_template", "lora", "checkpoint", "atomic", "ranks"}  # fmt: skip
+        "chat_jinja", "chat_template", "lora", "checkpoint", "atomic", "ranks"}  # fmt: skip
 ALLOWED = {
     "core": {"core"},
     "interop": {"core", "interop"},
@@ -45,7 +45,7 @@ CORE_RULES = {
 # optional, heavy or slow-to-import dependencies that may be imported where they are used
 LAZY_OK = {"transformers", "safetensors", "rustbpe", "matplotlib", "lm_eval", "pyarrow", "zstandard",
            "uvicorn", "fastapi", "starlette", "sse_starlette", "readline", "wandb", "resource",
-           "torch", "hydra", "omegaconf", "inspect", "importlib", "yaml", "tokenizers"}  # fmt: skip
+           "torch", "hydra", "omegaconf", "inspect", "importlib", "yaml", "tokenizers", "jinja2"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

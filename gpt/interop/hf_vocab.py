@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gpt.chat_jinja import compile_template
 from gpt.errors import DataError
 from gpt.hf_tokenizer import bytes_to_unicode
 from gpt.tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer
@@ -54,10 +55,32 @@ def _tokenizer_json(d: Path) -> Tokenizer:
         if roles["eos_token"] is None:
             raise DataError(f"{config_path} names no eos_token and {path.name} has none of {_EOS_GUESSES}: "
                             'add "eos_token": "<the token the model ends a text with>" to it')  # fmt: skip
+    template, template_file = _chat_template(d, config)
     try:
-        return HFTokenizer(definition, roles["eos_token"], roles["bos_token"], roles["pad_token"])
+        return HFTokenizer(definition, roles["eos_token"], roles["bos_token"], roles["pad_token"],
+                           template, template_file)  # fmt: skip
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+
+
+def _chat_template(d: Path, config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the model's Jinja chat template, its file): chat_template.jinja where present (transformers
+    prefers it), else tokenizer_config.json's "chat_template" (a string, or a list of named templates:
+    "default"). Compiled here so that a template that is not Jinja fails at load, naming its file."""
+    jinja_path, config_path = d / "chat_template.jinja", d / "tokenizer_config.json"
+    if jinja_path.is_file():
+        source, origin = jinja_path.read_text(encoding="utf-8"), jinja_path
+    else:
+        source, origin = config.get("chat_template"), config_path
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+    if source is None:
+        return None, None
+    if not isinstance(source, str):
+        raise DataError(f'{origin}: "chat_template" must be a Jinja string (or a list with a "default" one)')
+    compile_template(source, str(origin))
+    return source, str(origin)
 
 
 def _token_name(value: Any) -> str | None:
