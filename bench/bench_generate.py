@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
-from gpt.device import pick_device, resolve_dtype
+from gpt.device import cpu_name, pick_device, resolve_dtype
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder, KVCache
 from gpt.infer.generate import generate
@@ -174,16 +173,6 @@ def bench_model(name: str, device: torch.device, dtype: torch.dtype, args) -> di
         "ttft_all_logits_ms_runs": [round(run["ttft_all_logits_ms"]) for run in runs],
         "cached_tok_s_runs": [round(run["cached_tok_s"], 1) for run in runs],
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

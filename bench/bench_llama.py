@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
+from gpt.device import cpu_name
 from gpt.infer.engine import Decoder, KVCache
 from gpt.interop.hf import import_hf
 from gpt.model import GPT, GPTConfig
@@ -176,16 +176,6 @@ def logits_diff(directory: Path, ref) -> float:
     idx = torch.randint(0, ref.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     ours, theirs = model(idx)[..., : ref.config.vocab_size], ref(idx).logits  # (1, 64, vocab)
     return (ours - theirs).abs().max().item()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(result: dict) -> None:

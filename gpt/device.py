@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -155,3 +156,14 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | Non
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark headers): /proc/cpuinfo on Linux, else what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

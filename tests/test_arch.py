@@ -161,6 +161,16 @@ def test_lora_on_a_swiglu_gqa_model_trains_and_merges_exactly():
     wrapped = apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])
     assert len(wrapped) == 2 * 4
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = train_five_steps(model, opt)
+    model.eval()
+    with torch.no_grad():
+        before = model(idx)
+        after = merge_lora(model)(idx)
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def train_five_steps(model, opt) -> torch.Tensor:
+    """Five steps on one random batch; the loss must fall. Returns the batch (B=4, T=32)."""
     idx = torch.randint(0, 128, (4, 32))
     losses = []
     for _ in range(5):
@@ -170,12 +180,7 @@ def test_lora_on_a_swiglu_gqa_model_trains_and_merges_exactly():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    model.eval()
-    with torch.no_grad():
-        before = model(idx)
-        after = merge_lora(model)(idx)
-    assert torch.allclose(before, after, atol=1e-4)
-
+    return idx
 
 def test_muon_takes_the_gqa_and_swiglu_matrices_and_trains():
     model = small().train()
@@ -186,15 +191,7 @@ def test_muon_takes_the_gqa_and_swiglu_matrices_and_trains():
     blocks = model.transformer.h
     assert {id(blocks[0].attn.c_attn.weight), id(blocks[0].mlp.c_fc.weight)} <= muon
     assert id(blocks[0].attn.c_attn.bias) not in muon and id(model.transformer.wte.weight) not in muon
-    idx = torch.randint(0, 128, (4, 32))
-    losses = []
-    for _ in range(5):
-        loss = model(idx, idx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    train_five_steps(model, opt)
 
 
 def test_a_config_without_the_new_keys_loads_as_before():
