@@ -74,7 +74,8 @@ def test_an_imported_model_exports_back_and_round_trips(saved, tmp_path, capsys,
     captured = capsys.readouterr()
     assert "check: " in captured.out and "note" not in captured.err  # the tokenizer went along
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert written == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [ARCH[family]] and config["num_key_value_heads"] == 2
     if family == "llama":  # tied, Llama 3 rope scaling

@@ -192,7 +192,7 @@ def test_export_with_a_non_gpt2_tokenizer_and_the_out_dir_rules(tmp_path, capsys
     captured = capsys.readouterr()
     assert "no Hugging Face tokenizer files" in captured.err and "check: " in captured.out
     names = sorted(p.name for p in (tmp_path / "hf").iterdir())
-    assert names == ["config.json", "keep.txt", "model.safetensors"]
+    assert names == ["config.json", "generation_config.json", "keep.txt", "model.safetensors"]
     with pytest.raises(SystemExit):
         export_main([f"ckpt={tmp_path / 'char'}"])
     assert "missing mandatory value out" in capsys.readouterr().err

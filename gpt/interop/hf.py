@@ -52,7 +52,7 @@ from gpt.interop.llama import (
 from gpt.interop.tokenizer_export import tokenizer_files
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig, pad_vocab
-from gpt.tokenizer import Tokenizer
+from gpt.tokenizer import EOT_TURN, Tokenizer
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -322,7 +322,19 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, overwrite: 
         config = llama_config(model.config, n_vocab, eos, eos if bos is None else bos)
     files, note = tokenizer_files(tokenizer)
     files["config.json"] = json.dumps(config, indent=2)
+    files["generation_config.json"] = json.dumps(generation_config(tokenizer), indent=2)
     return _write_dir(out, weights, files), note
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """transformers' generate() stops where our decoding does: at the end of the text, and at the end
+    of a chat turn where the tokenizer has a token for it (a chat model's reply ends there)."""
+    try:
+        turn = tokenizer.special_id(EOT_TURN)
+    except KeyError:
+        turn = tokenizer.eot_id
+    stops = list(dict.fromkeys([tokenizer.eot_id, turn]))
+    return {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tokenizer.eot_id}
 
 
 def _write_dir(out: Path, weights: dict[str, torch.Tensor], files: dict[str, str]) -> list[Path]:

@@ -20,7 +20,8 @@ from typing import Any
 from gpt.chat_jinja import compile_template
 from gpt.errors import DataError
 from gpt.hf_tokenizer import bytes_to_unicode
-from gpt.tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.interop.tokenizer_export import ours_as_jinja
+from gpt.tokenizer import EOT_TURN, GPT2_PATTERN, SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer
 from gpt.typed_config import resolve_path
 
 # Where tokenizer_config.json names no eos_token: the end-of-text tokens of the families we know.
@@ -56,6 +57,12 @@ def _tokenizer_json(d: Path) -> Tokenizer:
             raise DataError(f"{config_path} names no eos_token and {path.name} has none of {_EOS_GUESSES}: "
                             'add "eos_token": "<the token the model ends a text with>" to it')  # fmt: skip
     template, template_file = _chat_template(d, config)
+    added = {t.get("content") for t in definition.get("added_tokens") or [] if isinstance(t, dict)}
+    eot = EOT_TURN if EOT_TURN in added else roles["eos_token"]
+    if template == ours_as_jinja(roles["eos_token"], eot):
+        # our own rendering, written by `gpt export`: gpt.chat_template renders it with the tokenization
+        # the model was trained with (the Jinja path would cut "User: Who" at other places)
+        template = template_file = None
     try:
         return HFTokenizer(definition, roles["eos_token"], roles["bos_token"], roles["pad_token"],
                            template, template_file)  # fmt: skip

@@ -10,6 +10,12 @@
 * anything else (char): no files, and a one-line note saying the tokenizer stays ours.
 
     files, note = tokenizer_files(tokenizer)   # {file name: text}, None or the reason for no files
+
+Where a tokenizer.json is written, tokenizer_config.json carries a ``chat_template``: the model's own
+(a Hugging Face model that brought one), else ``ours_as_jinja``: a Jinja template that renders our chat
+template (``gpt.chat_template``) as text whose tokenization is our ``render_prompt`` / ``render_dialog``
+ids, with <|endoftext|> and <|end_of_turn|> as the file's special tokens (one difference: transformers
+reads a special token's text typed by a user as that token; ours never does).
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import itertools
 import json
 from typing import Any
 
+from gpt.chat_template import MARKERS
 from gpt.errors import DataError
 from gpt.hf_tokenizer import bytes_to_unicode
-from gpt.tokenizer import EOT, GPT2_PATTERN, HFTokenizer, Tokenizer
+from gpt.tokenizer import EOT, EOT_TURN, GPT2_PATTERN, HFTokenizer, Tokenizer
 
 # text the exported tokenizer.json must encode exactly as ours before it is written
 SAMPLES = (
@@ -39,7 +46,10 @@ def tokenizer_files(tokenizer: Tokenizer) -> tuple[dict[str, str], str | None]:
     kind = state["kind"]
     if kind == HFTokenizer.kind:
         roles = {r: state[r] for r in ("eos_token", "bos_token", "pad_token") if state.get(r) is not None}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
+        # our end of turn is the file's <|end_of_turn|> where it has one, else its eos (HFTokenizer)
+        end = EOT_TURN if EOT_TURN in tokenizer.template_specials else state["eos_token"]
+        template = state.get("chat_template") or ours_as_jinja(state["eos_token"], end)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "chat_template": template}
         return {"tokenizer.json": json.dumps(state["definition"], ensure_ascii=False),
                 "tokenizer_config.json": json.dumps(config, indent=1)}, None  # fmt: skip
     if kind in ("gpt2", "hf") and state["pattern"] == GPT2_PATTERN:
@@ -52,6 +62,28 @@ def tokenizer_files(tokenizer: Tokenizer) -> tuple[dict[str, str], str | None]:
                     "Face tokenizer files were written: the tokenizer stays ours (tokenizer.json of the run)")
     return {}, (f"a {kind} tokenizer has no Hugging Face counterpart, so no Hugging Face tokenizer files "
                 "were written: the tokenizer stays ours (tokenizer.json of the run)")  # fmt: skip
+
+
+def ours_as_jinja(start: str, end_of_turn: str) -> str:
+    """Our chat template (gpt.chat_template) in Jinja: ``start`` (the eos token: our dialogs open with
+    it), then each message as its marker, a space, its stripped content and ``end_of_turn``, a newline
+    between turns; with add_generation_prompt, the opening of the reply. The markers are tokenized
+    apart from the content by our renderer; the split pattern cuts "User: text" at the same places."""
+    q = lambda text: json.dumps(text)  # a JSON string is a Jinja string literal
+    return "".join([
+        "{%- set markers = " + json.dumps(MARKERS) + " -%}",
+        "{{- " + q(start) + " -}}",
+        "{%- for message in messages -%}",
+        "{%- if message['role'] not in markers -%}",
+        "{{- raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') -}}",
+        "{%- endif -%}",
+        "{{- ('' if loop.first else '\\n') + markers[message['role']] + ' ' + (message['content'] | trim) + "
+        + q(end_of_turn) + " -}}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}",
+        "{{- ('\\n' if messages else '') + markers['assistant'] -}}",
+        "{%- endif -%}",
+    ])  # fmt: skip
 
 
 def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
@@ -120,6 +152,7 @@ def _byte_level_json(tokenizer: Tokenizer, state: dict[str, Any]) -> dict[str, s
         theirs.encode(text) != tokenizer.encode(text) for text in SAMPLES
     ):
         return None
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+              "chat_template": ours_as_jinja(eos, EOT_TURN)}  # fmt: skip
     return {"tokenizer.json": json.dumps(definition, ensure_ascii=False),
             "tokenizer_config.json": json.dumps(config, indent=1)}  # fmt: skip
