@@ -45,7 +45,8 @@ CORE_RULES = {
 # optional, heavy or slow-to-import dependencies that may be imported where they are used
 LAZY_OK = {"transformers", "safetensors", "rustbpe", "matplotlib", "lm_eval", "pyarrow", "zstandard",
            "uvicorn", "fastapi", "starlette", "sse_starlette", "readline", "wandb", "resource",
-           "torch", "hydra", "omegaconf", "inspect", "importlib", "yaml", "tokenizers", "jinja2"}  # fmt: skip
+           "torch", "hydra", "omegaconf", "inspect", "importlib", "yaml", "tokenizers", "jinja2", "gguf",
+           "llama_cpp"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

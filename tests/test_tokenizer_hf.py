@@ -13,8 +13,8 @@ import pickle
 from pathlib import Path
 
 import pytest
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Library
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from gpt.data.tokenizers import build_tokenizer
@@ -59,7 +59,7 @@ def byte_level_dir(directory: Path) -> Path:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
     library = Library(models.BPE())
     library.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(QWEN2_SPLIT, behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),  # a str is a literal
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])  # fmt: skip
     library.decoder = decoders.ByteLevel()

@@ -24,13 +24,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from gpt.checkpoint import CKPT_NAME, checkpoint_state, save_checkpoint
 from gpt.commands.cli import Command, main
 from gpt.errors import ConfigError
+from gpt.interop.gguf import export_gguf
 from gpt.interop.hf import export_hf
 from gpt.runs.load import load
 from gpt.typed_config import from_dict
@@ -52,14 +53,19 @@ class MergeConfig:
 
 @dataclass
 class ExportConfig(MergeConfig):
-    """``gpt export``: write a Hugging Face model directory (GPT-2, Llama or Qwen2)."""
+    """``gpt export``: write a Hugging Face model directory (GPT-2, Llama or Qwen2), or a GGUF file for
+    llama.cpp (out=FILE.gguf)."""
 
     check: bool = False
-    """Load the result with transformers and compare logits."""
+    """Load the result with transformers (llama.cpp for .gguf) and compare logits."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """out=FILE.gguf: the type of the weight matrices (norms and biases stay f32); q8_0 is 8-bit
+    blocks of 32 with a scale each, llama.cpp's near-lossless quantization."""
 
 
 EXPORT = Command("export", schema=ExportConfig, free_text=("ckpt", "out"),
-                 usage="gpt export ckpt=RUN_DIR|FILE|hf:DIR out=HF_DIR [overwrite=true] [check=true]")
+                 usage="gpt export ckpt=RUN_DIR|FILE|hf:DIR out=HF_DIR|FILE.gguf "
+                       "[gguf_type=f16|f32|bf16|q8_0] [overwrite=true] [check=true]")
 MERGE = Command("merge", schema=MergeConfig, free_text=("ckpt", "out"),
                 usage="gpt merge ckpt=LORA_RUN_DIR|FILE out=OUT_DIR [overwrite=true]")
 
@@ -79,10 +85,37 @@ def check_with_transformers(model, out_dir: Path) -> float:
     return (ours - theirs).abs().max().item()
 
 
-def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False) -> list[Path]:
-    """Load ``ckpt`` (LoRA adapters merged) and write ``out``; returns the files written."""
+def check_with_llama_cpp(model, gguf_file: Path) -> float:
+    """Load ``gguf_file`` with llama.cpp (llama-cpp-python) and return the largest logit difference
+    from ``model`` on the same fixed sequence as check_with_transformers."""
+    from llama_cpp import Llama  # optional: the [gguf] extra
+
+    # an f32 KV cache (llama.cpp's default is f16): the comparison is of the weights, not the cache
+    llm = Llama(model_path=str(gguf_file), n_ctx=model.config.block_size, logits_all=True, verbose=False,
+                type_k=0, type_v=0)  # fmt: skip
+    n_vocab = llm.n_vocab()
+    idx = torch.arange(min(16, model.config.block_size)).unsqueeze(0) * 7 % n_vocab  # (1, T)
+    llm.eval(idx[0].tolist())
+    theirs = torch.tensor(llm.scores[: idx.size(1)])  # (T, n_vocab)
+    model.eval()
+    with torch.no_grad():
+        ours = model(idx)[0, :, :n_vocab]
+    return (ours - theirs).abs().max().item()
+
+
+def export(ckpt: str, out: str, overwrite: bool = False, check: bool = False, gguf_type: str = "f16"
+           ) -> list[Path]:  # fmt: skip
+    """Load ``ckpt`` (LoRA adapters merged) and write ``out`` (a directory, or a .gguf file); returns
+    the files written."""
     loaded = load(ckpt, merge=True)
     model, tokenizer = loaded.build(), loaded.tokenizer
+    if out.endswith(".gguf"):
+        target = export_gguf(model, tokenizer, out, gguf_type, overwrite)
+        print(f"exported {ckpt} to {target} ({gguf_type}, {target.stat().st_size / 1e6:.1f} MB)")
+        if check:
+            diff = check_with_llama_cpp(model, target)
+            print(f"check: llama.cpp's logits differ from ours by at most {diff:.2e}")
+        return [target]
     files, note = export_hf(model, tokenizer, out, overwrite=overwrite)
     print(f"exported {ckpt} to {out}: {', '.join(f.name for f in files)}")
     if note:
@@ -115,7 +148,7 @@ def merge_checkpoint(ckpt: str, out: str, overwrite: bool = False) -> Path:
 
 def export_job(plain: dict[str, Any]) -> list[Path]:
     cfg = from_dict(ExportConfig, plain)
-    return export(cfg.ckpt, cfg.out, cfg.overwrite, cfg.check)
+    return export(cfg.ckpt, cfg.out, cfg.overwrite, cfg.check, cfg.gguf_type)
 
 
 def merge_job(plain: dict[str, Any]) -> Path:

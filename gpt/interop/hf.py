@@ -49,10 +49,10 @@ from gpt.interop.llama import (
     llama_problems,
     llama_to_gpt,
 )
-from gpt.interop.tokenizer_export import tokenizer_files
+from gpt.interop.tokenizer_export import tokenizer_files, turn_end_id
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig, pad_vocab
-from gpt.tokenizer import EOT_TURN, Tokenizer
+from gpt.tokenizer import Tokenizer
 
 # weights stored as Conv1D (in, out) by Hugging Face, nn.Linear (out, in) by us
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -329,11 +329,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path, overwrite: 
 def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
     """transformers' generate() stops where our decoding does: at the end of the text, and at the end
     of a chat turn where the tokenizer has a token for it (a chat model's reply ends there)."""
-    try:
-        turn = tokenizer.special_id(EOT_TURN)
-    except KeyError:
-        turn = tokenizer.eot_id
-    stops = list(dict.fromkeys([tokenizer.eot_id, turn]))
+    stops = list(dict.fromkeys([tokenizer.eot_id, turn_end_id(tokenizer)]))
     return {"eos_token_id": stops if len(stops) > 1 else stops[0], "pad_token_id": tokenizer.eot_id}
 
 

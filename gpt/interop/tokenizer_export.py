@@ -46,9 +46,7 @@ def tokenizer_files(tokenizer: Tokenizer) -> tuple[dict[str, str], str | None]:
     kind = state["kind"]
     if kind == HFTokenizer.kind:
         roles = {r: state[r] for r in ("eos_token", "bos_token", "pad_token") if state.get(r) is not None}
-        # our end of turn is the file's <|end_of_turn|> where it has one, else its eos (HFTokenizer)
-        end = EOT_TURN if EOT_TURN in tokenizer.template_specials else state["eos_token"]
-        template = state.get("chat_template") or ours_as_jinja(state["eos_token"], end)
+        template = chat_template(tokenizer)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "chat_template": template}
         return {"tokenizer.json": json.dumps(state["definition"], ensure_ascii=False),
                 "tokenizer_config.json": json.dumps(config, indent=1)}, None  # fmt: skip
@@ -62,6 +60,26 @@ def tokenizer_files(tokenizer: Tokenizer) -> tuple[dict[str, str], str | None]:
                     "Face tokenizer files were written: the tokenizer stays ours (tokenizer.json of the run)")
     return {}, (f"a {kind} tokenizer has no Hugging Face counterpart, so no Hugging Face tokenizer files "
                 "were written: the tokenizer stays ours (tokenizer.json of the run)")  # fmt: skip
+
+
+def chat_template(tokenizer: Tokenizer) -> str | None:
+    """The Jinja chat template an exported model carries: a Hugging Face tokenizer's own, else ours
+    (``ours_as_jinja``) for a tokenizer that has an end-of-turn token, else None (a char tokenizer)."""
+    state = tokenizer.to_state()
+    if state["kind"] == HFTokenizer.kind:
+        # our end of turn is the file's <|end_of_turn|> where it has one, else its eos (HFTokenizer)
+        end = EOT_TURN if EOT_TURN in tokenizer.template_specials else state["eos_token"]
+        return state.get("chat_template") or ours_as_jinja(state["eos_token"], end)
+    specials = state.get("special_tokens") or {}
+    return ours_as_jinja(EOT, EOT_TURN) if EOT in specials and EOT_TURN in specials else None
+
+
+def turn_end_id(tokenizer: Tokenizer) -> int:
+    """The id a chat reply ends with: <|end_of_turn|> where the tokenizer has it, else the eos token."""
+    try:
+        return tokenizer.special_id(EOT_TURN)
+    except KeyError:
+        return tokenizer.eot_id
 
 
 def ours_as_jinja(start: str, end_of_turn: str) -> str:
@@ -101,7 +119,7 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-def _vocab_and_merges(state: dict[str, Any]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def byte_level_vocab(state: dict[str, Any]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(byte-level spelling -> public id of every mergeable token, the merges in rank order)."""
     ranks = {base64.b64decode(k): int(r) for k, r in state["mergeable_ranks"].items()}
     id_map = state.get("id_map")
@@ -115,7 +133,7 @@ def _vocab_and_merges(state: dict[str, Any]) -> tuple[dict[str, int], list[tuple
 
 def _bpe_pair(state: dict[str, Any]) -> dict[str, str]:
     """vocab.json, merges.txt and tokenizer_config.json of GPT-2's tokenizer class."""
-    vocab, merges = _vocab_and_merges(state)
+    vocab, merges = byte_level_vocab(state)
     vocab.update(state["special_tokens"])
     config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     return {
@@ -128,7 +146,7 @@ def _bpe_pair(state: dict[str, Any]) -> dict[str, str]:
 def _byte_level_json(tokenizer: Tokenizer, state: dict[str, Any]) -> dict[str, str] | None:
     """tokenizer.json + tokenizer_config.json for a byte-level BPE with its own split pattern; None if
     the library cannot read it or gives other ids than ``tokenizer`` on SAMPLES."""
-    vocab, merges = _vocab_and_merges(state)
+    vocab, merges = byte_level_vocab(state)
     specials = sorted(state["special_tokens"].items(), key=lambda kv: kv[1])
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     split = {"type": "Split", "pattern": {"Regex": state["pattern"]}, "behavior": "Isolated", "invert": False}
@@ -153,6 +171,6 @@ def _byte_level_json(tokenizer: Tokenizer, state: dict[str, Any]) -> dict[str, s
     ):
         return None
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
-              "chat_template": ours_as_jinja(eos, EOT_TURN)}  # fmt: skip
+              "chat_template": chat_template(tokenizer)}  # fmt: skip
     return {"tokenizer.json": json.dumps(definition, ensure_ascii=False),
             "tokenizer_config.json": json.dumps(config, indent=1)}  # fmt: skip
