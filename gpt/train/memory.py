@@ -27,12 +27,17 @@ def step_bytes(config: GPTConfig, micro_batch_size: int, dtype: torch.dtype, dev
                activation_checkpointing: bool = False) -> int:  # fmt: skip
     """Estimated peak bytes of one training micro-step (see the module docstring)."""
     T, B, C, L = config.block_size, micro_batch_size, config.n_embd, config.n_layer
+    H, kv = config.mlp_width, config.kv_heads * config.head_size
     scale = (4 if dtype == torch.float32 else 2) / 2  # the formula counts 16-bit activations
     fused = device.type == "cuda" and config.dropout == 0.0  # flash / memory-efficient attention
-    per_block = T * B * C * (34 + (0 if fused else 5 * config.n_head * T / C)) * scale
+    # 34 C = 11 C (attention: its input, q, k, v, softmax out, ...) + 4 C (norms) + 19 C (an MLP of
+    # 4 C: 3 C + 4 H); grouped-query attention stores smaller k and v, SwiGLU twice the hidden tensors
+    width = 11 * C - 4 * (C - kv) + 4 * C + 3 * C + (8 if config.mlp == "swiglu" else 4) * H
+    per_block = T * B * (width + (0 if fused else 5 * config.n_head * T)) * scale
     blocks = (T * B * C * 2 * scale * L + per_block) if activation_checkpointing else per_block * L
     logits = 3 * B * T * config.vocab_size * 4  # fp32 logits, their softmax and its gradient
-    n_params = 12 * L * C * C + config.vocab_size * C
+    mlp = (3 if config.mlp == "swiglu" else 2) * C * H
+    n_params = L * (C * (C + 2 * kv) + C * C + mlp) + config.vocab_size * C
     return int(blocks + logits + 16 * n_params)
 
 
