@@ -104,8 +104,8 @@ class DataConfig:
     jsonl_field: str | None = None
     """The older name of text_field; when set, it is used as text_field."""
     val_fraction: float = 0.1
-    """The last fraction of the corpus (by bytes, cut at a line boundary; by tokens when max_tokens or
-    val_tokens is set) is held out for eval."""
+    """The last fraction of the corpus's tokens (of the first max_tokens, when set) is held out for
+    eval: the same split for every file format, and gpt eval bpb data.split=val's."""
     max_tokens: int = 0
     """Stop after this many tokens (train + val) of the corpus, in input order; 0 = all of it."""
     val_tokens: int = 0
@@ -136,11 +136,6 @@ class DataConfig:
                 f"data.val_tokens={self.val_tokens} leaves no training tokens of data.max_tokens="
                 f"{self.max_tokens}; raise max_tokens or lower val_tokens"
             )
-
-    @property
-    def split_by_tokens(self) -> bool:
-        """Whether val is cut from the end of the kept tokens (else at a byte offset of the input)."""
-        return bool(self.max_tokens or self.val_tokens)
 
 
 @dataclass

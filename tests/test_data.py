@@ -103,7 +103,7 @@ def test_iter_documents_file_dir_glob_and_jsonl(tmp_path):
         ("latin.txt", b"line one\ncaf\xe9\n", r"latin.txt:2: invalid UTF-8 at byte offset 12"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: not valid JSON"),
         ("nofield.jsonl", b'{"text": "ok"}\n\n{"body": "x"}\n', 'nofield.jsonl:3: no text field "text"'),
-        ("number.jsonl", b'{"text": 7}\n', 'number.jsonl:1: no text field "text"'),
+        ("number.jsonl", b'{"text": 7}\n', 'number.jsonl:1: "text" is a number, not a JSON string'),
         ("nomatch-*.txt", None, "no files match"),
     ],
 )
@@ -154,9 +154,8 @@ def test_prepare_splits_train_val_and_ends_documents_with_eot(tmp_path):
     assert tok.kind == "char" and d.has_val
     train, val = tokens(d.train_shards), tokens(d.val_shards)
     assert (len(train), len(val)) == (d.train_tokens, d.val_tokens)
-    assert 0.88 < len(train) / (len(train) + len(val)) < 0.92  # the last ~10% is val
+    assert len(val) == round(0.1 * (len(train) + len(val)))  # the last 10% of the tokens is val
     assert eot_free(train, tok) and val[-1] == tok.eot_id and eot_free(val[:-1], tok)
-    assert tok.decode(train.tolist()).endswith("\n")  # cut at a line boundary
     assert tok.decode(train.tolist()) + tok.decode(val[:-1].tolist()) == text
     meta = json.loads((d.directory / "meta.json").read_text())
     assert meta["train_tokens"] == len(train) and meta["tokenizer"] == "char"
@@ -262,7 +261,7 @@ def test_parallel_tokenization_matches_single_process(tmp_path, monkeypatch):
         out.append((tokens(d.train_shards), tokens(d.val_shards)))
     for a, b in zip(*out, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert tok.decode(out[0][0].tolist()) + tok.decode(out[0][1][:-1].tolist()) == corpus(3000)
+    assert tok.decode(out[0][0].tolist() + out[0][1][:-1].tolist()) == corpus(3000)
 
 
 def test_command_line(tmp_path, capsys):

@@ -16,7 +16,14 @@ from gpt.config import DataConfig
 from gpt.data import corpus
 from gpt.data.prepare import prepare
 from gpt.data.shards import read_shard
-from gpt.eval.bpb import TextConfig, bits_per_byte, bytes_per_token, read_texts
+from gpt.eval.bpb import (
+    TextConfig,
+    bits_per_byte,
+    bytes_per_token,
+    read_texts,
+    score_documents,
+    val_documents,
+)
 from gpt.eval.scoring import rolling_logprobs, windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,10 +73,12 @@ def test_windows_cover_every_target_once():
 def test_val_split_and_bytes_per_token(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("".join(f"line {i}\n" for i in range(100)))
-    val = read_texts(TextConfig(path=str(path), split="val", val_fraction=0.1))
-    assert val[0].startswith("line 9") and val[0].endswith("line 99\n") and len(val[0]) < 80
-    assert read_texts(TextConfig(path=str(path), max_bytes=20)) == ["line 0\nline 1\n"]
     _, tok = tiny_model()
+    cfg = TextConfig(path=str(path), split="val", val_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    val = read_texts(cfg, tok)
+    whole = path.read_text()
+    assert len(val) == 1 and whole.endswith(val[0]) and len(val[0]) == round(0.1 * (len(whole) + 1)) - 1
+    assert read_texts(TextConfig(path=str(path), max_bytes=20)) == ["line 0\nline 1\n"]
     assert bytes_per_token(tok, [torch.tensor(tok.encode("ab c")).numpy()]) == 1.0
 
 
@@ -87,8 +96,8 @@ def test_the_command_prints_and_writes_bpb(tmp_path, capsys):
 
 
 def _val_inputs(tmp_path):
-    """A .txt file read in several pieces, a directory of JSONL documents (never cut), and a
-    gzipped .txt (the boundary is placed by input bytes, not text bytes)."""
+    """A .txt file read in several pieces, a directory of JSONL documents, a gzipped .txt, and a
+    text without a single newline."""
     lines = "".join(f"line {i}: {'word ' * (i % 7)}\n" for i in range(400))
     (tmp_path / "plain.txt").write_text(lines)
     docs = tmp_path / "docs"
@@ -96,21 +105,38 @@ def _val_inputs(tmp_path):
     texts = (f"doc {i}\n" * (1 + i % 5) for i in range(60))
     (docs / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (tmp_path / "packed.txt.gz").write_bytes(gzip.compress(lines.encode() * 3))
-    return [tmp_path / "plain.txt", docs, tmp_path / "packed.txt.gz"]
+    (tmp_path / "oneline.txt").write_text("no newline at all " * 300)
+    return [tmp_path / "plain.txt", docs, tmp_path / "packed.txt.gz", tmp_path / "oneline.txt"]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 def test_bpb_val_split_is_the_val_split_training_prepares(tmp_path, monkeypatch, which):
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1000)  # the .txt comes in pieces: the cut lands inside one
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1000)  # the .txt comes in pieces
     path = _val_inputs(tmp_path)[which]
+    # training prepares with its own tokenizer and cache; eval reads with the model's tokenizer alone
     data = prepare(DataConfig(name="v", path=str(path), cache_dir=str(tmp_path / "cache"), tokenizer="char",
                               val_fraction=0.23), block_size=8, show_progress=False)  # fmt: skip
     tok = data.tokenizer
     val_ids = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in data.val_shards]).tolist()
-    docs = read_texts(TextConfig(path=str(path), split="val", val_fraction=0.23))
-    # the same bytes ...
-    assert "".join(docs) == tok.decode([t for t in val_ids if t != tok.eot_id])
-    # ... and the same tokens: each val document encoded and ended with <|endoftext|>, as training holds it
-    assert [t for d in docs for t in [*tok.encode(d), tok.eot_id]] == val_ids
-    whole = "".join(read_texts(TextConfig(path=str(path))))
-    assert whole.endswith("".join(docs)) and 0 < len("".join(docs)) < len(whole)
+    assert len(val_ids) == round(0.23 * (data.train_tokens + data.val_tokens)) > 0
+    text_cfg = TextConfig(path=str(path), split="val", val_fraction=0.23, cache_dir=str(tmp_path / "other"))
+    docs = val_documents(text_cfg, tok)
+    assert [t for d in docs for t in d] == [t for t in val_ids if t != tok.eot_id]
+    assert "".join(read_texts(text_cfg, tok)) == tok.decode([t for t in val_ids if t != tok.eot_id])
+
+
+def test_the_command_scores_trainings_val_split(tmp_path, capsys):
+    model, tok = tiny_model(block_size=32)
+    run = save_run(tmp_path / "run", model, tok)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 20)
+    out = tmp_path / "bpb.json"
+    eval_main(["bpb", f"ckpt={run}", f"data.path={text}", "data.split=val", "data.val_fraction=0.2",
+               f"data.cache_dir={tmp_path / 'cache'}", "stride=8", f"out={out}", "device=cpu"])  # fmt: skip
+    result = json.loads(out.read_text())
+    data = prepare(DataConfig(name="x", path=str(text), cache_dir=str(tmp_path / "c2"), val_fraction=0.2),
+                   block_size=8, tokenizer=tok, show_progress=False)  # fmt: skip
+    ids = [t for p in data.val_shards for t in read_shard(p).tolist() if t != tok.eot_id]
+    assert result["tokens"] == len(ids) == data.val_tokens - 1  # the val split ends with the document's eot
+    expected = score_documents(model, tok, [(ids, len(tok.decode_bytes(ids)))], stride=8)["bpb"]
+    assert result["bpb"] == pytest.approx(expected, rel=1e-4)

@@ -18,6 +18,8 @@ import codecs
 import glob
 import json
 import re
+import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -61,14 +63,38 @@ def input_files(path: str | Path) -> list[Path]:
             raise DataError(f"no files match {path}; check the pattern (data.path)")
         return [f for m in matches for f in (input_files(m) if m.is_dir() else [m])]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if file_kind(f) is not None and f.is_file())
+        found = sorted(f for f in p.rglob("*") if f.is_file())
+        files = [f for f in found if file_kind(f) is not None]
         if not files:
             raise DataError(f"no .txt, .jsonl (or .gz/.zst of them) or .parquet files under {p}; point "
                             "data.path at your text files")  # fmt: skip
+        _note_skipped(p, [f for f in found if file_kind(f) is None])
         return files
     if not p.is_file():
-        raise DataError(f"{path} not found; data.path must be a file, a directory or a glob")
+        raise DataError(f"{path} {_what_it_is(p)}; data.path must be a file, a directory or a glob")
     return [p]
+
+
+def _what_it_is(p: Path) -> str:
+    """Why a path that is not a regular file or a directory cannot be read as text."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "not found"
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return f"is {what}, not a regular file"
+    return "is not a regular file"
+
+
+def _note_skipped(directory: Path, skipped: list[Path]) -> None:
+    """One line on stderr for the files of a data directory that are not read (a .csv, a .md)."""
+    if skipped:
+        kinds = sorted({"".join(f.suffixes[-2:]) or f.name for f in skipped})
+        print(f"notice: {len(skipped)} file{'s' if len(skipped) != 1 else ''} under {directory} skipped "
+              f"({', '.join(kinds[:8])}{', ...' if len(kinds) > 8 else ''}); read are .txt, .jsonl (also "
+              ".gz/.zst) and .parquet", file=sys.stderr)  # fmt: skip
 
 
 def _check_binary(path: Path) -> None:
@@ -168,13 +194,23 @@ def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{ln}: not valid JSON ({e.msg}); fix or remove that line") from None
-            doc = doc.get(text_field) if isinstance(doc, dict) else None
-            if not isinstance(doc, str):
-                raise DataError(f'{path}:{ln}: no text field "{text_field}" (a JSON string); set '
-                                "data.text_field to the key that holds each document's text")  # fmt: skip
+            doc = _text_of(doc, text_field, path, ln)
             if doc:
                 yield Piece(doc, pending, True, False)
                 pending = 0
+
+
+def _text_of(doc: object, text_field: str, path: Path, ln: int) -> str:
+    """A JSONL line's document: its ``text_field``, which must be a JSON string."""
+    if isinstance(doc, dict) and text_field in doc:
+        value = doc[text_field]
+        if isinstance(value, str):
+            return value
+        kinds = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+        what = "null" if value is None else kinds.get(type(value), "not text")
+        raise DataError(f'{path}:{ln}: "{text_field}" is {what}, not a JSON string; fix or remove that line')
+    raise DataError(f'{path}:{ln}: no text field "{text_field}" (a JSON string); set '
+                    "data.text_field to the key that holds each document's text")  # fmt: skip
 
 
 def input_units(files: list[Path], text_field: str = "text") -> list[Unit]:

@@ -1,11 +1,11 @@
 """Tokenization of the planned input parts (``gpt.data.parts``) into token shards: each part's
 text, cut into chunk-sized tasks, is encoded in a pool of worker processes (in-process for small
-inputs) and streamed into ``part<index>-train_*.bin`` / ``-val_*.bin`` shards (``gpt.data.shards``'
+inputs) and streamed into ``part<index>-train_*.bin`` shards (``gpt.data.shards``'
 format) with a ``part<index>.json`` list. ``gpt.data.prepare`` decides what to tokenize and where
 the result is cached; this module only does the work, rank by rank.
 
     from gpt.data.encode import tokenize_parts
-    n_parts = tokenize_parts(cfg, parts, boundary, tokenizer, out_dir, ranks, show_progress=True)
+    n_parts = tokenize_parts(cfg, parts, tokenizer, out_dir, ranks, show_progress=True)
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 
 from gpt.atomic import atomic_write
 from gpt.config import DataConfig
-from gpt.data.corpus import CHUNK_BYTES
-from gpt.data.parts import Part, Progress, split_pieces
+from gpt.data.corpus import CHUNK_BYTES, unit_pieces
+from gpt.data.parts import Part, Progress
 from gpt.data.shards import HEADER_BYTES, shard_header, token_dtype
 from gpt.errors import DataError, UserError
 from gpt.ranks import Ranks
@@ -70,24 +70,19 @@ class ShardWriter:
             self._f, self._n = None, 0
 
 
-def _tasks(cfg: DataConfig, part: Part, boundary: int | None
-           ) -> Iterator[tuple[str, list[tuple[str, bool]], int]]:  # fmt: skip
-    """Group the part's pieces into ``(split, [(text, ends_document), ...], source_bytes)`` tasks of
-    about a chunk each. Val starts at the first line start at or after input byte ``boundary``."""
-    split, items, nbytes = "train", [], 0
-    for is_val, text, doc_end, n in split_pieces(part.units, cfg.text_field, boundary):
-        if is_val and split == "train":
-            if items:
-                yield split, items, nbytes
+def _tasks(cfg: DataConfig, part: Part) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+    """Group the part's pieces into ``([(text, ends_document), ...], source_bytes)`` tasks of about
+    a chunk each (the val split is cut from the tokens afterwards: ``gpt.data.parts.finish``)."""
+    items, nbytes = [], 0
+    for _, unit in part.units:
+        for piece in unit_pieces(unit, cfg.text_field):
+            items.append((piece.text, piece.doc_end))
+            nbytes += piece.nbytes
+            if nbytes >= CHUNK_BYTES:
+                yield items, nbytes
                 items, nbytes = [], 0
-            split = "val"
-        items.append((text, doc_end))
-        nbytes += n
-        if nbytes >= CHUNK_BYTES:
-            yield split, items, nbytes
-            items, nbytes = [], 0
     if items:
-        yield split, items, nbytes
+        yield items, nbytes
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None
@@ -133,47 +128,43 @@ def _encode(items: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _write(writers: dict[str, ShardWriter], progress: Progress, watch: Any, split: str, result: Any,
-           nbytes: int) -> None:  # fmt: skip
+def _write(writer: ShardWriter, progress: Progress, watch: Any, result: Any, nbytes: int) -> None:
     tokens = result if isinstance(result, np.ndarray) else _wait(result, *watch)
-    writers[split].add(tokens)
+    writer.add(tokens)
     progress.update(nbytes, len(tokens))
 
 
 def _tokenize_part(
-    cfg: DataConfig, part: Part, boundary: int | None, tok: Tokenizer, out: Path, pool: Any, workers: int,
-    progress: Progress, budget: int, watch: Any = None,
+    cfg: DataConfig, part: Part, tok: Tokenizer, out: Path, pool: Any, workers: int, progress: Progress,
+    budget: int, watch: Any = None,
 ) -> dict[str, list[tuple[str, int]]]:  # fmt: skip
-    """Tokenize one part into ``part<index>-train_*.bin`` / ``-val_*.bin`` in ``out`` (in the worker
-    ``pool`` when there is one), stopping once ``budget`` train tokens are written (0: no limit);
-    returns its shards as ``{split: [(name, tokens), ...]}``, also written to ``part<index>.json``."""
+    """Tokenize one part into ``part<index>-train_*.bin`` in ``out`` (in the worker ``pool`` when
+    there is one), stopping once ``budget`` tokens are written (0: no limit); returns its shards as
+    ``{"train": [(name, tokens), ...]}``, also written to ``part<index>.json``."""
     prefix = f"part{part.index:06d}"
-    writers = {s: ShardWriter(out, f"{prefix}-{s}", cfg.shard_tokens, tok.vocab_size)
-               for s in ("train", "val")}  # fmt: skip
+    writer = ShardWriter(out, f"{prefix}-train", cfg.shard_tokens, tok.vocab_size)
     try:
-        pending: deque = deque()  # (split, result, bytes) in order; at most 2 tasks per worker in flight
-        for split, items, nbytes in _tasks(cfg, part, boundary):
+        pending: deque = deque()  # (result, bytes) in order; at most 2 tasks per worker in flight
+        for items, nbytes in _tasks(cfg, part):
             if pool is None:
-                pending.append((split, _encode(items, tok), nbytes))
+                pending.append((_encode(items, tok), nbytes))
             else:
-                pending.append((split, pool.apply_async(_encode, (items,)), nbytes))
-            while pending and (pool is None or len(pending) > 2 * workers or pending[0][1].ready()):
-                _write(writers, progress, watch, *pending.popleft())
-            if budget and writers["train"].total >= budget:
+                pending.append((pool.apply_async(_encode, (items,)), nbytes))
+            while pending and (pool is None or len(pending) > 2 * workers or pending[0][0].ready()):
+                _write(writer, progress, watch, *pending.popleft())
+            if budget and writer.total >= budget:
                 break  # the rest of the part lies past data.max_tokens
         while pending:
-            _write(writers, progress, watch, *pending.popleft())
+            _write(writer, progress, watch, *pending.popleft())
     finally:
-        for w in writers.values():
-            w.close()
-    shards = {s: list(zip(w.names, w.counts, strict=True)) for s, w in writers.items()}
+        writer.close()
+    shards = {"train": list(zip(writer.names, writer.counts, strict=True))}
     atomic_write(out / f"{prefix}.json", json.dumps(shards))
     return shards
 
 
 def tokenize_parts(
-    cfg: DataConfig, parts: list[Part], boundary: int | None, tok: Tokenizer, out: Path, ranks: Ranks,
-    show_progress: bool,
+    cfg: DataConfig, parts: list[Part], tok: Tokenizer, out: Path, ranks: Ranks, show_progress: bool,
 ) -> int:  # fmt: skip
     """Tokenize the parts into ``out``: rank r takes parts r, r + N, ... in rounds of N parts (after each,
     the ranks add up their tokens: with ``max_tokens``, the rounds stop once there are enough).
@@ -200,8 +191,8 @@ def tokenize_parts(
             if mine < len(parts):
                 budget = cfg.max_tokens - done_tokens if cfg.max_tokens else 0
                 try:
-                    shards = _tokenize_part(cfg, parts[mine], boundary, tok, out, pool, workers, progress,
-                                            budget, watch)  # fmt: skip
+                    shards = _tokenize_part(cfg, parts[mine], tok, out, pool, workers, progress, budget,
+                                            watch)  # fmt: skip
                     counts = [sum(n for ss in shards.values() for _, n in ss), parts[mine].nbytes]
                 except UserError as e:  # a corrupt file: every rank stops, the folder is removed
                     error = e

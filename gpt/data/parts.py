@@ -1,10 +1,11 @@
 """Preparation shared between processes: the input cut into parts that the ranks tokenize, the
-train/val split of its bytes (also ``gpt eval bpb``'s), the progress bar that reports for all of
-them, and the finished folder (with the token-count cuts of ``data.max_tokens`` and ``data.val_tokens``).
+progress bar that reports for all of them, and the finished folder with the one val split (also
+``gpt eval bpb``'s): the last ``data.val_fraction`` (or ``data.val_tokens``) of the corpus's tokens,
+whatever the container (.txt, .jsonl, .gz, .zst, Parquet), after the ``data.max_tokens`` cut.
 
     parts = plan_parts(input_units(files), PART_BYTES)   # the same list whatever the world size
     # rank r (of a gpt.ranks.Ranks) tokenizes parts r, r + N, ...; the ranks agree on the totals
-    for is_val, text, doc_end, nbytes in split_pieces(part.units, "text", val_boundary(units, 0.1)): ...
+    finish(cfg, src, files, tok, tmp, n_parts, ShardWriter(tmp, "val", ...))   # rank 0: the token cuts
 
 A part is a run of consecutive units (files, Parquet row groups) of about ``PART_BYTES`` input bytes;
 each part becomes its own shards, so the shard set depends on the input alone, never on how many
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from gpt.atomic import atomic_write
 from gpt.config import DataConfig
-from gpt.data.corpus import Unit, unit_pieces
+from gpt.data.corpus import Unit
 from gpt.data.shards import HEADER_BYTES, VERSION, read_shard, shard_header
 from gpt.tokenizer import Tokenizer
 
@@ -57,37 +57,6 @@ def plan_parts(units: list[Unit], part_bytes: int = PART_BYTES) -> list[Part]:
     if group:
         parts.append(Part(len(parts), group, size))
     return parts
-
-
-def val_boundary(units: list[Unit], val_fraction: float) -> int:
-    """The input byte at which the val split begins (at the first line start from there on)."""
-    return int(sum(u.nbytes for u in units) * (1 - val_fraction))
-
-
-def split_pieces(units: Iterable[tuple[int, Unit]], text_field: str, boundary: int | None
-                 ) -> Iterator[tuple[bool, str, bool, int]]:  # fmt: skip
-    """The val split, the one rule of preparation and ``gpt eval bpb``: the pieces of ``units`` (each
-    with its input byte offset) as ``(is_val, text, ends_document, input_bytes)``. Val begins at the
-    first line start at or after input byte ``boundary`` (None: no val); a piece that cannot be cut
-    (a JSONL or Parquet document), or has no line start after the boundary, stays train and val
-    begins with the next piece. Compressed input: the boundary is placed in a piece's text by its
-    share of the piece's input bytes."""
-    val = False
-    for pos, unit in units:
-        for piece in unit_pieces(unit, text_field):
-            if not val and boundary is not None and max(pos, pos + piece.nbytes - 1) >= boundary:
-                k = max(boundary - pos, 0)  # the boundary's input-byte offset in this piece
-                raw = piece.text.encode("utf-8") if piece.splittable and k > 0 else b""
-                k = k * len(raw) // piece.nbytes if raw else k  # in text bytes
-                cut = raw.find(b"\n", k - 1) + 1 if raw else 0  # the first line start >= k (0: none)
-                val = k == 0 or 0 < cut < len(raw)
-                if cut and val:  # the document goes on in val: no eot after its train part
-                    yield False, raw[:cut].decode("utf-8"), False, 0
-                    yield True, raw[cut:].decode("utf-8"), piece.doc_end, piece.nbytes
-                    pos += piece.nbytes
-                    continue
-            yield val, piece.text, piece.doc_end, piece.nbytes
-            pos += piece.nbytes
 
 
 class Progress:
@@ -149,32 +118,23 @@ def cut_tokens(directory: Path, shards: list[tuple[str, int]], keep: int, val_st
 
 def finish(cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer, tmp: Path, n_parts: int,
            writer: Any) -> None:  # fmt: skip
-    """Rank 0, once every part is written: the token cuts (val tokens to ``writer``, an empty shard
-    writer for val_*.bin), the final shard names, then meta.json, which marks the folder complete."""
+    """Rank 0, once every part is written: the token cuts (the first ``max_tokens`` tokens, the last
+    ``val_tokens`` or ``val_fraction`` of them val, moved to ``writer``, an empty shard writer for
+    val_*.bin), the final shard names, then meta.json, which marks the folder complete."""
     metas = [json.loads((tmp / f"part{i:06d}.json").read_text()) for i in range(n_parts)]
     train = [(name, n) for m in metas for name, n in m["train"]]
-    val = [(name, n) for m in metas for name, n in m["val"]]
-    if cfg.split_by_tokens:  # the first max_tokens tokens; the last val_tokens of them are val
-        total = sum(n for _, n in train)
-        keep = min(total, cfg.max_tokens) if cfg.max_tokens else total
-        n_val = min(cfg.val_tokens or round(cfg.val_fraction * keep), keep)
-        try:
-            kept = cut_tokens(tmp, train, keep, keep - n_val, writer)
-        finally:
-            writer.close()
-        train_names, val_names = [], writer.names
-        for i, name in enumerate(kept):
-            train_names.append(f"train_{i:06d}.bin")
-            os.rename(tmp / name, tmp / train_names[-1])
-        train_tokens, val_tokens = keep - n_val, writer.total
-    else:
-        names = {}
-        for split, shards in (("train", train), ("val", val)):
-            names[split] = [f"{split}_{i:06d}.bin" for i in range(len(shards))]
-            for (old, _), new in zip(shards, names[split], strict=True):
-                os.rename(tmp / old, tmp / new)
-        train_names, val_names = names["train"], names["val"]
-        train_tokens, val_tokens = sum(n for _, n in train), sum(n for _, n in val)
+    total = sum(n for _, n in train)
+    keep = min(total, cfg.max_tokens) if cfg.max_tokens else total
+    n_val = min(cfg.val_tokens or round(cfg.val_fraction * keep), keep)
+    try:
+        kept = cut_tokens(tmp, train, keep, keep - n_val, writer)
+    finally:
+        writer.close()
+    train_names, val_names = [], writer.names
+    for i, name in enumerate(kept):
+        train_names.append(f"train_{i:06d}.bin")
+        os.rename(tmp / name, tmp / train_names[-1])
+    train_tokens, val_tokens = keep - n_val, writer.total
     for i in range(n_parts):
         (tmp / f"part{i:06d}.json").unlink()
     for leftover in tmp.glob("part*.bin"):  # parts past max_tokens

@@ -10,10 +10,10 @@ shards (``gpt.data.shards``), streamed, in parallel, and shared out between the 
 
 Input is a file, a directory (its .txt, .jsonl, .gz/.zst of those and .parquet files, recursively) or
 a glob: a .txt file is one document, a .jsonl line or a Parquet row is one document (its
-``text_field``). Every document is followed by the tokenizer's end-of-text id. The last
-``val_fraction`` of the input bytes (cut at a line start) is the val split; with ``max_tokens`` or
-``val_tokens`` the cuts are by tokens instead (the first ``max_tokens``, the last ``val_tokens`` of
-them val). The input is cut into parts (``gpt.data.parts``) that the ranks of a ``torchrun`` job
+``text_field``). Every document is followed by the tokenizer's end-of-text id. The val split is
+the last ``val_fraction`` (or ``val_tokens``) of the corpus's tokens, after the ``max_tokens`` cut,
+the same for every container (``gpt.data.parts.finish``; ``gpt eval bpb data.split=val`` reads it).
+The input is cut into parts (``gpt.data.parts``) that the ranks of a ``torchrun`` job
 tokenize side by side (``gpt.data.encode``), each into its own shards: the result is the same
 whatever the number of processes. The cache folder is keyed by the inputs and the tokenizer, so a
 second run starts at once.
@@ -38,7 +38,7 @@ import numpy as np
 from gpt.config import DataConfig
 from gpt.data.corpus import input_files, input_units, iter_documents, no_text
 from gpt.data.encode import ShardWriter, tokenize_parts
-from gpt.data.parts import PART_BYTES, finish, plan_parts, val_boundary
+from gpt.data.parts import PART_BYTES, finish, plan_parts
 from gpt.data.shards import REDO, VERSION, read_shard
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
@@ -133,11 +133,31 @@ def check_token_ids(data: PreparedData, full_check_tokens: int = 1 << 28) -> str
     return None
 
 
+def file_stamps(files: list[Path]) -> list[tuple[int, int, int]]:
+    """(size, mtime in ns, inode) of each file: taken before the key's content hash and again before
+    the folder is committed, so that a file written meanwhile never leaves tokens the key does not
+    describe (the hash alone is of the bytes before the change)."""
+    return [(st.st_size, st.st_mtime_ns, st.st_ino) for st in (f.stat() for f in files)]
+
+
+def _changed(files: list[Path], stamps: list[tuple[int, int, int]]) -> DataError | None:
+    for f, before in zip(files, stamps, strict=True):
+        try:
+            now = file_stamps([f])[0]
+        except OSError:
+            now = None
+        if now != before:
+            return DataError(f"{f} changed while it was being prepared (nothing was cached); prepare it "
+                             "again once nothing writes to it")  # fmt: skip
+    return None
+
+
 def cache_key(cfg: DataConfig, files: list[Path], tokenizer_id: Any) -> str:
     """Hash of everything the shards depend on: the input files (name, size, content), the split,
     the shard size, the token cuts and the tokenizer."""
     stats = [(str(f.resolve()), f.stat().st_size, content_digest(f)) for f in files]
-    spec = [VERSION, stats, cfg.text_field, cfg.val_fraction, cfg.shard_tokens, tokenizer_id]
+    # "val-by-tokens": folders of the earlier byte-fraction split must not be served as this one
+    spec = [VERSION, "val-by-tokens", stats, cfg.text_field, cfg.val_fraction, cfg.shard_tokens, tokenizer_id]
     spec += [cfg.max_tokens, cfg.val_tokens, PART_BYTES]  # the cuts, and where the shards break
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -161,6 +181,7 @@ def prepare(
     ranks = dataclasses.replace(ranks, patient=True) if ranks is not None else Ranks()
     src, cache = resolve_path(cfg.path), resolve_path(cfg.cache_dir)
     files = input_files(src)
+    stamps = file_stamps(files)  # before the content hash: any write after it is seen at the end
     built_from_corpus = cfg.tokenizer in ("char", "bpe")
     if tokenizer is None and not built_from_corpus:
         tokenizer = build_tokenizer(cfg.tokenizer, lambda: (), cfg.vocab_size, cfg.tokenizer_path)
@@ -178,12 +199,12 @@ def prepare(
     if ranks.sum([found is not None])[0] == ranks.world_size:
         data = load_prepared(found, tokenizer)
     else:
-        built = _build(cfg, src, files, tokenizer, target, show_progress, ranks)
+        built = _build(cfg, src, files, stamps, tokenizer, target, show_progress, ranks)
         if built is None:  # the nodes do not share data.cache_dir: the first process of each prepares
             error = None
             if ranks.local_rank == 0:
                 try:
-                    built = _build(cfg, src, files, tokenizer, target, show_progress, Ranks())
+                    built = _build(cfg, src, files, stamps, tokenizer, target, show_progress, Ranks())
                 except UserError as e:
                     error = e
             ranks.agree(error)
@@ -238,8 +259,8 @@ def _find_cached(cache: Path, name: str, keys: list[str], fingerprint: str | Non
 
 
 def _build(
-    cfg: DataConfig, src: Path, files: list[Path], tok: Tokenizer | None, target: Path, show_progress: bool,
-    ranks: Ranks,
+    cfg: DataConfig, src: Path, files: list[Path], stamps: list[tuple[int, int, int]], tok: Tokenizer | None,
+    target: Path, show_progress: bool, ranks: Ranks,
 ) -> PreparedData | None:  # fmt: skip
     """Prepare into a temp folder, then rename it into place: a half-built folder never looks complete.
     With several ranks, all write into rank 0's temp folder; None when some rank cannot see it (the
@@ -274,9 +295,8 @@ def _build(
         if tok is None:
             tok = load_tokenizer(tmp / "tokenizer.json")  # the one rank 0 built
         parts = plan_parts(units, PART_BYTES)
-        by_bytes = cfg.val_fraction > 0 and not cfg.split_by_tokens
-        boundary = val_boundary(units, cfg.val_fraction) if by_bytes else None
-        n_parts = tokenize_parts(cfg, parts, boundary, tok, tmp, ranks, show_progress)
+        n_parts = tokenize_parts(cfg, parts, tok, tmp, ranks, show_progress)
+        ranks.agree(_changed(files, stamps) if ranks.is_main else None)  # the tokens are of the keyed bytes
         if ranks.is_main:
             val_writer = ShardWriter(tmp, "val", cfg.shard_tokens, tok.vocab_size)  # for the token cuts
             finish(cfg, src, files, tok, tmp, n_parts, val_writer)

@@ -11,7 +11,8 @@ of the same corpus).
 Each document starts after an <|endoftext|> (as in training) and is scored whole through
 overlapping windows (``gpt.eval.scoring.rolling_logprobs``), so every token after the first
 block has at least ``block_size - stride`` tokens of context. ``data.split=val`` scores the part of
-a corpus a run trained on it held out (the same cut as ``gpt.data.prepare``). During training,
+a corpus a run trained on it held out: the val shards ``gpt.data.prepare`` makes of it with the
+model's tokenizer (the same code, the same cache: the last ``val_fraction`` of its tokens). During training,
 ``val_bpb`` is estimated from ``val_loss`` and the val split's bytes per token (``bytes_per_token``).
 """
 
@@ -25,15 +26,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpt.data.corpus import input_files, input_units, no_text
-from gpt.data.parts import plan_parts, split_pieces, val_boundary
+from gpt.config import DataConfig
+from gpt.data.corpus import iter_pieces
+from gpt.data.prepare import prepare
+from gpt.data.shards import read_shard
 from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError, DataError
 from gpt.eval.scoring import rolling_logprobs
 from gpt.model import GPT
 from gpt.runs.load import load
 from gpt.tokenizer import SPECIAL_TOKENS
-from gpt.typed_config import Dtype, resolve_path
+from gpt.typed_config import Dtype
 
 
 @dataclass
@@ -45,11 +48,13 @@ class TextConfig:
     jsonl_field: str = "text"
     """.jsonl inputs: the field that holds each document."""
     split: Literal["all", "val"] = "all"
-    """'all': the whole text; 'val': the last val_fraction, cut as training holds it out."""
+    """'all': the whole text; 'val': the last val_fraction of its tokens, training's val split."""
     val_fraction: float = 0.1
     """split=val: the fraction held out, as in the run's data.val_fraction."""
+    cache_dir: str | None = None
+    """split=val: where the prepared shards are cached; None = training's default (data.cache_dir)."""
     max_bytes: int = 0
-    """Read at most this many bytes of the chosen split (whole lines); 0 = all."""
+    """Read at most this many bytes of the chosen split (whole lines; split=val: whole tokens); 0 = all."""
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -83,29 +88,40 @@ class BpbConfig:
             raise ConfigError(f"stride={self.stride} must be >= 1, or null for half of block_size")
 
 
-def read_texts(cfg: TextConfig) -> list[str]:
-    """The documents of ``cfg.path`` (a .txt file is one, a JSONL line is one), cut to its split by
-    preparation's own rule (``gpt.data.parts.split_pieces``)."""
-    path = resolve_path(cfg.path)
-    files = input_files(path)
-    units = input_units(files, cfg.jsonl_field)
-    boundary = val_boundary(units, cfg.val_fraction) if cfg.split == "val" else None
-    docs, current = [], []
-    positioned = [u for part in plan_parts(units) for u in part.units]  # (input byte offset, unit)
-    for is_val, text, doc_end, _ in split_pieces(positioned, cfg.jsonl_field, boundary):
-        if boundary is not None and not is_val:
-            continue
-        current.append(text)
-        if doc_end:
-            docs.append("".join(current))
-            current = []
-    if cfg.split == "val" and not docs:
-        raise DataError(f"{cfg.path}: the val split is empty; use data.split=all or more text")
+def val_documents(cfg: TextConfig, tokenizer) -> list[list[int]]:
+    """Training's val split of ``cfg.path`` under ``tokenizer``: the token ids of the val shards that
+    ``gpt.data.prepare`` makes (or finds cached), cut into documents at each <|endoftext|>."""
+    keys = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
+    data_cfg = DataConfig(name="eval", path=cfg.path, text_field=cfg.jsonl_field,
+                          val_fraction=cfg.val_fraction, **keys)  # fmt: skip
+    data = prepare(data_cfg, block_size=0, tokenizer=tokenizer, show_progress=False)
+    ids = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in data.val_shards]).tolist()
+    docs, start = [], 0
+    for i, t in enumerate([*ids, tokenizer.eot_id]):
+        if t == tokenizer.eot_id:
+            if i > start:
+                docs.append(ids[start:i])
+            start = i + 1
     if not docs:
-        raise no_text(path, files)
-    if cfg.max_bytes:
-        docs = _cut(docs, cfg.max_bytes)
+        raise DataError(f"{cfg.path}: the val split is empty; use data.split=all or more text")
     return docs
+
+
+def read_texts(cfg: TextConfig, tokenizer=None) -> list[str]:
+    """The documents of ``cfg.path`` (a .txt file is one, a JSONL line is one); ``split=val``: the
+    text of training's val split under ``tokenizer`` (``val_documents``)."""
+    if cfg.split == "val":
+        if tokenizer is None:
+            raise ValueError("read_texts(split='val') needs the model's tokenizer")
+        docs = [tokenizer.decode_bytes(d).decode("utf-8", "replace") for d in val_documents(cfg, tokenizer)]
+    else:
+        docs, current = [], []
+        for piece in iter_pieces(cfg.path, cfg.jsonl_field):
+            current.append(piece.text)
+            if piece.doc_end:
+                docs.append("".join(current))
+                current = []
+    return _cut(docs, cfg.max_bytes) if cfg.max_bytes else docs
 
 
 def _cut(docs: list[str], max_bytes: int) -> list[str]:
@@ -152,15 +168,22 @@ def bits_per_byte(model: GPT, tokenizer, texts: Sequence[str], stride: int | Non
                   batch_size: int = 16, progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """Summed loss (bits) of every token of every text over its UTF-8 bytes; also the loss per
     token (nats) and the counts."""
+    docs = [(tokenizer.encode(t), len(t.encode("utf-8"))) for t in texts]
+    return score_documents(model, tokenizer, docs, stride, batch_size, progress)
+
+
+def score_documents(model: GPT, tokenizer, docs: Sequence[tuple[list[int], int]], stride: int | None = None,
+                    batch_size: int = 16, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """``bits_per_byte`` of documents given as (token ids, their UTF-8 bytes); each is scored after
+    an <|endoftext|>, as training sees a document begin."""
     nats, n_tokens, n_bytes = 0.0, 0, 0
-    for text in texts:
-        ids = tokenizer.encode(text)
+    for ids, nbytes in docs:
         if not ids:
             continue
         logp = rolling_logprobs(model, [tokenizer.eot_id, *ids], stride, batch_size, progress)  # (len(ids),)
         nats -= float(logp.sum())
         n_tokens += len(ids)
-        n_bytes += len(text.encode("utf-8"))
+        n_bytes += nbytes
     if n_bytes == 0:
         raise DataError("no text to score: the input is empty")
     return {
@@ -172,17 +195,35 @@ def bits_per_byte(model: GPT, tokenizer, texts: Sequence[str], stride: int | Non
     }
 
 
+def _val_docs(cfg: TextConfig, tokenizer) -> list[tuple[list[int], int]]:
+    """The val split's documents as (ids, bytes), the first ``max_bytes`` of them (whole tokens)."""
+    lengths = token_byte_lengths(tokenizer, tokenizer.vocab_size)
+    out, left = [], cfg.max_bytes or float("inf")
+    for ids in val_documents(cfg, tokenizer):
+        sizes = lengths[np.asarray(ids)]
+        keep = int(np.searchsorted(np.cumsum(sizes), left, side="right")) or (0 if out else 1)
+        if keep:
+            out.append((ids[:keep], int(sizes[:keep].sum())))
+            left -= int(sizes[:keep].sum())
+        if keep < len(ids) or left <= 0:
+            break
+    return out
+
+
 def evaluate_bpb(cfg: BpbConfig) -> dict[str, Any]:
     """Load the model, read the text, score it; the result with what was scored."""
     device = pick_device(cfg.device)
     loaded = load(cfg.ckpt)
     model, tokenizer = loaded.build(device), loaded.tokenizer
     model.eval()
-    texts = read_texts(cfg.data)
+    if cfg.data.split == "val":
+        docs = _val_docs(cfg.data, tokenizer)
+    else:
+        docs = [(tokenizer.encode(t), len(t.encode("utf-8"))) for t in read_texts(cfg.data)]
     stride = min(cfg.stride or model.config.block_size // 2, model.config.block_size)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
-        result = bits_per_byte(model, tokenizer, texts, stride, cfg.batch_size, progress=True)
+        result = score_documents(model, tokenizer, docs, stride, cfg.batch_size, progress=True)
     rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
     return {"ckpt": cfg.ckpt, "data": cfg.data.path, "split": cfg.data.split, "stride": stride, **rounded,
             "seconds": round(time.time() - t0, 1)}  # fmt: skip

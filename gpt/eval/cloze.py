@@ -125,7 +125,7 @@ def evaluate_cloze(cfg: ClozeConfig) -> dict[str, Any]:
     loaded = load(cfg.ckpt)
     model, tokenizer = loaded.build(device), loaded.tokenizer
     model.eval()
-    text = "\n".join(read_texts(cfg.data))
+    text = "\n".join(read_texts(cfg.data, tokenizer))
     items = cloze_items(text, cfg.n, cfg.context_bytes, cfg.continuation_bytes, cfg.seed)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):

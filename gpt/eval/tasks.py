@@ -283,17 +283,19 @@ def score_generative(model: GPT, tokenizer, task: Task, cfg: TasksConfig, chat: 
     return {metric: [float(matches(c, it["answer"], cfg.match)) for c, it in zip(completions, items)]}
 
 
-def cloze_task(text_cfg: TextConfig, n: int, seed: int) -> Task:
-    """The cloze task (``gpt.eval.cloze``) as a multiple-choice task of this runner."""
-    items = cloze_items("\n".join(read_texts(text_cfg)), n=n, seed=seed)
+def cloze_task(text_cfg: TextConfig, n: int, seed: int, tokenizer=None) -> Task:
+    """The cloze task (``gpt.eval.cloze``) as a multiple-choice task of this runner (``tokenizer``:
+    the model's, which a val split is cut by)."""
+    items = cloze_items("\n".join(read_texts(text_cfg, tokenizer)), n=n, seed=seed)
     return Task("cloze", "multiple_choice", [{**it, "_where": "cloze"} for it in items], None, text_cfg.path)
 
 
 class TaskSuite:
     """Tasks loaded once and scored on any model (the training loop scores the suite at each eval).
-    ``text`` is where the cloze task takes its held-out text."""
+    ``text`` is where the cloze task takes its held-out text (cut by ``tokenizer``'s tokens)."""
 
-    def __init__(self, specs: Sequence[str], cfg: TasksConfig, text: TextConfig | None = None) -> None:
+    def __init__(self, specs: Sequence[str], cfg: TasksConfig, text: TextConfig | None = None,
+                 tokenizer=None) -> None:  # fmt: skip
         self.cfg = cfg
         self.tasks = []
         for spec in specs:
@@ -301,7 +303,7 @@ class TaskSuite:
                 if text is None:
                     raise ConfigError("the cloze task needs a text: a run trained on a text corpus")
                 # cloze items have no delimiter: the context ends where the continuation starts
-                self.tasks.append(cloze_task(text, cfg.cloze_n, cfg.seed))
+                self.tasks.append(cloze_task(text, cfg.cloze_n, cfg.seed, tokenizer))
             else:
                 self.tasks.append(load_task(spec))
 
@@ -340,8 +342,9 @@ def evaluate_tasks(cfg: TasksConfig) -> dict[str, Any]:
     if data.get("format", "text") == "text" and data.get("path"):
         field_name = data.get("text_field") or data.get("jsonl_field") or "text"
         text = TextConfig(path=data["path"], jsonl_field=field_name, split="val",
-                          val_fraction=data.get("val_fraction") or 0.1)  # fmt: skip
-    suite = TaskSuite(cfg.tasks, cfg, text)
+                          val_fraction=data.get("val_fraction") or 0.1,
+                          cache_dir=data.get("cache_dir"))  # fmt: skip
+    suite = TaskSuite(cfg.tasks, cfg, text, tokenizer)
     t0 = time.time()
     with autocast_for(device, resolve_dtype(cfg.dtype, device)):
         results = suite.score(model, tokenizer, chat)

@@ -70,7 +70,7 @@ class Evaluator:
         self.val_bytes_per_token = (
             bytes_per_token(run.tokenizer, val.shards) if isinstance(val, TokenWindows) else None
         )
-        self.tasks = task_suite(cfg) if cfg.train.eval_tasks else None
+        self.tasks = task_suite(cfg, run.tokenizer) if cfg.train.eval_tasks else None
 
     def __call__(self, model, raw_model, step: int, lr: float, t_start: float,
                  abort: Callable[[], int] | None = None) -> tuple[dict[str, Any], float]:  # fmt: skip
@@ -102,10 +102,10 @@ class Evaluator:
         return record, val_loss
 
 
-def task_suite(cfg: TrainRunConfig) -> TaskSuite:
+def task_suite(cfg: TrainRunConfig, tokenizer) -> TaskSuite:
     """The tasks of train.eval_tasks; cloze items come from the held-out split of the run's corpus."""
     text = None
     if cfg.data.format == "text" and cfg.data.val_fraction > 0:
         text = TextConfig(path=cfg.data.path, jsonl_field=cfg.data.text_field, split="val",
-                          val_fraction=cfg.data.val_fraction)  # fmt: skip
-    return TaskSuite(cfg.train.eval_tasks, TasksConfig(tasks=list(cfg.train.eval_tasks)), text)
+                          val_fraction=cfg.data.val_fraction, cache_dir=cfg.data.cache_dir)  # fmt: skip
+    return TaskSuite(cfg.train.eval_tasks, TasksConfig(tasks=list(cfg.train.eval_tasks)), text, tokenizer)

@@ -25,7 +25,7 @@ import torch
 import yaml  # PyYAML comes with hydra-core/omegaconf
 
 from gpt.atomic import atomic_write
-from gpt.checkpoint import CKPT_NAME, checkpoint_state, history, load_state_dict_strict
+from gpt.checkpoint import CKPT_NAME, checkpoint_path, checkpoint_state, history, load_state_dict_strict
 from gpt.config import TrainRunConfig
 from gpt.data.preference import pair_sources
 from gpt.data.prepare import prepare
@@ -40,6 +40,7 @@ from gpt.train.init import Start, resolve_start
 from gpt.train.monitor import Monitor
 from gpt.train.reference import attach_reference
 from gpt.train.rundir import replace_run
+from gpt.typed_config import resolve_path
 
 
 def run_fingerprint(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -151,7 +152,25 @@ def _rank_fingerprint(cfg: TrainRunConfig, tokenizer, train_data) -> str:
     return h.hexdigest()
 
 
+def _check_not_inside_base(cfg: TrainRunConfig, out_dir: Path) -> None:
+    """out_dir must not be (or lie inside) the run ``init_from`` reads: overwrite=true would move the
+    only copy of the base aside and delete it before it is read."""
+    if not cfg.init_from:
+        return
+    ref = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else cfg.init_from
+    base = resolve_path(ref)
+    if not cfg.init_from.startswith("hf:") and not base.is_dir():
+        base = checkpoint_path(base).parent  # a checkpoint file: its run directory
+    base, out = base.resolve(), out_dir.resolve()
+    if out == base or base in out.parents:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir} is the run init_from={cfg.init_from} starts from (or lies inside "
+            "it); the new run would replace its checkpoint: choose another out_dir"
+        )
+
+
 def _check_out_dir(cfg: TrainRunConfig, ckpt_file: Path) -> None:
+    _check_not_inside_base(cfg, ckpt_file.parent)
     if cfg.resume and not history(ckpt_file.parent):
         raise CheckpointError(
             f"resume=true but {ckpt_file} does not exist; start the run without resume=true"
