@@ -156,7 +156,9 @@ def test_chat_stream_and_not(client, served):
     eot_turn = served.tokenizer.special_id("<|end_of_turn|>")
     assert eot_turn in ids, "the trained tiny model ends its turn"
     reply = ids[: ids.index(eot_turn)]
-    assert choice.message.content == served.tokenizer.decode(reply) and choice.finish_reason == "stop"
+    # the reply as written: the space after "Assistant:" (the first token's) is not part of it
+    assert served.tokenizer.decode(reply).startswith(" ") and not choice.message.content.startswith(" ")
+    assert choice.message.content == served.tokenizer.decode(reply)[1:] and choice.finish_reason == "stop"
     assert r.usage.completion_tokens == len(reply) + 1  # the end-of-turn token is generated too
     chunks = list(
         client.chat.completions.create(
@@ -236,7 +238,8 @@ def test_logprobs_on_completions_and_chat(client):
         top_logprobs=2,
     )
     content = c.choices[0].logprobs.content
-    assert "".join(t.token for t in content) == c.choices[0].message.content
+    # the tokens as the model saw them: the first opens with the space after "Assistant:"
+    assert "".join(t.token for t in content) == " " + c.choices[0].message.content
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 

@@ -59,7 +59,7 @@ def error(response, status: int, param: str | None = None) -> dict:
     "path, body, param",
     [
         ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
-        ("/v1/completions", {**COMPLETION, "temperature": 3}, "temperature"),
+        ("/v1/completions", {**COMPLETION, "temperature": -1}, "temperature"),  # the engine's range
         ("/v1/completions", {**COMPLETION, "n": "3"}, "n"),
         ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {**COMPLETION, "max_tokens": True}, "max_tokens"),

@@ -67,6 +67,8 @@ def test_chat_page_streams_a_reply_and_keeps_the_conversation(tmp_path, browser)
         wait.until(lambda d: reply(d) and reply(d)[0].text.strip())
         wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())  # the stream has ended
         text = reply(browser)[0].text
+        raw = reply(browser)[0].get_attribute("textContent")  # .text trims; the reply is shown as written
+        assert raw.strip() and not raw.startswith(" "), repr(raw)
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user .content").text == "Who is Romeo?"
         assert server.service.counters.requests["chat"] == 1, text
         browser.refresh()

@@ -141,6 +141,13 @@ class ServeConfig:
     """The name clients give as ``model``; None = the checkpoint directory's name."""
     api_key: str | None = None
     """When set, /v1/* requires ``Authorization: Bearer <api_key>`` (401 otherwise)."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Names besides the bound address, localhost, 127.0.0.1 and [::1] that the Host header may give
+    (any port; "*" = any): a request naming another host gets 403, which stops DNS rebinding. Add the
+    names clients use to reach a server bound to a non-loopback address, or behind a proxy."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Web origins (e.g. "http://localhost:3000") whose pages may call the API from a browser; none
+    by default: no CORS headers are sent."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"
@@ -148,7 +155,8 @@ class ServeConfig:
     max_batch: int = 16
     """Rows decoded together (a request with n choices takes n rows)."""
     max_queue: int = 64
-    """Requests that may wait for rows; beyond that a request gets 429."""
+    """Requests that may wait for rows; beyond that a request gets 429 (one asking for more prompts
+    than this gets 400: it can never fit)."""
     max_tokens: int | None = None
     """The most tokens a request may ask for; None = the context length. Also the default."""
     max_n: int = 8

@@ -7,8 +7,9 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 answers server-sent events ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics``
 (Prometheus text) and ``GET /`` (the chat page, ``static/chat.html``). Errors are OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}`` with 400 (a bad field, named), 401 (api_key),
-404 (unknown model or route), 413 (body too large) or 429 (queue full). A streaming client that
-disconnects is cancelled at once: its rows leave the batch at the next step.
+403 (a Host that is not this server's: ``gpt.serve.guard``), 404 (unknown model or route), 413 (body
+too large), 415 (a body not sent as application/json) or 429 (queue full), each counted in /metrics.
+A streaming client that disconnects is cancelled at once: its rows leave the batch at the next step.
 """
 
 from __future__ import annotations
@@ -19,24 +20,24 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from gpt.chat_template import check_messages, render_prompt
 from gpt.errors import DataError
 from gpt.infer.config import ServeConfig
 from gpt.model import GPT
-from gpt.serve.batcher import Batcher, Done, Failed, Finish, Piece, QueueFull, Request
+from gpt.serve.batcher import Batcher, Done, Finish, Piece, QueueFull, Request
+from gpt.serve.guard import HostGuard, check_json, error_response
 from gpt.serve.metrics import Counters, render_metrics
 from gpt.serve.protocol import (
-    CHAT_FIELDS,
-    COMPLETION_FIELDS,
     ApiError,
     chat_logprobs,
     chat_messages,
@@ -44,41 +45,15 @@ from gpt.serve.protocol import (
     envelope,
     generation_config,
     new_id,
-    parse_fields,
+    parse_request,
     prompt_list,
     usage,
 )
+from gpt.serve.stream import Job, sse, stream_chat, stream_completion
 from gpt.tokenizer import EOT_TURN
 
 log = logging.getLogger("gpt.serve")
 PAGE = Path(__file__).parent / "static" / "chat.html"
-
-
-class Job:
-    """The batcher requests of one HTTP request; their events meet in one asyncio queue as
-    (request index, event)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
-        self.requests: list[Request] = []
-
-    def emitter(self, index: int):
-        def emit(event: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        return emit
-
-    async def events(self) -> AsyncIterator[tuple[int, Any]]:
-        """Every event until each request is done; ApiError(500) if one failed."""
-        left = len(self.requests)
-        while left:
-            index, event = await self.queue.get()
-            if isinstance(event, Failed):
-                raise ApiError(500, event.message, kind="server_error")
-            if isinstance(event, Done):
-                left -= 1
-            yield index, event
 
 
 class Service:
@@ -96,26 +71,32 @@ class Service:
     def check_auth(self, request) -> None:
         if self.cfg.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        ok = scheme.lower() == "bearer"  # RFC 7235: the scheme is case-insensitive
+        if not (hmac.compare_digest(given.strip().encode(), self.cfg.api_key.encode()) and ok):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")  # fmt: skip
 
     async def read_body(self, request) -> Any:
-        """The JSON body, read up to max_body_bytes (413 beyond, 400 if not JSON)."""
+        """The JSON body, read up to max_body_bytes (413 beyond, 415 if not declared JSON, 400 if
+        not JSON or if the client left during the upload: nobody reads that answer)."""
         self.check_auth(request)
-        limit = self.cfg.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
+        check_json(request.headers.get("content-type"))
+        limit, length = self.cfg.max_body_bytes, request.headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > limit:
             raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+        except ClientDisconnect:
+            raise ApiError(400, "the client disconnected before the whole body arrived") from None
         try:
             return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise ApiError(400, f"the request body is not valid JSON ({str(e)[:100]})") from None
 
     def check_model(self, params: dict[str, Any]) -> None:
         name = params.get("model")
@@ -152,13 +133,16 @@ class Service:
     def encode(self, text: str, param: str) -> list[int]:
         try:
             return self.tokenizer.encode(text)
-        except DataError as e:
-            raise ApiError(400, f"'{param}': {e}", param=param) from None
+        except (DataError, UnicodeEncodeError) as e:  # a character the vocabulary lacks, a lone surrogate
+            raise ApiError(400, f"'{param}': {str(e)[:200]}", param=param) from None
 
     def submit(self, job: Job, prompts: list[list[int]], params: dict[str, Any], max_new: int,
-               stop_ids: frozenset[int], logprobs: int | None) -> None:  # fmt: skip
+               stop_ids: frozenset[int], logprobs: int | None, max_key: str) -> None:  # fmt: skip
+        config = generation_config(params, max_new, max_key)  # the engine's checks: 400 naming the field
+        if len(prompts) > self.cfg.max_queue:  # 429 would say "try again", which can never work
+            raise ApiError(400, f"{len(prompts)} prompts in one request; this server queues at most "
+                           f"{self.cfg.max_queue} (max_queue)", param="prompt")  # fmt: skip
         for i, ids in enumerate(prompts):
-            config = generation_config(params, max_new)
             req = Request(ids, config, params.get("n", 1), job.emitter(i), stop_ids, logprobs)
             try:
                 self.batcher.submit(req)
@@ -186,17 +170,19 @@ def create_app(model: GPT, tokenizer, cfg: ServeConfig, model_name: str, chat_tr
 
     app = FastAPI(title="gpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    if cfg.cors_origins:  # none by default: no page of another origin may read the answers
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+    app.add_middleware(HostGuard, allowed_hosts=cfg.allowed_hosts, counters=service.counters)  # outermost
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):  # every error as OpenAI's body, counted by status
-        service.counters.errors[e.status] = service.counters.errors.get(e.status, 0) + 1
-        return JSONResponse(e.body(), status_code=e.status)
+        return error_response(e, service.counters)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         code = "not_found" if e.status_code == 404 else None
-        body = ApiError(e.status_code, str(e.detail), code=code).body()
-        return JSONResponse(body, status_code=e.status_code)
+        return error_response(ApiError(e.status_code, str(e.detail), code=code), service.counters)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -232,7 +218,7 @@ def create_app(model: GPT, tokenizer, cfg: ServeConfig, model_name: str, chat_tr
 async def complete(request: HttpRequest, service: Service, chat: bool):
     """``POST /v1/completions``: one or several prompts (text or token ids), n choices each; or
     ``POST /v1/chat/completions`` (``chat``): the conversation rendered by the chat template, n replies."""
-    params = parse_fields(await service.read_body(request), CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    params = parse_request(await service.read_body(request), chat)
     service.check_model(params)
     required, tok = "messages" if chat else "prompt", service.tokenizer
     if required not in params:
@@ -243,7 +229,7 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
         if problems:
             index, text = problems[0]
             raise ApiError(400, f"messages[{index}]: {text}", param="messages")
-        prompts = [render_prompt(tok, messages)]
+        prompts = [chat_prompt(tok, messages)]
         max_new = service.limits(params, len(prompts[0]), "max_completion_tokens")
         if not service.chat_trained:
             log.warning("chat request to %s, a model without chat training: its replies may not end "
@@ -256,9 +242,10 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
         prompts = [p or [tok.eot_id] for p in prompts]  # "" continues <|endoftext|>
         max_new = min(service.limits(params, len(p)) for p in prompts)
         stop_ids, logprobs = frozenset([tok.eot_id]), params.get("logprobs")
-    service.counters.requests["chat" if chat else "completions"] += 1
     job = Job(asyncio.get_running_loop())
-    service.submit(job, prompts, params, max_new, stop_ids, logprobs)
+    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in params else "max_tokens"
+    service.submit(job, prompts, params, max_new, stop_ids, logprobs, max_key)
+    service.counters.requests["chat" if chat else "completions"] += 1
     echo = [tok.decode(p) if params.get("echo") else "" for p in prompts]  # chat: never echoed
     if params.get("stream"):
         chunks = stream_chat(service, job, params) if chat else stream_completion(service, job, params, echo)
@@ -267,21 +254,12 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
     return await respond(request, service, job, kind, params, echo)
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]], service: Service, job: Job) -> StreamingResponse:
-    """Server-sent events of ``chunks``, then ``data: [DONE]``; the job is cancelled at the end."""
-
-    async def lines() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
-        finally:  # also when the client disconnects: the stream is cancelled here
-            service.cancel(job)
-        yield "data: [DONE]\n\n"
-
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template's prompt; 400 for a character the vocabulary lacks or a lone surrogate."""
+    try:
+        return render_prompt(tokenizer, messages)
+    except (DataError, UnicodeEncodeError) as e:
+        raise ApiError(400, f"'messages': {str(e)[:200]}", param="messages") from None
 
 
 async def respond(request, service: Service, job: Job, kind: str, params: dict[str, Any], echo: list[str]):
@@ -322,6 +300,8 @@ async def respond(request, service: Service, job: Job, kind: str, params: dict[s
         reason, prefix = reasons.get(slot, "length"), echo[slot // n]
         if kind == "chat.completion":
             lp = chat_logprobs(service.tokenizer, entries[slot]) if params.get("logprobs") else None
+            # the space after "Assistant:" opens the reply's first token; the reply is shown as written
+            text = text.removeprefix(" ") if service.tokenizer.chat_template is None else text
             choices.append({"index": slot, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": reason})  # fmt: skip
         else:
@@ -332,57 +312,3 @@ async def respond(request, service: Service, job: Job, kind: str, params: dict[s
                         service.model_name, choices)  # fmt: skip
     response["usage"] = usage(prompt_tokens, completion_tokens)
     return response
-
-
-async def stream_completion(service: Service, job: Job, params, echo: list[str]) -> AsyncIterator[dict]:
-    n, rid, created = params.get("n", 1), new_id("cmpl"), int(time.time())
-    offsets = {}
-    chunk = lambda slot, text, lp=None, reason=None: envelope("text_completion", rid, service.model_name, [
-        {"index": slot, "text": text, "logprobs": lp, "finish_reason": reason}], created)  # fmt: skip
-    for i, prefix in enumerate(echo):
-        for c in range(n):
-            offsets[i * n + c] = len(prefix)
-            if prefix:
-                yield chunk(i * n + c, prefix)
-    async for index, event in _with_usage(job, params):
-        if isinstance(event, dict):
-            yield envelope("text_completion", rid, service.model_name, [], created) | {"usage": event}
-            continue
-        slot = index * n + event.choice
-        if isinstance(event, Piece):
-            lp = (completion_logprobs(service.tokenizer, event.logprobs, offsets[slot])
-                  if params.get("logprobs") is not None else None)  # fmt: skip
-            offsets[slot] += len(event.text)
-            yield chunk(slot, event.text, lp)
-        elif isinstance(event, Finish):
-            yield chunk(slot, "", None, event.finish_reason)
-
-
-async def stream_chat(service: Service, job: Job, params) -> AsyncIterator[dict]:
-    n, rid, created = params.get("n", 1), new_id("chatcmpl"), int(time.time())
-    name = service.model_name
-    chunk = lambda slot, delta, lp=None, reason=None: envelope("chat.completion.chunk", rid, name, [
-        {"index": slot, "delta": delta, "logprobs": lp, "finish_reason": reason}], created)  # fmt: skip
-    for c in range(n):
-        yield chunk(c, {"role": "assistant", "content": ""})
-    async for _, event in _with_usage(job, params):
-        if isinstance(event, dict):
-            yield envelope("chat.completion.chunk", rid, service.model_name, [], created) | {"usage": event}
-        elif isinstance(event, Piece):
-            lp = chat_logprobs(service.tokenizer, event.logprobs) if params.get("logprobs") else None
-            yield chunk(event.choice, {"content": event.text}, lp)
-        elif isinstance(event, Finish):
-            yield chunk(event.choice, {}, None, event.finish_reason)
-
-
-async def _with_usage(job: Job, params) -> AsyncIterator[tuple[int, Any]]:
-    """The job's events; with ``stream_options.include_usage``, then the usage (a dict) last."""
-    prompt_tokens = completion_tokens = 0
-    async for index, event in job.events():
-        if isinstance(event, Done):
-            prompt_tokens += event.prompt_tokens
-            completion_tokens += event.completion_tokens
-        else:
-            yield index, event
-    if (params.get("stream_options") or {}).get("include_usage"):
-        yield -1, usage(prompt_tokens, completion_tokens)

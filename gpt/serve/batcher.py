@@ -284,7 +284,7 @@ class Batcher:
         if cfg.temperature > 0:
             generator = torch.Generator(device=self.device)
             # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
-            generator.manual_seed(cfg.seed + choice) if cfg.seed is not None else generator.seed()
+            generator.manual_seed((cfg.seed + choice) % 2**64) if cfg.seed is not None else generator.seed()
         row = Row(cfg, TextStream(self.tokenizer, cfg.stop), generator,
                   None if counts is None else counts.clone(), request.stop_token_ids)  # fmt: skip
         self.rows.append(Choice(request, choice, row, logits))

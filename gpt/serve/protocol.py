@@ -1,13 +1,16 @@
-"""OpenAI's JSON shapes: request bodies checked field by field, responses and stream chunks built.
+"""OpenAI's JSON shapes: request bodies checked in one place, responses and stream chunks built.
 
-Every request field of ``/v1/completions`` and ``/v1/chat/completions`` that we read is checked for
-its type and range here; a mistake raises ``ApiError`` (HTTP 400 with OpenAI's error body naming
-the field). Fields we do not know are ignored, as OpenAI-compatible servers do. Our extras
-``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as additional body fields (the
-``openai`` client sends them with ``extra_body=``).
+A request body is read by one pydantic model per route (``CompletionRequest``, ``ChatRequest``): each
+field we read, its type, and the ranges only the API knows (``n``, ``logprobs``, at most 16 ``stop``
+strings); fields we do not know are ignored, as OpenAI-compatible servers do. The ranges of the
+sampling controls are the engine's: ``generation_config`` builds the ``GenerationConfig`` and its own
+validation (``GenerationConfig.validate``) decides, its error naming the API field. Every mistake
+raises ``ApiError`` (HTTP 400 with OpenAI's error body naming the field). Our extras ``top_k``,
+``min_p`` and ``repetition_penalty`` are accepted as additional body fields (the ``openai`` client
+sends them with ``extra_body=``).
 
-    params = parse_fields(body, CHAT_FIELDS)            # {name: value} of the fields given
-    config = generation_config(params, max_new_tokens)  # a GenerationConfig (temperature 0 = greedy)
+    params = parse_request(body, chat=True)              # {name: value} of the fields given
+    config = generation_config(params, max_new_tokens)   # a GenerationConfig (temperature 0 = greedy)
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpt.errors import ConfigError
 from gpt.infer.config import GenerationConfig
 from gpt.serve.batcher import TokenLogprob
 
@@ -33,121 +39,143 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+# ---------------------------------------------------------------------------------------- requests
+class _Common(BaseModel):
+    """The fields both routes read. Strict: no "3" for 3, no true for 1, no NaN or infinity."""
 
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
-def _integer(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _stop(x: Any) -> bool:
-    return isinstance(x, str) or (isinstance(x, list) and len(x) <= 16 and all(isinstance(s, str) for s in x))
-
-
-# name: (type check, type description, range check or None, range description)
-COMMON = {
-    "model": (lambda x: isinstance(x, str), "a string", None, ""),
-    "max_tokens": (_integer, "an integer", lambda x: x >= 1, ">= 1"),
-    "temperature": (_number, "a number", lambda x: 0 <= x <= 2, "in [0, 2] (0 = greedy)"),
-    "top_p": (_number, "a number", lambda x: 0 < x <= 1, "in (0, 1]"),
-    "n": (_integer, "an integer", lambda x: x >= 1, ">= 1"),
-    "stream": (lambda x: isinstance(x, bool), "a boolean", None, ""),
-    "stream_options": (lambda x: isinstance(x, dict), "an object", None, ""),
-    "stop": (_stop, "a string or a list of at most 16 strings", None, ""),
-    "seed": (_integer, "an integer", lambda x: 0 <= x < 2**63 - 64, "in [0, 2**63 - 64)"),
-    "presence_penalty": (_number, "a number", lambda x: -2 <= x <= 2, "in [-2, 2]"),
-    "frequency_penalty": (_number, "a number", lambda x: -2 <= x <= 2, "in [-2, 2]"),
-    "user": (lambda x: isinstance(x, str), "a string", None, ""),
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
     # our extras
-    "top_k": (_integer, "an integer", lambda x: x >= -1, ">= 0 (0 or -1 = no limit)"),
-    "min_p": (_number, "a number", lambda x: 0 <= x < 1, "in [0, 1)"),
-    "repetition_penalty": (_number, "a number", lambda x: 0 < x <= 10, "in (0, 10] (1 = off)"),
-}
-COMPLETION_FIELDS = {
-    **COMMON,
-    "prompt": (lambda x: isinstance(x, (str, list)), "a string or a list", None, ""),
-    "logprobs": (_integer, "an integer", lambda x: 0 <= x <= 5, "in [0, 5]"),
-    "echo": (lambda x: isinstance(x, bool), "a boolean", None, ""),
-}
-CHAT_FIELDS = {
-    **COMMON,
-    "messages": (lambda x: isinstance(x, list), "a list of messages", None, ""),
-    "max_completion_tokens": (_integer, "an integer", lambda x: x >= 1, ">= 1"),
-    "logprobs": (lambda x: isinstance(x, bool), "a boolean", None, ""),
-    "top_logprobs": (_integer, "an integer", lambda x: 0 <= x <= 20, "in [0, 20]"),
-}
+    top_k: int | None = None  # -1 = no limit, as 0
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
-def parse_fields(body: Any, spec: dict[str, tuple]) -> dict[str, Any]:
-    """The known, non-null fields of ``body`` after checking each one's type and range."""
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(
+        min_length=1)] | None = None  # fmt: skip
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    """A message's shape; its roles and their order are the chat template's (``check_messages``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: str
+    content: str | list[TextPart]
+
+
+class ChatRequest(_Common):
+    messages: list[Message] | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+# what a field of several shapes must be (pydantic would name only the first shape it tried)
+SHAPES = {"prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+          "stop": "a string or a list of at most 16 strings",
+          "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts"}  # fmt: skip
+
+
+def parse_request(body: Any, chat: bool) -> dict[str, Any]:
+    """The known, non-null fields of ``body`` after checking their types (and the API's own ranges)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    params = {}
-    for name, (is_type, type_text, in_range, range_text) in spec.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if not is_type(value):
-            raise ApiError(400, f"'{name}' must be {type_text}, got {value!r:.60}", param=name)
-        if in_range is not None and not in_range(value):
-            raise ApiError(400, f"'{name}' must be {range_text}, got {value!r:.60}", param=name)
-        params[name] = value
-    return params
+    try:
+        request = (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        raise _api_error(e) from None
+    return request.model_dump(exclude_none=True)
 
 
-def generation_config(params: dict[str, Any], max_new_tokens: int) -> GenerationConfig:
-    """The engine's settings for a request; OpenAI's defaults where a field is absent (temperature 1,
-    no top-k). temperature 0 is greedy decoding, exactly."""
+def _api_error(e: ValidationError) -> ApiError:
+    """The first of pydantic's errors as ours, naming the field (e.g. 'messages[0].content')."""
+    first = e.errors(include_input=False, include_url=False)[0]
+    where, member = str(first["loc"][0]), False
+    for part in first["loc"][1:]:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in Message.model_fields or part in TextPart.model_fields:
+            where += f".{part}"
+        else:  # the name of a union's member: the field may take several shapes
+            member = True
+            break
+    shape = SHAPES.get(where.rsplit(".", 1)[-1]) if member else None
+    message = f"'{where}' must be {shape}" if shape else f"'{where}': {first['msg']}"
+    return ApiError(400, message[:300], param=str(first["loc"][0]))
+
+
+# the engine's names of the API's fields, for naming the field of the engine's error
+ENGINE_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
+                "top_p": "top_p", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+                "stop": "stop", "seed": "seed"}  # fmt: skip
+
+
+def generation_config(params: dict[str, Any], max_new_tokens: int, max_key: str = "max_tokens"
+                      ) -> GenerationConfig:  # fmt: skip
+    """The engine's settings for a request, checked by the engine's own validation (ApiError 400
+    naming the field); OpenAI's defaults where a field is absent (temperature 1, no top-k).
+    temperature 0 is greedy decoding, exactly."""
     top_k = params.get("top_k", 0)
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=float(params.get("temperature", 1.0)),
-        top_k=0 if top_k < 0 else top_k,
-        top_p=float(params.get("top_p", 1.0)),
-        min_p=float(params.get("min_p", 0.0)),
-        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-        frequency_penalty=float(params.get("frequency_penalty", 0.0)),
-        presence_penalty=float(params.get("presence_penalty", 0.0)),
-        stop=params.get("stop", []),
-        seed=params.get("seed"),
-    )
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=float(params.get("temperature", 1.0)),
+            top_k=0 if top_k == -1 else top_k,
+            top_p=float(params.get("top_p", 1.0)),
+            min_p=float(params.get("min_p", 0.0)),
+            repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+            frequency_penalty=float(params.get("frequency_penalty", 0.0)),
+            presence_penalty=float(params.get("presence_penalty", 0.0)),
+            stop=params.get("stop", []),
+            seed=params.get("seed"),
+        )
+    except ConfigError as e:
+        name = str(e).split("=", 1)[0]
+        param = max_key if name == "max_new_tokens" else ENGINE_NAMES.get(name)
+        raise ApiError(400, f"'{param}': {str(e).split('=', 1)[-1]}"[:300], param=param) from None
 
 
-def prompt_list(prompt: Any, vocab_size: int) -> list[str | list[int]]:
-    """``prompt`` of /v1/completions as a list: each a string or a list of token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and all(_integer(t) for t in prompt):
-        prompt = [prompt]
-    if not prompt:
-        raise ApiError(400, "'prompt' must not be an empty list", param="prompt")
-    for p in prompt:
-        ok = isinstance(p, str) or (isinstance(p, list) and p and all(_integer(t) for t in p))
-        if not ok:
-            raise ApiError(400, "'prompt' must be a string, a list of strings or of token-id lists",
-                           param="prompt")  # fmt: skip
+def prompt_list(prompt: str | list, vocab_size: int) -> list[str | list[int]]:
+    """``prompt`` of /v1/completions (its shape checked by ``CompletionRequest``) as a list: each a
+    string or a list of token ids."""
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+    for p in prompts:
         if isinstance(p, list) and not all(0 <= t < vocab_size for t in p):
             raise ApiError(400, f"'prompt' holds a token id outside [0, {vocab_size})", param="prompt")
-    return list(prompt)
+    return prompts
 
 
-def chat_messages(messages: list[Any]) -> list[dict[str, str]]:
-    """OpenAI messages as the chat template's: text content (a string or text parts), the roles
-    system/developer (as system), user and assistant."""
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'",
-                           param="messages")  # fmt: skip
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        out.append({"role": role, "content": content})
-    return out
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI messages (their shape checked by ``ChatRequest``) as the chat template's: text parts
+    joined, the role developer as system; the roles and their order are the template's to check."""
+    text = lambda content: content if isinstance(content, str) else "".join(p["text"] for p in content)
+    return [{"role": "system" if m["role"] == "developer" else m["role"], "content": text(m["content"])}
+            for m in messages]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- responses

@@ -10,14 +10,17 @@ faster) or ``hf:DIR`` (a Hugging Face GPT-2 directory) can be served.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from gpt.device import pick_device, resolve_dtype
+from gpt.errors import ConfigError
 from gpt.infer.config import ServeConfig
 from gpt.model import GPT
 from gpt.runs.load import load
@@ -53,12 +56,30 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket on (host, port), as uvicorn binds it; ConfigError if the port is taken
+    (one line, before anything claims the server is up)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port={port}: another program already listens on {host}:{port}; stop it "
+                              "or choose another port= (port=0 picks a free one)") from None  # fmt: skip
+        raise ConfigError(f"host={host} port={port}: cannot listen there ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(cfg: ServeConfig) -> None:
     """Load the model and answer until SIGTERM/Ctrl-C, which let in-flight requests finish for up to
     ``shutdown_timeout`` seconds; then exit 0."""
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind(cfg.host, cfg.port)  # first: a taken port fails before the model loads
     served = load_for_serving(cfg)
     model, weight = served.model, served.model.lm_head.weight
     print(f"serving {cfg.ckpt} as '{served.name}': {model.num_params() / 1e6:.2f}M parameters, context "
@@ -74,11 +95,12 @@ def serve(cfg: ServeConfig) -> None:
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                             timeout_graceful_shutdown=cfg.shutdown_timeout,
                             access_log=cfg.log_level == "debug")  # fmt: skip
-    url = f"http://{cfg.host}:{cfg.port}"
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{sock.getsockname()[1]}"  # port=0: the port the system chose
     print(f"open {url}/ for the chat page; OpenAI API at {url}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again to its previous
     # handler: a no-op one lets the process end normally, with status 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
     print("server stopped", file=sys.stderr)
