@@ -47,6 +47,16 @@ def test_repeated_stop_strings_make_a_list_and_one_stays_a_string():
     assert SampleConfig.from_dict(cfg).generation().stop == ["\n\n", "THE END, ok"]
 
 
+def test_a_stop_list_in_hydra_syntax_gives_its_items():
+    cfg, _ = compose_config(SAMPLE, ['stop=[" ", "THE END, ok"]', "stop=\n"])
+    assert cfg["stop"] == [" ", "THE END, ok", "\n"]
+    assert compose_config(SAMPLE, ["stop=[]"])[0]["stop"] == []
+    assert compose_config(SAMPLE, ["stop=[a"])[0]["stop"] == ["[a"]  # not a list: verbatim
+    assert compose_config(SAMPLE, ["prompt=[x]"])[0]["prompt"] == "[x]"  # only stop is a list
+    with pytest.raises(UserError, match="is not a list in Hydra's syntax"):
+        compose_config(SAMPLE, ["stop=[a]]"])
+
+
 def test_positional_words_and_typed_keys():
     command = Command("prepare", PREPARE.schema, positional=("data.path",), free_text=("data.path",))
     overrides, free, given = split_args(["my corpus, v2/", "data.tokenizer=char", "model=x"], command)

@@ -5,8 +5,10 @@ local JSONL task (offline) completes and writes its results."""
 import json
 import math
 import os
+import re
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never the Hub
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'gpt[eval]'")
@@ -14,6 +16,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: p
 from helpers_eval import save_run, tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from gpt.errors import UserError  # noqa: E402
 from gpt.eval.bpb import bits_per_byte  # noqa: E402
 from gpt.eval.lm_eval import GPTLM, cli  # noqa: E402
 from gpt.eval.scoring import choice_logprobs  # noqa: E402
@@ -86,7 +89,8 @@ def test_an_lm_eval_run_over_a_local_task_file_writes_its_results(run_dir, tmp_p
         "metric_list:\n  - metric: acc\n"
     )
     out = tmp_path / "results"
-    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path},dtype=fp32", "--device", "cpu",
+    # no --device: lm-eval's default (cuda:0) would fail on a CPU machine; ours is auto
+    cli(["run", "--model", "gpt", "--model_args", f"ckpt={path},dtype=fp32",
          "--tasks", "tiny_mc", "--include_path", str(tasks), "--output_path", str(out),
          "--batch_size", "4"])  # fmt: skip
     files = list(out.rglob("results*.json"))
@@ -94,3 +98,54 @@ def test_an_lm_eval_run_over_a_local_task_file_writes_its_results(run_dir, tmp_p
     results = json.loads(files[0].read_text())["results"]["tiny_mc"]
     [ours] = TaskSuite([str(data)], TasksConfig()).score(model, tok).values()
     assert results["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+
+
+def make_gpt(model_args: str, device: str | None):
+    """Our model as lm-eval makes it: from the --model_args string, with its own flags beside."""
+    return lm_eval.api.registry.get_model("gpt").create_from_arg_string(
+        model_args, {"batch_size": None, "max_batch_size": None, "device": device}
+    )
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("ckpt={missing}", "no checkpoint at"),
+    ("ckpt=", "--model_args needs ckpt="),
+    ("dtype=fp32", "--model_args needs ckpt="),
+    ("ckpt={run},bogus=1", "unknown config key 'model_args.bogus'"),
+    ("ckpt={run},stride=abc", "model_args.stride='abc' must be an integer"),
+    ("ckpt={run},dtype=fp8", "model_args.dtype='fp8' must be one of"),
+    ("ckpt={run},max_gen_toks=0", "model_args.max_gen_toks=0 is out of range"),
+])  # fmt: skip
+def test_a_bad_ckpt_or_model_args_is_a_user_error(run_dir, tmp_path, model_args, message):
+    """Each is a UserError (the command prints it as one line: the slow test below runs one)."""
+    path, _, _ = run_dir
+    with pytest.raises(UserError, match=re.escape(message)):
+        make_gpt(model_args.format(missing=tmp_path / "nope", run=path), "cpu")
+
+
+def test_lm_evals_own_flags_in_model_args_are_one_line(run_dir, capsys):
+    """batch_size in --model_args too was a TypeError ("multiple values") deep inside lm-eval."""
+    path, _, _ = run_dir
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--model", "gpt", "--model_args", f"ckpt={path},batch_size=4", "--tasks", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error: --model_args batch_size=... is lm-eval's own flag" in err
+
+
+def test_no_device_means_auto_not_lm_evals_cuda(run_dir):
+    """lm-eval's default device is cuda:0: without --device the command asks for ``auto``; an
+    explicit device this machine lacks is a UserError (one line)."""
+    path, _, _ = run_dir
+    assert make_gpt(f"ckpt={path}", "auto").device.type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device=cuda but no CUDA GPU is available"):
+            make_gpt(f"ckpt={path}", "cuda:0")
+
+
+@pytest.mark.slow  # the harness indexes its task list first: about 15 s of CPU
+def test_the_command_prints_a_wrong_ckpt_as_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # no --device: lm-eval's cuda:0 would be refused first
+        cli(["run", "--model", "gpt", "--model_args", f"ckpt={tmp_path / 'nope'}", "--tasks", "arc_easy"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: no checkpoint at {tmp_path / 'nope'}")

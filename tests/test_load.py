@@ -150,7 +150,7 @@ def test_the_lm_eval_adapter_takes_hf_dir(refs):
     pytest.importorskip("lm_eval")
     from gpt.eval.lm_eval import GPTLM
 
-    lm = GPTLM(refs["hf"], device="cpu", dtype="fp32")
+    lm = GPTLM(ckpt=refs["hf"], device="cpu", dtype="fp32")
     torch.testing.assert_close(logits(lm.model, refs["ids"]), refs["hf_logits"], rtol=1e-4, atol=1e-4)
 
 

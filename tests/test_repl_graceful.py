@@ -7,6 +7,7 @@ devices, paths holding glob characters, and sampling at a tiny temperature."""
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -129,6 +130,46 @@ def test_chat_save_is_messages_jsonl_that_reads_back_exactly(run_dir, tmp_path):
     assert dialogs[0].messages == chat.history(whole=True)
     assert dialogs[0].messages[1] == {"role": "user", "content": tricky}
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def special_files(tmp_path: Path, suffix: str) -> dict[str, Path]:
+    """A symlink to a file, a dangling symlink, a FIFO and (where we may make one) a character device,
+    each named NAME + suffix."""
+    (tmp_path / "real.txt").write_text("keep me\n")
+    made = {name: tmp_path / (name + suffix) for name in ("link", "dangling", "fifo")}
+    made["link"].symlink_to(tmp_path / "real.txt")
+    made["dangling"].symlink_to(tmp_path / "nowhere")
+    os.mkfifo(made["fifo"])
+    try:  # root (e.g. in a container) may make a device node: /dev/null's numbers
+        os.mknod(tmp_path / ("null" + suffix), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        made["device"] = tmp_path / ("null" + suffix)
+    except (PermissionError, AttributeError):
+        pass
+    return made
+
+
+@pytest.mark.parametrize("cls, suffix", [(Repl, ""), (ChatRepl, ".jsonl")])
+def test_save_never_replaces_a_symlink_fifo_or_device_nor_writes_beside_a_directory(
+    run_dir, tmp_path, cls, suffix
+):
+    """/save! onto a symlink, a FIFO or a device node is refused (the atomic rename would put a
+    regular file in its place); /save DIR and /save DIR/ are refused, with no DIR.jsonl beside it and
+    no hidden DIR/.jsonl inside. The chat's /save adds .jsonl: /save! link means link.jsonl."""
+    made = special_files(tmp_path, suffix)
+    before = {name: os.lstat(path) for name, path in made.items()}
+    (tmp_path / "d").mkdir()
+    lines = ["ROMEO"] + [f"/save! {tmp_path / name}" for name in ("link", "dangling", "fifo")]
+    lines += [f"/save! {made['device']}"] if "device" in made else []
+    lines += [f"/save {tmp_path / 'd'}", f"/save {tmp_path / 'd'}/", f"/save! {tmp_path / 'd'}/"]
+    _, _, err = session(run_dir, cls, lines)
+    assert err.count("is not a regular file") == len(made) and "saved" not in err, err
+    assert err.count("is a directory; give a file name") == 3
+    for name, path in made.items():  # each is what it was: the same inode, the same kind
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode) == (before[name].st_ino, before[name].st_mode), name
+    assert (tmp_path / "real.txt").read_text() == "keep me\n"
+    assert list((tmp_path / "d").iterdir()) == [] and not (tmp_path / "d.jsonl").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_chat_retry_undo_and_system(run_dir):

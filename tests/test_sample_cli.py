@@ -14,7 +14,7 @@ import torch
 
 from gpt.checkpoint import save_checkpoint
 from gpt.commands.cli import compose_config, field_docs, run
-from gpt.commands.sample import SAMPLE
+from gpt.commands.sample import SAMPLE, sample_main
 from gpt.infer.config import GenerationConfig, SampleConfig
 from gpt.infer.repl import SEPARATOR, Repl, parse_setting
 from gpt.infer.sample import sample
@@ -247,3 +247,23 @@ def test_sample_py_unknown_key(run_dir, tmp_path):
     r = sample_py([f"ckpt={run_dir}", "max_tokens=5"], tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: unknown config key 'max_tokens'") and r.stderr.count("\n") == 1
+
+
+def test_stop_in_hydra_list_syntax_is_a_list_of_stop_strings(run_dir, capsys):
+    """stop=[" "] is one stop string " " (it was the literal text '[" "]'); stop=x stays one string."""
+
+    def samples(stop: str) -> tuple[list[str], str]:
+        sample_main([f"ckpt={run_dir}", "prompt=ROMEO:", stop, "max_new_tokens=40", "num_samples=4",
+                     "temperature=1.0", "device=cpu"])  # fmt: skip
+        out, err = capsys.readouterr()
+        return [s.removeprefix("ROMEO:").rstrip("\n") for s in out.split(f"\n{SEPARATOR}\n")], err
+
+    free, _ = samples("stop=[]")
+    cut, err = samples('stop=[" "]')
+    assert "stop=[' ']" in err and any(" " in s for s in free)  # a space was there to stop at
+    assert cut == [s.split(" ")[0].rstrip("\n") for s in free]  # (the last line break is the printer's)
+    one, err = samples("stop=x")
+    assert "stop=['x']" in err and one == [s.split("x")[0].rstrip("\n") for s in free]
+    with pytest.raises(SystemExit):
+        samples("stop=[a]]")
+    assert "error: stop=[a]] is not a list in Hydra's syntax" in capsys.readouterr().err

@@ -13,7 +13,8 @@ meaning (``init_from`` takes the shape from its checkpoint unless a shape key wa
 
 Free-text keys (``prompt``, ``system``, ``stop``, ...) are taken out before Hydra sees the command
 line, whose grammar rejects commas, quotes, ``|``, ``<`` and non-ASCII text: everything after the
-first ``=`` reaches the model unchanged. A repeatable key (``stop=a stop=b``) gives a list.
+first ``=`` reaches the model unchanged. A repeatable key (``stop=a stop=b``) gives a list, as does
+a value in Hydra's list syntax (``stop='[" ", "END"]'``: its items).
 
 One source of defaults: a command's config dataclass (``Command.schema``) is the schema. Its field
 defaults are registered in Hydra's ConfigStore as ``NAME_schema`` when the command composes, the
@@ -65,6 +66,20 @@ class Command:
 
 
 # ------------------------------------------------------------------------------- reading the args
+def _list_items(key: str, value: str) -> list[Any]:
+    """A repeatable key's value: a Hydra list (``stop=[" ", "END"]``) its items, else one verbatim string."""
+    if not (value.startswith("[") and value.endswith("]")):
+        return [value]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return list(OverridesParser.create().parse_override(f"{key}={value}").value())
+    except Exception:  # Hydra's grammar error: the message is an ANTLR parse trace
+        example = f"""{key}='[" ", "END"]'"""
+        raise UserError(f"{key}={value} is not a list in Hydra's syntax: quote each item ({example}) "
+                        f"or give {key}=TEXT once per string") from None  # fmt: skip
+
+
 def split_args(argv: Sequence[str], command: Command) -> tuple[list[str], dict[str, Any], frozenset[str]]:
     """(Hydra overrides, free-text values by dotted key, keys the user typed)."""
     overrides: list[str] = []
@@ -80,7 +95,7 @@ def split_args(argv: Sequence[str], command: Command) -> tuple[list[str], dict[s
         key, eq, value = arg.partition("=")
         if eq and key in command.free_text:
             if key in command.repeatable:
-                free.setdefault(key, []).append(value)
+                free.setdefault(key, []).extend(_list_items(key, value))
             else:
                 free[key] = value
             given.add(key)

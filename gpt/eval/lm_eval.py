@@ -18,18 +18,19 @@ command cannot see a model class from another package. A local task reads JSONL 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import defaultdict
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
 from gpt.device import autocast_for, pick_device, resolve_dtype
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, UserError
 from gpt.eval.scoring import continuation_logprobs, encode_pair, rolling_logprobs
 from gpt.infer.generate import greedy_batch
 from gpt.runs.load import load
-from gpt.typed_config import Dtype
+from gpt.typed_config import Dtype, check_ranges, from_dict
 
 try:  # the optional extra [eval]
     import lm_eval.models  # noqa: F401 -- loads lm-eval's own models, so that ours registers beside them
@@ -41,25 +42,55 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 MISSING = "lm-evaluation-harness is not installed; pip install 'gpt[eval]' (or pip install lm-eval)"
 
 
-class GPTLM(LM):  # type: ignore[misc, valid-type]
-    """lm-eval's model interface over a run directory or checkpoint (``ckpt=``)."""
+@dataclasses.dataclass
+class LMEvalArgs:
+    """What ``--model_args`` may say (and what lm-eval adds: batch_size, max_batch_size, device)."""
 
-    # **_: lm-eval passes max_batch_size and others we have no use for
-    def __init__(self, ckpt: str, batch_size: int | str = 16, device: str | None = "auto",
-                 dtype: str = "auto", stride: int | None = None, max_gen_toks: int = 256, **_: Any) -> None:
+    ckpt: str = ""
+    """a run directory, a checkpoint file or hf:DIR (gpt.runs.load); mandatory"""
+    batch_size: int | str = 16
+    """sequences scored together; lm-eval's "auto" (and "auto:N") means our default, 16"""
+    max_batch_size: int | None = None
+    """lm-eval's, for its "auto" batch size; not used"""
+    device: str | None = "auto"
+    """auto, cpu, cuda, cuda:N, mps (the index is lm-eval's habit and is ignored)"""
+    dtype: Dtype = "auto"
+    """the compute dtype"""
+    stride: int | None = None
+    """loglikelihood_rolling's window step (None: the scorer's default)"""
+    max_gen_toks: int = 256
+    """generate_until's limit when a task gives none"""
+
+    def __post_init__(self) -> None:
+        if not self.ckpt:
+            raise ConfigError("--model_args needs ckpt=RUN (a run directory, a checkpoint file or hf:DIR)")
+        auto = str(self.batch_size).startswith("auto")  # lm-eval's auto and auto:N: our default
+        if isinstance(self.batch_size, str) and not (self.batch_size.isdigit() or auto):
+            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive integer or auto")
+        check_ranges("model_args.", self, [
+            ("batch_size", auto or int(self.batch_size) > 0, "a positive integer"),
+            ("stride", self.stride is None or self.stride > 0, "a positive integer"),
+            ("max_gen_toks", self.max_gen_toks > 0, "a positive integer"),
+        ])  # fmt: skip
+
+
+class GPTLM(LM):  # type: ignore[misc, valid-type]
+    """lm-eval's model interface over a run directory or checkpoint (``ckpt=``); ``model_args`` are
+    the fields of ``LMEvalArgs``, checked there (an unknown key or a bad value is one ConfigError)."""
+
+    def __init__(self, **model_args: Any) -> None:
         if register_model is None:
             raise ConfigError(MISSING)
         super().__init__()
-        if dtype not in get_args(Dtype):  # lm-eval's model_args are plain strings: checked here
-            raise ConfigError(f"dtype={dtype!r} must be one of {list(get_args(Dtype))}")
-        self._device = pick_device((device or "auto").split(":")[0])  # lm-eval says cuda:0
-        loaded = load(ckpt)
+        args = from_dict(LMEvalArgs, model_args, prefix="model_args.")
+        self._device = pick_device((args.device or "auto").split(":")[0])  # lm-eval says cuda:0
+        loaded = load(args.ckpt)
         self.model, self.tokenizer = loaded.build(self._device), loaded.tokenizer
         self.model.eval()
-        self.autocast = autocast_for(self._device, resolve_dtype(dtype, self._device))
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto": our default
-        self.stride = int(stride) if stride else None
-        self.max_gen_toks = int(max_gen_toks)
+        self.autocast = autocast_for(self._device, resolve_dtype(args.dtype, self._device))
+        self.batch_size = 16 if str(args.batch_size).startswith("auto") else int(args.batch_size)
+        self.stride = args.stride
+        self.max_gen_toks = args.max_gen_toks
 
     @property
     def device(self) -> torch.device:
@@ -106,16 +137,47 @@ if register_model is not None:
     register_model("gpt")(GPTLM)
 
 
+def _names_gpt(argv: list[str]) -> bool:
+    """Whether the command line asks for our model (``--model gpt`` or ``--model=gpt``)."""
+    pairs = zip(argv, [*argv[1:], ""])
+    return any(a == "--model=gpt" or (a == "--model" and b == "gpt") for a, b in pairs)
+
+
+def _check_model_args(argv: list[str]) -> None:
+    """lm-eval passes its own --batch_size, --max_batch_size and --device beside ``--model_args``:
+    the same key in both is a TypeError deep inside it, so it is named here."""
+    for a, b in zip(argv, [*argv[1:], ""]):
+        flag, eq, value = a.partition("=")
+        if flag != "--model_args":
+            continue
+        text = value if eq else b
+        keys = {part.split("=", 1)[0].strip() for part in text.split(",")}
+        for key in sorted(keys & {"batch_size", "max_batch_size", "device"}):
+            raise ConfigError(f"--model_args {key}=... is lm-eval's own flag: give it as --{key} instead")
+
+
 def cli(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``gpt`` model registered."""
+    """lm-eval's command line with the ``gpt`` model registered. For ``--model gpt`` without
+    ``--device`` the device is ``auto`` (lm-eval's default, cuda:0, fails on a machine without a GPU);
+    our own mistakes (a bad ``--model_args``, a missing checkpoint, an absent device) are one
+    ``error:`` line and exit status 2, as in every other command."""
     if register_model is None:
         print(f"error: {MISSING}", file=sys.stderr)
         sys.exit(2)
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = any(a == "--device" or a.startswith("--device=") for a in argv)
+    if _names_gpt(argv) and not given:
+        argv += ["--device", "auto"]
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        if _names_gpt(argv):
+            _check_model_args(argv)
+        cli_evaluate()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

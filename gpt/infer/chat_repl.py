@@ -139,9 +139,8 @@ continue the message on the next one."""
         """The conversation as one line of messages JSONL: ``python train.py experiment=sft
         data.path=FILE.jsonl`` reads it as is, and any text (``Assistant:`` typed by the user too)
         comes back exactly."""
-        if path and not path.endswith(".jsonl"):
-            path += ".jsonl"  # gpt.data reads .jsonl files as messages; any other name as plain text
-        target = self.target(path, force)
+        # .jsonl: gpt.data reads .jsonl files as messages; any other name as plain text
+        target = self.target(path, force, suffix=".jsonl")
         if target is None:
             return
         messages = self.history(whole=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -282,17 +284,28 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
             self.note("[stopped]")
         return self.on_reply(text, gen.completions) is not False
 
-    def target(self, path: str, force: bool) -> Path | None:
-        """The file /save writes, or None (with a note) when it would replace one without ``!``."""
+    def target(self, path: str, force: bool, suffix: str = "") -> Path | None:
+        """The file /save writes (``path``, plus ``suffix`` if it lacks it), or None (with a note) when
+        it names a directory, is not a regular file (the atomic rename would put a regular file in
+        place of a symlink, a FIFO or a device node: never, not even with ``!``) or would replace a
+        file without ``!``."""
         if not path:
             self.note("usage: /save FILE (/save! FILE replaces an existing file)")
             return None
-        target = Path(path).expanduser()
-        if target.is_dir():
+        raw = Path(path).expanduser()
+        if path.endswith(("/", os.sep)) or raw.is_dir():  # checked before the suffix: DIR/ + .jsonl
             self.note(f"error: {path} is a directory; give a file name")
             return None
+        target = raw if raw.name.endswith(suffix) else raw.with_name(raw.name + suffix)
+        if target.is_dir():
+            self.note(f"error: {target} is a directory; give a file name")
+            return None
+        if os.path.lexists(target) and not stat.S_ISREG(target.lstat().st_mode):
+            self.note(f"error: {target} is not a regular file (a symlink, a FIFO or a device); "
+                      "/save never replaces one: choose another name")  # fmt: skip
+            return None
         if target.exists() and not force:
-            self.note(f"error: {path} exists; /save! {path} replaces it, or choose another name")
+            self.note(f"error: {target} exists; /save! {target} replaces it, or choose another name")
             return None
         return target
 
