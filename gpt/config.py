@@ -235,6 +235,16 @@ class TrainConfig:
     """Rollbacks in a row (without a checkpoint past the failing step) before the run stops."""
     rollback_lr_factor: float = field(default=1.0, metadata=RESUMABLE)
     """Each rollback multiplies the learning rate by this (1 = unchanged)."""
+    dry_run: int = field(default=0, metadata=RESUMABLE)
+    """Plan a job of this many ranks without running it: build the model as rank 0 of dry_run on
+    PyTorch's fake process group with fake tensors (no memory for the weights), run one step through
+    the sharding, activation checkpointing, optimizer and guard, and print per-rank memory, step FLOPs
+    and the planner's choice (gpt.train.dry_run); nothing is written. 0 = train."""
+    device_memory: str | None = field(default=None, metadata=RESUMABLE)
+    """Memory of one device, e.g. 80GiB, 24GB or 'auto' (the device's free memory): the planner
+    (gpt.train.memory.plan) picks the largest micro_batch_size that fits it with a 10% margin, and
+    turns activation_checkpointing on when nothing fits without it; an explicit micro_batch_size is
+    kept and only checked. None = no planning (a dry run plans for 80GiB, an H100's)."""
 
     def __post_init__(self) -> None:
         mbs = self.micro_batch_size
@@ -255,7 +265,29 @@ class TrainConfig:
             ("spike_window", self.spike_window >= 2, "must be >= 2"),
             ("max_rollbacks", self.max_rollbacks >= 0, "must be >= 0"),
             ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "must be in (0, 1]"),
+            ("dry_run", self.dry_run >= 0, "must be >= 0 (the world size to plan for; 0 = off)"),
         ])  # fmt: skip
+        self.device_memory_bytes()  # a malformed size is refused here, with the run's other settings
+
+    def device_memory_bytes(self) -> int | None:
+        """train.device_memory in bytes (80GiB, 24GB, 1.5e10); None for unset or 'auto'."""
+        text = (self.device_memory or "auto").strip()
+        if text == "auto":
+            return None
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+        number = text.rstrip("BbIiKkMmGgTt ")
+        unit = text[len(number):].strip().upper()
+        try:
+            value = float(number) * units[unit]
+        except (KeyError, ValueError):
+            value = -1.0
+        if not (finite(value) and value >= 2**20):
+            raise ConfigError(
+                f"train.device_memory={self.device_memory!r} is not a memory size; write e.g. 80GiB, "
+                "24GB or auto (the device's free memory)"
+            )
+        return int(value)
 
 
 @dataclass

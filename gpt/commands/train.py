@@ -13,6 +13,7 @@ from typing import Any
 from gpt.commands.cli import Command, main
 from gpt.config import TrainRunConfig
 from gpt.errors import DivergenceError
+from gpt.train.dry_run import dry_run
 from gpt.train.loop import train
 from gpt.train.signals import Stop
 
@@ -31,6 +32,9 @@ EXIT_STATUS = {Stop.DONE: 0, Stop.REQUESTED: 0, Stop.SIGINT: 130, Stop.SIGTERM: 
 
 def train_job(cfg: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
     config = TrainRunConfig.from_command_line(cfg, given)
+    if config.train.dry_run:  # plan the job on this CPU: nothing trains, nothing is written
+        print(dry_run(config))
+        return {"dry_run": config.train.dry_run}
     summary = train(config)
     stopped = summary["stopped"]
     if stopped is Stop.DIVERGED:

@@ -41,7 +41,7 @@ from gpt.ranks import Ranks
 from gpt.train import distributed as D
 from gpt.train.evaluation import Evaluator
 from gpt.train.guard import Guard
-from gpt.train.memory import check_memory
+from gpt.train.memory import check_memory, planned
 from gpt.train.monitor import Throughput
 from gpt.train.objective import make_objective
 from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
@@ -101,15 +101,19 @@ class Trainer:
         self.rng = D.rng_snapshot(info.device)
         self.cfg, self.info, self.run = cfg, info, run
         self.after_backward = after_backward
-        self.mbs, self.accum = split_batch(cfg.train.batch_size, cfg.train.micro_batch_size, info.world_size)
         self.raw_model = run.model
         self.dtype = resolve_dtype(cfg.train.dtype, info.device, key="train.dtype")
+        # train.device_memory: the planner picks the micro-batch and activation checkpointing
+        train_cfg, why = planned(cfg.train, run.model.config, info.world_size, info.device, self.dtype)
+        if why:
+            run.logger.info(f"plan: {why}")
+        self.mbs, self.accum = split_batch(cfg.train.batch_size, train_cfg.micro_batch_size, info.world_size)
         self.autocast = autocast_for(info.device, self.dtype)
         weights = "fp32 weights, " if self.dtype != torch.float32 else ""
         run.logger.info(f"precision: {str(self.dtype).removeprefix('torch.')} ({weights}train.dtype="
                         f"{cfg.train.dtype}); optimizer: {cfg.optim.name}")  # fmt: skip
-        check_memory(run.model.config, self.mbs, self.dtype, info.device, cfg.train.activation_checkpointing)
-        self.model = D.prepare_model(run.model, info, cfg.train, self.dtype)
+        check_memory(run.model.config, self.mbs, self.dtype, info.device, train_cfg.activation_checkpointing)
+        self.model = D.prepare_model(run.model, info, train_cfg, self.dtype)
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
             D.load_optimizer_state(self.raw_model, self.optimizer, run.optimizer_state)
