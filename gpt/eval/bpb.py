@@ -34,6 +34,7 @@ from gpt.device import autocast_for, pick_device, resolve_dtype
 from gpt.errors import ConfigError, DataError
 from gpt.eval.scoring import rolling_logprobs
 from gpt.model import GPT
+from gpt.quant import Quantize
 from gpt.runs.load import load
 from gpt.tokenizer import SPECIAL_TOKENS
 from gpt.typed_config import Dtype
@@ -78,6 +79,8 @@ class BpbConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
+    quantize: Quantize = "none"
+    """none | int8: score the model with int8 weights (gpt.quant), as sample.py's quantize."""
     out: str | None = None
     """Also write the result as JSON to this file."""
 
@@ -214,7 +217,7 @@ def evaluate_bpb(cfg: BpbConfig) -> dict[str, Any]:
     """Load the model, read the text, score it; the result with what was scored."""
     device = pick_device(cfg.device)
     loaded = load(cfg.ckpt)
-    model, tokenizer = loaded.build(device), loaded.tokenizer
+    model, tokenizer = loaded.build(device, cfg.quantize), loaded.tokenizer
     model.eval()
     if cfg.data.split == "val":
         docs = _val_docs(cfg.data, tokenizer)

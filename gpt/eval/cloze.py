@@ -26,6 +26,7 @@ from gpt.errors import ConfigError, DataError
 from gpt.eval.bpb import TextConfig, read_texts
 from gpt.eval.scoring import choice_logprobs
 from gpt.model import GPT
+from gpt.quant import Quantize
 from gpt.runs.load import load
 from gpt.typed_config import Dtype
 
@@ -55,6 +56,8 @@ class ClozeConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
+    quantize: Quantize = "none"
+    """none | int8: score the model with int8 weights (gpt.quant), as sample.py's quantize."""
     out: str | None = None
     """Also write the result as JSON to this file."""
 
@@ -123,7 +126,7 @@ def score_cloze(model: GPT, tokenizer, items: list[dict[str, Any]], batch_size: 
 def evaluate_cloze(cfg: ClozeConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     loaded = load(cfg.ckpt)
-    model, tokenizer = loaded.build(device), loaded.tokenizer
+    model, tokenizer = loaded.build(device, cfg.quantize), loaded.tokenizer
     model.eval()
     text = "\n".join(read_texts(cfg.data, tokenizer))
     items = cloze_items(text, cfg.n, cfg.context_bytes, cfg.continuation_bytes, cfg.seed)

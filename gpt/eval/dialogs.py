@@ -25,6 +25,7 @@ from gpt.data.dialogs import read_dialogs, split_dialogs
 from gpt.device import pick_device
 from gpt.errors import ConfigError
 from gpt.infer.generate import greedy_batch
+from gpt.quant import Quantize
 from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
 
@@ -49,6 +50,8 @@ class EvalConfig:
     """Also write the results as JSON to this file."""
     device: str = "auto"
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
+    quantize: Quantize = "none"
+    """none | int8: decode the replies with int8 weights (gpt.quant), as sample.py's quantize."""
 
     def __post_init__(self) -> None:
         for key in ("limit", "show"):
@@ -88,7 +91,8 @@ def turn_cases(tokenizer, dialogs, block_size: int) -> tuple[list[dict[str, Any]
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Score the model; returns {"tasks": {task: {"replies", "exact_match"}}, "all": ..., ...}."""
     loaded = load(cfg.ckpt)
-    model, tokenizer, state = loaded.build(pick_device(cfg.device)), loaded.tokenizer, loaded.state
+    model = loaded.build(pick_device(cfg.device), cfg.quantize)
+    tokenizer, state = loaded.tokenizer, loaded.state
     model.eval()
     if cfg.data is None:
         dialogs, source = held_out_dialogs(state)

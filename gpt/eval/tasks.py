@@ -41,6 +41,7 @@ from gpt.eval.cloze import cloze_items
 from gpt.eval.scoring import choice_logprobs
 from gpt.infer.generate import greedy_batch
 from gpt.model import GPT
+from gpt.quant import Quantize
 from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
 from gpt.typed_config import Dtype, resolve_path
@@ -82,6 +83,8 @@ class TasksConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
+    quantize: Quantize = "none"
+    """none | int8: score the model with int8 weights (gpt.quant), as sample.py's quantize."""
     out: str | None = None
     """Also write the results as JSON to this file."""
 
@@ -335,7 +338,7 @@ class TaskSuite:
 def evaluate_tasks(cfg: TasksConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     loaded = load(cfg.ckpt)
-    model, tokenizer, state = loaded.build(device), loaded.tokenizer, loaded.state
+    model, tokenizer, state = loaded.build(device, cfg.quantize), loaded.tokenizer, loaded.state
     data = state.get("config", {}).get("data", {})
     chat = cfg.chat if cfg.chat is not None else data.get("format") == "dialogs"
     text = None

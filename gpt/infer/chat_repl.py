@@ -149,7 +149,8 @@ continue the message on the next one."""
     def reply_once(self, text: str) -> None:
         """Single-shot chat (``sample.py mode=chat prompt=...``): print just the reply."""
         gen = Generation(self.model, self.tokenizer, self.prompt_ids(text), self.settings,
-                         stop_token_ids=self.stop_token_ids(), generator=self.generator)  # fmt: skip
+                         stop_token_ids=self.stop_token_ids(), generator=self.generator,
+                         drafter=self.drafter)  # fmt: skip
         started = False
         for row, piece in gen:
             if row == 0 and (started or piece.strip()):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gpt.errors import ConfigError
+from gpt.quant import Quantize
 from gpt.typed_config import Dtype, check_ranges, finite, from_dict
 
 
@@ -111,10 +112,30 @@ class SampleConfig(GenerationConfig):
     dtype: Dtype = "auto"
     """Weights' dtype for inference; auto = bf16 (else fp16) on CUDA, bf16 on CPUs with native bf16
     (AVX512-BF16/AMX), fp32 elsewhere."""
+    quantize: Quantize = "none"
+    """none | int8: int8 weights, one scale per output channel, activations in dtype (gpt.quant): a
+    batch-1 decode step reads half the bytes of bf16 (1.6-1.9x its tokens/s on a CPU: bench/bench_int8.py)."""
     echo_prompt: bool = True
     """mode=generate: print the prompt before each sample's continuation."""
     history_file: str | None = "~/.gpt_history"
     """mode=interactive: readline history file; null = no history kept across sessions."""
+    draft: str | None = None
+    """Speculative decoding (gpt.infer.speculative): ngram = draft tokens copied from where the context's
+    last tokens occurred before (no second model), or a draft model with the same tokenizer (a run
+    directory, checkpoint, LoRA run or hf:DIR); the model checks the drafts in one forward and keeps
+    its own distribution exactly (greedy: the same text). One sample, no beams; null = off."""
+    draft_tokens: int = 4
+    """Tokens drafted per step (draft set)."""
+    draft_ngram: int = 3
+    """draft=ngram: the longest n-gram looked up (then shorter ones, down to 1)."""
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            ("draft_tokens", 1 <= self.draft_tokens <= 64, "must be in [1, 64]"),
+            ("draft_ngram", 1 <= self.draft_ngram <= 64, "must be in [1, 64]"),
+        ]
+        check_ranges("", self, checks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleConfig:
@@ -152,6 +173,8 @@ class ServeConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"
     """Weights: auto (bf16, else fp16, on CUDA; else fp32) | fp32 | bf16 | fp16."""
+    quantize: Quantize = "none"
+    """none | int8: int8 weights with activations in dtype, as sample.py's quantize (gpt.quant)."""
     max_batch: int = 16
     """Rows decoded together (a request with n choices takes n rows)."""
     max_queue: int = 64
@@ -167,6 +190,9 @@ class ServeConfig:
     """On SIGTERM: seconds granted to in-flight requests before the server exits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """debug (with access log) | info | warning | error."""
+    draft: str | None = None
+    """Speculative decoding is not available in the server yet (sample.py and its REPLs have it);
+    any value is refused."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -179,6 +205,9 @@ class ServeConfig:
             ("shutdown_timeout", self.shutdown_timeout >= 0, "must be >= 0"),
         ]
         check_ranges("", self, checks)
+        if self.draft is not None:
+            raise ConfigError(f"draft={self.draft}: the server does not do speculative decoding yet "
+                              "(sample.py and its REPLs do); drop draft")  # fmt: skip
         self.max_n = min(self.max_n, self.max_batch)  # n choices take n rows of the batch
 
     @classmethod

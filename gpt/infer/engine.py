@@ -103,7 +103,7 @@ def check_memory(model: GPT, rows: int, key: str) -> None:
     """ConfigError naming ``key`` when ``rows`` decoded together cannot fit in free memory: each row
     holds its KV cache (2 x n_layer x block_size x kv_heads x head_size) and a few (vocab,) float32
     score rows."""
-    config, weight = model.config, model.lm_head.weight
+    config, weight = model.config, model.transformer.wte.weight  # activations' dtype (not int8's)
     kv_width = config.kv_heads * config.head_size
     per_row = 2 * config.n_layer * config.block_size * kv_width * weight.element_size()
     per_row += 8 * config.vocab_size * 4 + 8 * config.block_size
@@ -135,7 +135,7 @@ class Decoder:
         self.block_size = config.block_size
         shift = min(context_shift or max(1, config.block_size // 4), config.block_size)
         self.keep = config.block_size + 1 - shift
-        weight = model.lm_head.weight
+        weight = model.transformer.wte.weight  # the activations' dtype and device
         self.cache = KVCache(config, batch_size, weight.device, weight.dtype) if use_cache else None
         # the tokens the model sees, row by row: context[row, :lengths[row]] (the cache's own lengths)
         self.context = torch.zeros(batch_size, config.block_size, dtype=torch.long, device=weight.device)
@@ -192,6 +192,19 @@ class Decoder:
             where = torch.tensor(lengths, device=next_ids.device)
             self.context[torch.arange(n, device=next_ids.device), where] = next_ids
         return self._forward(next_ids[:, None], 0)[:, -1]
+
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append ids (rows, T) to rows of equal length in one forward (speculative decoding's check of
+        drafted tokens); the logits (rows, T, V) after each. The caller keeps length + T <= block_size."""
+        n, T = ids.shape
+        length = self.lengths[0]
+        self.context[:n, length : length + T] = ids
+        return self._forward(ids, 0)
+
+    def truncate(self, length: int) -> None:
+        """Every row keeps only its first ``length`` positions (drafted tokens that were rejected): a
+        length change, nothing is copied; the positions beyond are overwritten by the next forward."""
+        self.lengths[: self.rows] = [min(length, n) for n in self.lengths[: self.rows]]
 
     def _forward(self, ids: torch.Tensor, first: int, last_only: bool = False,
                  added: list[int] | None = None) -> torch.Tensor:  # fmt: skip

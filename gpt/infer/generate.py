@@ -26,9 +26,11 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from gpt.errors import ConfigError
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.sampling import Completion, Row, TextStream, apply_penalties, choose, prompt_counts
+from gpt.infer.speculative import speculative_decode
 from gpt.model import GPT
 
 
@@ -147,7 +149,7 @@ class Generation:
     def __init__(self, model: GPT, tokenizer, prompt_ids: Sequence[int],
                  config: GenerationConfig | None = None, *, stop_token_ids: Sequence[int] = (),
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 decoder: Decoder | None = None):  # fmt: skip
+                 decoder: Decoder | None = None, drafter=None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.config = cfg = config or GenerationConfig()
         ids = list(prompt_ids) or [tokenizer.eot_id]
@@ -172,6 +174,11 @@ class Generation:
         # the start of this prompt (sampling with num_samples=1 only)
         reusable = decoder is not None and use_cache and rows == decoder.batch_size == 1
         self.decoder = decoder if reusable else None
+        # speculative decoding (gpt.infer.speculative): an NgramDrafter or a ModelDrafter; None = off
+        self.drafter = drafter
+        if drafter is not None and (self.beam or cfg.num_samples > 1 or not use_cache):
+            raise ConfigError("draft: speculative decoding draws one sample at a time with the KV cache; "
+                              "set num_samples=1 and num_beams=1, or drop draft")  # fmt: skip
 
     @property
     def completions(self) -> list[Completion]:
@@ -204,6 +211,9 @@ class Generation:
             counts = None
         rows = [Row(cfg, s, self.generator, None if counts is None else counts.clone(),
                     frozenset(self.stop_token_ids)) for s in self.streams]  # fmt: skip
+        if self.drafter is not None and not self.beam:  # beam_search sets beam after the check
+            yield from speculative_decode(decoder, logits, rows[0], self.drafter, list(self.prompt_ids))
+            return
         yield from decode(decoder, logits, rows, beams)
 
 

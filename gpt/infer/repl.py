@@ -113,8 +113,10 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
 
     def __init__(self, model: torch.nn.Module, tokenizer, settings: GenerationConfig, *,
                  input_fn: Callable[[str], str] | None = None, out: TextIO | None = None,
-                 err: TextIO | None = None, history_file: str | Path | None = None):  # fmt: skip
+                 err: TextIO | None = None, history_file: str | Path | None = None,
+                 drafter=None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        self.drafter = drafter  # speculative decoding (gpt.infer.speculative), kept across turns
         self.settings = self.initial_settings = settings
         self.input_fn = input_fn or input  # input() gets readline editing on a terminal
         self.out, self.err = out or sys.stdout, err or sys.stderr
@@ -270,6 +272,7 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         gen = Generation(
             self.model, self.tokenizer, ids, self.settings,
             stop_token_ids=self.stop_token_ids(), generator=self.generator, decoder=self.decoder(),
+            drafter=self.drafter,
         )  # fmt: skip
         if gen.dropped and not self._said_cropped:
             self._said_cropped = True

@@ -16,6 +16,7 @@ from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.config import SampleConfig
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
+from gpt.infer.speculative import drafter_from
 from gpt.runs.load import load
 from gpt.typed_config import resolve_path
 
@@ -59,20 +60,25 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = load(cfg.ckpt)
-    model, tokenizer = loaded.build(device), loaded.tokenizer
+    model, tokenizer = loaded.build(device, cfg.quantize), loaded.tokenizer
     model.to(dtype).eval()
     prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
+    drafter = None if cfg.draft is None else drafter_from(cfg.draft, cfg.draft_tokens, cfg.draft_ngram,
+                                                          model, tokenizer)  # fmt: skip
     # likewise a batch that cannot fit in memory (checked by Generation before it allocates)
-    gen = Generation(model, tokenizer, prompt_ids, settings) if cfg.mode == "generate" else None
+    gen = None
+    if cfg.mode == "generate":
+        gen = Generation(model, tokenizer, prompt_ids, settings, drafter=drafter)
     print(f"sampling {cfg.ckpt}: {model.num_params() / 1e6:.2f}M parameters, context "
           f"{model.config.block_size}, device {device}, {str(dtype).removeprefix('torch.')}", file=err)
     print(f"settings: {settings_line(settings)}", file=err, flush=True)
     if cfg.mode == "interactive":
-        Repl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file).run()
+        Repl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file,
+             drafter=drafter).run()  # fmt: skip
         return
     if cfg.mode == "chat":
         chat = ChatRepl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file,
-                        system=cfg.system or None)  # fmt: skip
+                        system=cfg.system or None, drafter=drafter)  # fmt: skip
         chat.reply_once(text) if text else chat.run()
         return
     assert gen is not None

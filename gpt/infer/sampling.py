@@ -187,6 +187,12 @@ def choose_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
     temperature, top_k, top_p and min_p."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
+    return draw(distribution(logits, cfg), generator)
+
+
+def distribution(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The probabilities (B, V), not normalised, that ``choose_next`` samples from at temperature > 0:
+    float32 logits (B, V) after temperature, top_k, top_p and min_p (speculative decoding's p and q)."""
     # shift the best logit to 0 before dividing: a tiny temperature (1e-40) then gives 0 and -inf,
     # never inf / inf = NaN; and the divisor stays a finite normal float32 (1e-300 would round to 0,
     # 1e300 to inf)
@@ -205,6 +211,11 @@ def choose_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if cfg.min_p > 0:
         probs = probs.masked_fill(probs < cfg.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row (B,) drawn from probs (B, V), which need not be normalised."""
     # inverse-CDF sampling, one uniform draw per row: the same distribution as torch.multinomial,
     # ~10x faster over a 50k vocabulary on the CPU (where multinomial takes ~2 ms a row); float64
     # sums (MPS has none: float32), so that 50k small probabilities add up without drift

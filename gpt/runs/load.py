@@ -9,6 +9,7 @@ Mistral or Qwen2 directory). Sampling, evaluation, serving, export, merge and tr
     loaded = load("out/shakespeare_char")                  # config, weights, tokenizer, checkpoint
     model = loaded.build("cuda")                           # sampling, evaluation (LoRA: unmerged)
     model = load("out/finetune", merge=True).build()       # LoRA folded into the weights
+    model = loaded.build("cpu", quantize="int8")           # int8 weights for inference (gpt.quant)
     loaded = load("hf:models/gpt2", block_size=512)        # what init_from starts from
 
 The one cropping rule: ``block_size`` may only shrink (learned position rows beyond it are dropped);
@@ -30,6 +31,7 @@ from gpt.errors import CheckpointError
 from gpt.interop.hf import import_hf
 from gpt.lora import attach, merge_lora
 from gpt.model import GPT, SHAPE_FIELDS, GPTConfig
+from gpt.quant import Quantize, quantize_model
 from gpt.tokenizer import Tokenizer, tokenizer_from_state
 from gpt.typed_config import resolve_path
 
@@ -47,13 +49,16 @@ class Loaded:
     lora: dict[str, Any] | None = None  # a LoRA run's settings while its adapters are kept apart
     adapter: dict[str, torch.Tensor] | None = None  # ... and the adapters (lora_A, lora_B)
 
-    def build(self, device: str | torch.device = "cpu") -> GPT:
-        """The model with these weights (and adapters, unmerged), on ``device``."""
+    def build(self, device: str | torch.device = "cpu", quantize: Quantize = "none") -> GPT:
+        """The model with these weights (and adapters, unmerged), on ``device``; with
+        ``quantize="int8"`` its linear layers hold int8 weights (gpt.quant), adapters merged first."""
         model = GPT(self.config)
         load_state_dict_strict(model, self.weights, self.source)
         if self.lora is not None:
             attach(model, self.lora, self.adapter, self.source)
-        return model.to(device)
+            if quantize != "none":  # int8 weights take no adapters: fold them in (same outputs)
+                merge_lora(model)
+        return quantize_model(model, quantize).to(device)
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

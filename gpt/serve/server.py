@@ -42,7 +42,7 @@ def load_for_serving(cfg: ServeConfig) -> Served:
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = load(cfg.ckpt, merge=True)
-    model = loaded.build().to(device=device, dtype=dtype).eval()
+    model = loaded.build(quantize=cfg.quantize).to(device=device, dtype=dtype).eval()
     chat_trained = ((loaded.state.get("config") or {}).get("data") or {}).get("format") == "dialogs"
     return Served(model, loaded.tokenizer, cfg.model_name or loaded.name, chat_trained)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from gpt.config import TrainConfig
 from gpt.device import free_memory
 from gpt.errors import ConfigError
-from gpt.config import TrainConfig
 from gpt.model import GPTConfig
 
 MARGIN = 2.0  # refuse only what is far out of reach: the estimate is rough
@@ -111,12 +111,13 @@ class Plan:
 
 def plan(config: GPTConfig, per_rank: int, device_memory: int, dtype: torch.dtype, shards: int = 1,
          micro_batch_size: int | None = None, activation_checkpointing: bool = False,
-         device: torch.device = torch.device("cuda")) -> Plan:  # fmt: skip
+         device: torch.device | None = None) -> Plan:  # fmt: skip
     """The largest micro-batch (a divisor of the ``per_rank`` sequences) whose estimated peak fits
     ``device_memory`` less the margin, without activation checkpointing if one fits so, else with
     it; a given ``micro_batch_size`` (or ``activation_checkpointing=True``) is kept and only checked.
     ConfigError when nothing fits (the world size or the device is too small for the model)."""
     budget, gib = int(device_memory * (1 - PLAN_MARGIN)), 2**30
+    device = device or torch.device("cuda")  # a GPU job by default: fused attention stores no scores
     divisors = [d for d in range(per_rank, 0, -1) if per_rank % d == 0]
     sizes = [micro_batch_size] if micro_batch_size else divisors
     for ac in (True,) if activation_checkpointing else (False, True):

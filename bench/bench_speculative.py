@@ -1,0 +1,104 @@
+"""Speculative decoding's speed: greedy tokens/s of plain decoding against prompt-lookup drafting
+(draft=ngram) and against a draft model (draft=RUN), side by side in one process, alternating, medians.
+
+    python bench/bench_speculative.py                       # trains both char models briefly (~2 min)
+    python bench/bench_speculative.py --target out/wide --draft out/shakespeare_char --tokens 300
+
+Without --target/--draft two char models are trained on tinyshakespeare for --steps steps: a narrow
+draft (2 layers, 64 wide) and a wider target (4 layers, 256 wide). The ngram task asks the target to
+continue a passage it has just been shown (the prompt repeats it: a quote). Every speculative text is
+checked to be plain decoding's, token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.infer.config import GenerationConfig
+from gpt.infer.generate import generate
+from gpt.infer.speculative import ModelDrafter, NgramDrafter
+from gpt.model import GPT, GPTConfig
+from gpt.runs.load import load
+from gpt.tokenizer import char_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt"
+
+
+def train(text: str, tok, n_layer: int, n_embd: int, steps: int, seed: int = 0) -> GPT:
+    """A char model trained briefly on text (AdamW, batch 16 x 128)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(n_layer=n_layer, n_head=4, n_embd=n_embd, block_size=256, vocab_size=tok.vocab_size)
+    model = GPT(config)
+    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        i = torch.randint(len(data) - 129, (16,))
+        x = torch.stack([data[j : j + 128] for j in i.tolist()])
+        y = torch.stack([data[j + 1 : j + 129] for j in i.tolist()])
+        loss = model(x, targets=y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            print(f"  {n_layer}x{n_embd} step {step}: loss {loss.item():.3f}", flush=True)
+    return model.eval()
+
+
+def timed(model: GPT, tok, ids: list[int], settings: GenerationConfig, drafter) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    out = generate(model, tok, ids, settings, drafter=drafter)[0]
+    return len(out) / (time.perf_counter() - start), out
+
+
+def compare(name: str, model: GPT, tok, prompt: str, drafter, tokens: int, rounds: int) -> None:
+    """Plain and speculative, alternating for ``rounds``; medians of tokens/s."""
+    ids = tok.encode(prompt)
+    settings = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
+    plain, spec = [], []
+    for _ in range(rounds):
+        rate, want = timed(model, tok, ids, settings, None)
+        plain.append(rate)
+        rate, got = timed(model, tok, ids, settings, drafter)
+        spec.append(rate)
+        assert got == want, f"{name}: speculative text differs from plain decoding's"
+    p, s = statistics.median(plain), statistics.median(spec)
+    print(f"{name:28s} plain {p:7.1f} tok/s   speculative {s:7.1f} tok/s   {s / p:4.2f}x  (identical text)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", help="the target model (any gpt.runs.load reference)")
+    parser.add_argument("--draft", help="the draft model (same tokenizer)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps when models are trained here")
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--k", type=int, default=4, help="draft_tokens")
+    parser.add_argument("--width", type=int, default=256, help="the trained target's n_embd")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    text = CORPUS.read_text()
+    if args.target:
+        loaded = load(args.target)
+        target, tok = loaded.build().eval(), loaded.tokenizer
+        draft = load(args.draft).build().eval() if args.draft else None
+    else:
+        tok = char_tokenizer([text])
+        draft = train(text, tok, 2, 64, args.steps, seed=1)
+        target = train(text, tok, 4, args.width, args.steps)
+    passage = text[2000:2150]
+    quote = f"{passage}\n\n{passage}\n\n{passage[:40]}"  # continue what was just quoted
+    ngram = NgramDrafter(args.k, 3)
+    compare("ngram, quoting the prompt", target, tok, quote, ngram, args.tokens, args.rounds)
+    if draft is not None:
+        drafter = ModelDrafter(draft, args.k, min(tok.vocab_size, target.config.vocab_size))
+        compare("draft model, Shakespeare", target, tok, "ROMEO:", drafter, args.tokens, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
