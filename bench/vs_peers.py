@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32, "int8": 1.0}
-CONFIGS = ("ours-fp32", "ours-bf16", "hf-fp32", "hf-bf16", "llama-f32", "llama-bf16", "llama-q8_0")
+CONFIGS = ("ours-fp32", "ours-bf16", "ours-int8", "hf-fp32", "hf-bf16", "llama-f32", "llama-bf16",
+           "llama-q8_0")
 
 
 def build_model(directory: Path, kind: str) -> int:
@@ -102,7 +103,9 @@ def ours_worker(directory: Path, precision: str, args) -> dict:
     from gpt.runs.load import load
 
     loaded = load(f"hf:{directory}")
-    model = loaded.build().to(torch.float32 if precision == "fp32" else torch.bfloat16).eval()
+    quantize = "int8" if precision == "int8" else "none"  # int8 weights, bf16 activations (sample.py's)
+    model = loaded.build("cpu", quantize).to(torch.float32 if precision == "fp32" else torch.bfloat16)
+    model.eval()
     tok, out = loaded.tokenizer, {}
     for batch in (1, 16):
         t0 = time.perf_counter()
