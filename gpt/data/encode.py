@@ -17,6 +17,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Iterator
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,20 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     # lock would leave pool.terminate() in the parent waiting for that lock forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_worker)
+    signal.signal(signal.SIGALRM, _exit_worker)  # the deferred SIGTERM's second look, see below
 
 
 def _exit_worker(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    """End the worker between pipe messages: one that exits halfway through writing its result (or
+    reading a task) leaves half a message in the pipe, and the parent's result thread, which
+    pool.terminate() joins, would wait for the rest forever. Inside a pipe read or write the exit
+    waits: another look every 10 ms (SIGALRM)."""
+    while frame is not None:
+        if frame.f_code.co_filename == connection.__file__:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        frame = frame.f_back
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def _wait(result: Any, pool: Any, pids: set[int]) -> np.ndarray:
