@@ -79,3 +79,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def serve_run(tmp_path_factory, one_thread):
+    """A tiny chat-trained char run (helpers_serve.tiny_run), one per server test module."""
+    from helpers_serve import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def served(serve_run):
+    """That run loaded as ``gpt serve`` loads it (fp32, CPU): the model and tokenizer a live server takes."""
+    pytest.importorskip("fastapi")
+    from gpt.infer.config import ServeConfig
+    from gpt.serve.server import load_for_serving
+
+    return load_for_serving(ServeConfig(ckpt=str(serve_run), device="cpu", dtype="fp32"))

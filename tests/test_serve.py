@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from helpers_serve import live_server, tiny_run  # noqa: E402
+from helpers_serve import live_server  # noqa: E402
 
 from gpt.chat_template import render_prompt  # noqa: E402
 from gpt.checkpoint import checkpoint_state, save_checkpoint  # noqa: E402
@@ -34,16 +34,6 @@ from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["ROMEO:", "JULIET: Ay", "soft", "w", "But soft, what light"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    return tiny_run(tmp_path_factory.mktemp("serve") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def served(run_dir):
-    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +97,9 @@ def test_completion_usage_and_length(client, served):
     assert choice.text == served.tokenizer.decode(ids)
 
 
-def test_temperature_zero_equals_sample_py(client, run_dir):
+def test_temperature_zero_equals_sample_py(client, serve_run):
     cfg = {
-        "ckpt": str(run_dir),
+        "ckpt": str(serve_run),
         "prompt": "JULIET: Ay",
         "temperature": 0.0,
         "max_new_tokens": 30,
@@ -331,17 +321,17 @@ def test_metrics_and_health(server, client):
     assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["max_model_len"] == 128
 
 
-def test_loads_a_lora_run_and_an_hf_directory(run_dir, tmp_path):
+def test_loads_a_lora_run_and_an_hf_directory(serve_run, tmp_path):
     """A LoRA run is served with its adapters applied; an hf:DIR directory as exported."""
-    loaded = load(run_dir)
+    loaded = load(serve_run)
     base_model, lora_model, tok = loaded.build(), loaded.build(), loaded.tokenizer
     spec = {
         "rank": 2,
         "alpha": 4.0,
         "dropout": 0.0,
         "targets": ["c_attn"],
-        "base": str(run_dir),
-        "base_path": base_location(str(run_dir)),
+        "base": str(serve_run),
+        "base_path": base_location(str(serve_run)),
         "base_fingerprint": weights_fingerprint(base_model.state_dict()),
     }
     apply_lora(lora_model, 2, 4.0, 0.0, ["c_attn"])

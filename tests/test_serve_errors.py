@@ -17,27 +17,17 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from helpers_serve import free_port, live_server, tiny_run  # noqa: E402
+from helpers_serve import free_port, live_server  # noqa: E402
 
 from gpt.commands.serve import run  # noqa: E402
 from gpt.infer.config import ServeConfig  # noqa: E402
 from gpt.model import GPT  # noqa: E402
-from gpt.serve.server import is_loopback, load_for_serving  # noqa: E402
+from gpt.serve.server import is_loopback  # noqa: E402
 from gpt.typed_config import REPO_ROOT  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Romeo?"}], "max_tokens": 5}
 COMPLETION = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    return tiny_run(tmp_path_factory.mktemp("serve") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def served(run_dir):
-    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +217,7 @@ def test_loopback_check():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
 
 
-def test_sigterm_lets_the_stream_finish_and_exits_0(run_dir):
+def test_sigterm_lets_the_stream_finish_and_exits_0(serve_run):
     """The command itself: gpt serve starts, streams, and on SIGTERM finishes the running
     stream before exiting with status 0."""
     port = free_port()
@@ -238,7 +228,7 @@ def test_sigterm_lets_the_stream_finish_and_exits_0(run_dir):
             "-m",
             "gpt",
             "serve",
-            f"ckpt={run_dir}",
+            f"ckpt={serve_run}",
             f"port={port}",
             "device=cpu",
             "log_level=warning",

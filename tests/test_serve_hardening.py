@@ -19,26 +19,15 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from helpers_serve import live_server, tiny_run  # noqa: E402
+from helpers_serve import live_server  # noqa: E402
 
 from gpt.commands.serve import run  # noqa: E402
 from gpt.infer.config import ServeConfig  # noqa: E402
 from gpt.serve.guard import host_allowed  # noqa: E402
-from gpt.serve.server import load_for_serving  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Who is Romeo?"}], "max_tokens": 5}
 COMPLETION = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    return tiny_run(tmp_path_factory.mktemp("serve") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def served(run_dir):
-    return load_for_serving(ServeConfig(ckpt=str(run_dir), device="cpu", dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +204,13 @@ def test_chat_replies_do_not_start_with_the_templates_space(server):
     assert "".join(deltas) == content
 
 
-def test_a_taken_port_is_one_line_before_the_server_claims_to_be_up(run_dir, capsys):
+def test_a_taken_port_is_one_line_before_the_server_claims_to_be_up(serve_run, capsys):
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
         with pytest.raises(SystemExit) as e:
-            run([f"ckpt={run_dir}", f"port={port}", "device=cpu"])
+            run([f"ckpt={serve_run}", f"port={port}", "device=cpu"])
     assert e.value.code != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and f"port={port}" in err and "another port" in err
