@@ -17,6 +17,7 @@ the first special token (its end of turn: ``<|im_end|>``, ``<|eot_id|>``, ``</s>
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,6 +26,7 @@ from typing import Any
 
 from gpt.errors import DataError
 from gpt.tokenizer import HFTokenizer
+from gpt.tool_calls import message_call
 
 # Private-use code points: no template adds them and no trim removes them.
 _PLACEHOLDER = "\ue000{}\ue001"
@@ -55,28 +57,32 @@ def compile_template(source: str, origin: str) -> Any:
         raise DataError(f"{origin}: its chat template is not valid Jinja ({e}); fix or remove it") from None
 
 
-def render_text(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
-                ) -> str:  # fmt: skip
-    """The template's text for ``messages``, as transformers' apply_chat_template(tokenize=False)
-    gives it. DataError naming the template's file if the template raises."""
+def render_text(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                tools: list | None = None) -> str:  # fmt: skip
+    """The template's text for ``messages`` (and ``tools``, OpenAI's tool list), as transformers'
+    apply_chat_template(tokenize=False) gives it. DataError naming the template's file if the template
+    raises."""
     origin = tokenizer.chat_template_file or "the model's chat template"
     template = compile_template(tokenizer.chat_template, origin)
     bos = "" if tokenizer.bos_id is None else tokenizer.decode([tokenizer.bos_id])
     try:
         return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=bos, eos_token=tokenizer.decode([tokenizer.eot_id]))  # fmt: skip
+                               tools=tools, bos_token=bos, eos_token=tokenizer.decode([tokenizer.eot_id]))
     except Exception as e:  # a template may fail in any way (TemplateError, TypeError, ...)
         raise DataError(f"{origin}: the chat template raised {type(e).__name__}: {e}") from None
 
 
-def render_jinja(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
-                 ) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
+def render_jinja(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                 tools: list | None = None) -> tuple[list[int], list[int], list[int]]:  # fmt: skip
     """(ids, loss_mask, turn_ends) of ``messages`` through the tokenizer's template: loss_mask[i] = 1 on
     an assistant's content and its end-of-turn token; turn_ends[k] = len(ids) after message k's
-    content and the end-of-turn that follows it."""
-    marked = [{**m, "content": _PLACEHOLDER.format(k)} for k, m in enumerate(messages)]
-    parts = _SPLIT.split(render_text(tokenizer, marked, add_generation_prompt))
-    contents = _contents(tokenizer, messages, parts, add_generation_prompt)
+    content and the end-of-turn that follows it. Tool calls (their arguments as objects, as
+    transformers passes them) and ``tools`` are the template's text: DataError if they spell one of
+    the file's special tokens. (A call written by a reply with no text is template text, not trained.)"""
+    messages = _tool_messages(tokenizer, messages, tools)
+    marked = [{**m, "content": _PLACEHOLDER.format(k)} if m["content"] else m for k, m in enumerate(messages)]
+    parts = _SPLIT.split(render_text(tokenizer, marked, add_generation_prompt, tools))
+    contents = _contents(tokenizer, messages, parts, add_generation_prompt, tools)
     ids = _template_ids(tokenizer, parts[0])
     mask, ends, end_ids = [0] * len(ids), [0] * len(messages), set(tokenizer.template_specials.values())
     for j in range(1, len(parts), 2):  # parts: template, index, template, index, ..., template
@@ -91,11 +97,31 @@ def render_jinja(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], add
     return ids, mask, ends
 
 
+def _tool_messages(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], tools: list | None
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    """The messages as the template gets them: content a string ("" for a reply that only calls), each
+    call's arguments an object. DataError if a call or ``tools`` spells a special token of the file."""
+    out = []
+    for m in messages:
+        m = {**m, "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            calls = [message_call(c) for c in m["tool_calls"]]
+            m["tool_calls"] = [{**c.to_openai(), "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in calls]  # fmt: skip
+        out.append(m)
+    text = json.dumps([m.get("tool_calls") for m in out] + [tools], ensure_ascii=False)
+    forged = next((name for name in tokenizer.template_specials if name in text), None)
+    if forged is not None:
+        raise DataError(f"a tool call or tool definition contains the special token {forged!r}; "
+                        "remove it (tool text may not spell the template's special tokens)")  # fmt: skip
+    return out
+
+
 def _contents(tokenizer: HFTokenizer, messages: Sequence[dict[str, Any]], parts: list[str],
-              add_generation_prompt: bool) -> list[str]:  # fmt: skip
+              add_generation_prompt: bool, tools: list | None) -> list[str]:  # fmt: skip
     """Each message's text as the template puts it in: as given, or stripped (Llama 3's ``| trim``).
     DataError if neither puts the real rendering back together."""
-    real = render_text(tokenizer, messages, add_generation_prompt)
+    real = render_text(tokenizer, messages, add_generation_prompt, tools)
     for change in (lambda s: s, str.strip):
         contents = [change(m["content"]) for m in messages]
         joined = "".join(contents[int(p)] if j % 2 else p for j, p in enumerate(parts))

@@ -41,7 +41,14 @@ from gpt.typed_config import REPO_ROOT, resolve_path
 
 EOT = "<|endoftext|>"
 EOT_TURN = "<|end_of_turn|>"
-SPECIAL_TOKENS = (EOT, EOT_TURN)
+SPECIAL_TOKENS = (EOT, EOT_TURN)  # every tokenizer has these
+# A tool call and its result (gpt.chat_template renders them, gpt.tool_calls reads them). Tokenizers
+# built by this version have them after the two above; one saved by an older version lacks them, and
+# then ``has_tools`` is False and tool features refuse.
+TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|tool_call_end|>"
+TOOL_RESULT, TOOL_RESULT_END = "<|tool_result|>", "<|tool_result_end|>"
+TOOL_TOKENS = (TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END)
+NEW_SPECIALS = SPECIAL_TOKENS + TOOL_TOKENS  # what a tokenizer built now gets, in this order
 KINDS = ("char", "bpe", "gpt2", "hf")  # what data.tokenizer may name ("hf" gives "hf" or "hf_json")
 STATE_FORMAT = 1
 
@@ -72,6 +79,11 @@ class Tokenizer(ABC):
     def eot_id(self) -> int:
         """The token a document or a reply ends with (the model stops there)."""
         return self._special[EOT]
+
+    @property
+    def has_tools(self) -> bool:
+        """Whether the tool-call tokens exist (not for a Hugging Face file: its template has its own)."""
+        return all(name in self._special for name in TOOL_TOKENS)
 
     def special_id(self, name: str) -> int:
         if name not in self._special:
@@ -141,7 +153,7 @@ class CharTokenizer(Tokenizer):
         if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):
             raise DataError("character vocabulary must be a sorted list of distinct single characters")
         n = len(chars)
-        super().__init__(special_tokens or {s: n + i for i, s in enumerate(SPECIAL_TOKENS)})
+        super().__init__(special_tokens or {s: n + i for i, s in enumerate(NEW_SPECIALS)})
         self._chars = list(chars)
         # Sorted code points let encode map a whole string with one vectorised searchsorted.
         self._codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)
@@ -370,12 +382,13 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
 
 def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """GPT-2's encoding from a tiktoken rank file (default: the repository's data/gpt2/gpt2.tiktoken).
-    <|endoftext|> and <|end_of_turn|> get the two ids after the ranks (50256 and 50257 for GPT-2)."""
+    The special tokens get the ids after the ranks (<|endoftext|> 50256, <|end_of_turn|> 50257, then
+    the tool tokens 50258-50261), inside the GPT-2 models' padded vocabulary of 50304."""
     p = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken" if path is None else resolve_path(path)
     ranks = _read_rank_file(p)
     n = max(ranks.values()) + 1
     try:
-        return TiktokenTokenizer("gpt2", ranks, GPT2_PATTERN, {EOT: n, EOT_TURN: n + 1})
+        return TiktokenTokenizer("gpt2", ranks, GPT2_PATTERN, {s: n + i for i, s in enumerate(NEW_SPECIALS)})
     except DataError as e:
         raise DataError(f"BPE rank file {p} is malformed: {e}") from None
 

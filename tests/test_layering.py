@@ -22,7 +22,7 @@ PKG = REPO_ROOT / "gpt"
 
 # the layers, bottom to top; a module may import its own layer (no cycles) and the layers listed
 CORE = {"errors", "typed_config", "config", "device", "ops", "model", "tokenizer", "hf_tokenizer",
-        "chat_jinja", "chat_template", "lora", "checkpoint", "atomic", "ranks", "quant"}  # fmt: skip
+        "chat_jinja", "chat_template", "tool_calls", "lora", "checkpoint", "atomic", "ranks", "quant"}  # fmt: skip
 ALLOWED = {
     "core": {"core"},
     "interop": {"core", "interop"},

@@ -17,7 +17,9 @@ from gpt.data.tokenizers import _training_pieces, build_tokenizer, train_bpe
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_tokenizer
 from gpt.tokenizer import (
+    NEW_SPECIALS,
     SPECIAL_TOKENS,
+    TOOL_TOKENS,
     Tokenizer,
     char_tokenizer,
     gpt2_tokenizer,
@@ -158,7 +160,7 @@ def test_decode_rejects_unknown_ids_and_takes_arrays(toks, kind):
 
 def test_char_vocabulary_and_unknown_character():
     tok = char_tokenizer(["hello", " world\n"])
-    assert tok.vocab_size == len(set("hello world\n")) + len(SPECIAL_TOKENS)
+    assert tok.vocab_size == len(set("hello world\n")) + len(NEW_SPECIALS)
     assert tok.encode("\n") == [0]  # sorted: "\n" < " " < letters
     assert tok.encode("lo") == [sorted(set("hello world\n")).index(c) for c in "lo"]
     assert tok.special_id("<|endoftext|>") == len(set("hello world\n"))
@@ -176,10 +178,11 @@ def test_char_vocabulary_and_unknown_character():
 
 
 def test_bpe_training_size_and_compression(shakespeare):
-    for vocab_size in (258, 300, 1000):
+    for vocab_size in (262, 300, 1000):
         tok = train_bpe(iter([shakespeare]), vocab_size)
         assert tok.kind == "bpe" and tok.vocab_size == vocab_size
-        assert tok.eot_id == vocab_size - 2 and tok.special_id("<|end_of_turn|>") == vocab_size - 1
+        first = vocab_size - len(NEW_SPECIALS)  # the special tokens follow the ranks, in order
+        assert [tok.special_id(name) for name in NEW_SPECIALS] == list(range(first, vocab_size))
     n_bytes = len(shakespeare.encode())
     assert len(tok.encode(shakespeare)) < 0.5 * n_bytes
     assert tok.decode(tok.encode(shakespeare)) == shakespeare
@@ -193,16 +196,16 @@ def test_bpe_streaming_matches_one_shot_training(shakespeare):
     assert len(pieces) > 30 and "".join(pieces) == shakespeare
     assert all(len(p) <= 5000 for p in pieces)
     direct = rustbpe.Tokenizer()
-    direct.train_from_iterator([shakespeare], 510)
+    direct.train_from_iterator([shakespeare], 512 - len(NEW_SPECIALS))
     expected = {bytes(b): r for b, r in direct.get_mergeable_ranks()}
     assert train_bpe([shakespeare], 512)._ranks == expected
     # max_bytes keeps exactly the first max_bytes of the corpus.
     direct = rustbpe.Tokenizer()
-    direct.train_from_iterator([shakespeare[:70_000]], 510)
+    direct.train_from_iterator([shakespeare[:70_000]], 512 - len(NEW_SPECIALS))
     expected = {bytes(b): r for b, r in direct.get_mergeable_ranks()}
     assert train_bpe([shakespeare], 512, max_bytes=70_000)._ranks == expected
     # Lone surrogates (from text decoded with surrogateescape) do not stop training.
-    assert train_bpe(["abc\udc80def"] * 10, 260).decode([97]) == "a"
+    assert train_bpe(["abc\udc80def"] * 10, 264).decode([97]) == "a"
 
 
 @pytest.mark.parametrize("bad", [0, 100, 257, "4096", True])
@@ -223,7 +226,8 @@ def test_gpt2_reference_ids(toks):
     tok = toks["gpt2"]
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.eot_id == 50256 and tok.special_id("<|end_of_turn|>") == 50257
-    assert tok.vocab_size == 50258
+    assert tok.vocab_size == 50262  # and the four tool-call tokens
+    assert [tok.special_id(t) for t in TOOL_TOKENS] == [50258, 50259, 50260, 50261] and tok.has_tools
     # decode_bytes hands back partial UTF-8 (generation streams it); decode replaces it.
     ids = tok.encode("😀")
     head = tok.decode_bytes(ids[:1])

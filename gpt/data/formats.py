@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from gpt.tool_calls import parse_body
+
 FORMATS = ("messages", "sharegpt", "alpaca")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "system": "system"}  # fmt: skip
@@ -67,12 +69,9 @@ def to_messages(obj: Any, fmt: str) -> tuple[list[dict[str, Any]] | None, list[s
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 problems.append(f'turn {i + 1}: each turn must be an object with "from" and "value"')
                 continue
-            role = SHAREGPT_ROLES.get(str(t["from"]).lower())
-            if role is None:
-                what = f"unknown speaker {t['from']!r}"
-                problems.append(f"turn {i + 1}: {what} (expected human, gpt or system)")
-                continue
-            messages.append({"role": role, "content": t["value"]})
+            problem = _sharegpt_turn(t, messages)
+            if problem is not None:
+                problems.append(f"turn {i + 1}: {problem}")
         return (None, problems) if problems else (messages, [])
     # alpaca: the instruction (and its input, when given) is the user turn, the output the reply
     instruction, extra, output = obj["instruction"], obj.get("input") or "", obj["output"]
@@ -83,6 +82,27 @@ def to_messages(obj: Any, fmt: str) -> tuple[list[dict[str, Any]] | None, list[s
     if isinstance(obj.get("system"), str) and obj["system"].strip():
         messages.insert(0, {"role": "system", "content": obj["system"]})
     return messages, []
+
+
+def _sharegpt_turn(t: dict[str, Any], messages: list[dict[str, Any]]) -> str | None:
+    """Append ShareGPT turn ``t`` to ``messages``; the problem, if any. The function-call variant's
+    "function_call" (a JSON call) becomes an assistant message with tool_calls, "observation" its result."""
+    speaker = str(t["from"]).lower()
+    if speaker == "function_call":
+        value = t["value"]
+        call = parse_body(value) if isinstance(value, str) else "a function_call value must be a string"
+        if isinstance(call, str):
+            return call
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call.to_openai()]})
+    elif speaker == "observation":
+        last = messages[-1] if messages else {}
+        call_id = (last.get("tool_calls") or [{}])[0].get("id", "")
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": t["value"]})
+    elif speaker in SHAREGPT_ROLES:
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": t["value"]})
+    else:
+        return f"unknown speaker {t['from']!r} (expected human, gpt, system, function_call or observation)"
+    return None
 
 
 def hh_messages(text: Any) -> list[dict[str, Any]] | None:

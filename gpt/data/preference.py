@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpt.chat_template import MARKERS, check_messages, render_turns
+from gpt.chat_template import check_messages, dialog_text, render_turns
 from gpt.data.corpus import input_files
 from gpt.data.dialogs import jsonl_records, problems_error, split_dialogs
 from gpt.data.formats import hh_messages
@@ -191,7 +191,7 @@ def pair_sources(
     train, val = split_dialogs(pairs, cfg.val_fraction)  # the last val_fraction of the pairs
     if tokenizer is None:
         texts = lambda: (
-            "\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in p.prompt) + f" {p.chosen} {p.rejected}"
+            dialog_text(p.prompt) + f" {p.chosen} {p.rejected}"
             for p in pairs
         )
         tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpt.chat_template import MARKERS, fit_dialog, render_turns
+from gpt.chat_template import dialog_text, fit_dialog, render_turns
 from gpt.data.dialogs import Dialog, problems_error, read_dialogs, split_dialogs
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
@@ -201,8 +201,7 @@ def dialog_sources(cfg: DataConfig, tokenizer: Tokenizer | None, block_size: int
     dialogs, skipped = read_dialogs(cfg.path, cfg.separator, cfg.skip_invalid)
     train, val = split_dialogs(dialogs, cfg.val_fraction)
     if tokenizer is None:
-        texts = lambda: ("\n".join(f"{MARKERS[m['role']]} {m['content']}" for m in d.messages)
-                         for d in dialogs)  # fmt: skip
+        texts = lambda: (dialog_text(d.messages) for d in dialogs)
         tokenizer = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path,
                                     cfg.bpe_train_bytes)  # fmt: skip
     problems: list[str] = []

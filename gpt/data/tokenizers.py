@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import KINDS, SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer, char_tokenizer, gpt2_tokenizer
+from gpt.tokenizer import KINDS, NEW_SPECIALS, TiktokenTokenizer, Tokenizer, char_tokenizer, gpt2_tokenizer
 
 log = logging.getLogger("gpt.tokenizer")
 
@@ -47,7 +47,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = Non
     UTF-8 bytes of them when given). ``vocab_size`` includes the special tokens."""
     import rustbpe  # only needed for training; keeps importing this module cheap
 
-    n_special = len(SPECIAL_TOKENS)
+    n_special = len(NEW_SPECIALS)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + n_special:
         raise ConfigError(
             f"data.vocab_size={vocab_size!r} is too small for a byte-level BPE tokenizer: it must be an "
@@ -63,7 +63,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = Non
     if len(ranks) + n_special < vocab_size:
         log.warning("BPE training found only %d merges in the corpus: vocab_size is %d, not the requested %d",
                     len(ranks) - 256, len(ranks) + n_special, vocab_size)  # fmt: skip
-    specials = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    specials = {s: len(ranks) + i for i, s in enumerate(NEW_SPECIALS)}
     return TiktokenTokenizer("bpe", ranks, trainer.get_pattern(), specials)
 
 
