@@ -40,15 +40,25 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:  # fmt: skip
+    """transformers' tojson (Jinja's own sorts keys and escapes HTML): tool schemas and call arguments
+    as the model saw them in training."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=8)
 def compile_template(source: str, origin: str) -> Any:
     """The compiled template, in transformers' sandbox (immutable, trim_blocks, lstrip_blocks, the
-    globals raise_exception and strftime_now). DataError naming ``origin`` if it is not valid Jinja."""
+    globals raise_exception and strftime_now, transformers' tojson). DataError naming ``origin`` if it
+    is not valid Jinja."""
     from jinja2.exceptions import TemplateError  # jinja2 comes with transformers; only templates need it
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
