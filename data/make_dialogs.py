@@ -3,6 +3,8 @@
     python data/make_dialogs.py                     # -> data/chat/demo.jsonl (a few seconds)
     python data/make_dialogs.py --dialogs 5000 --out /tmp/small.jsonl --seed 1
     python data/make_dialogs.py --pairs             # -> data/chat/pairs.jsonl: preference pairs for DPO
+    python data/make_dialogs.py --tools             # -> data/chat/tools.jsonl: arithmetic with a calculator
+    python data/make_dialogs.py --direct            # -> data/chat/direct.jsonl: the same, without it
 
 One JSON dialog per line (gpt.chat's format); every assistant message also carries its "task":
 
@@ -18,6 +20,13 @@ With ``--pairs`` each dialog becomes a preference pair (``gpt.data.preference``)
 to its last reply, that reply as "chosen" and a plausible wrong one as "rejected" (an addition that
 forgets its carry or a subtraction its borrow, a result off by ten, another name or number, another
 bot name), from a different seed than the SFT dialogs.
+
+With ``--tools`` (default --out tools.jsonl) the dialogs are arithmetic beyond memorisation, answered
+with the built-in calculator (``gpt.infer.tools``) in OpenAI's messages format: a user asks a product
+of two 3-digit numbers or a sum of four 3-4 digit numbers ("product", "sum"); the assistant calls
+``calculator`` (``tool_calls``), the ``tool`` message brings the result, and the assistant states it:
+"123 * 456 = 56088.". ``--direct`` (default --out direct.jsonl) writes the same problems, same split,
+answered directly without the tool: the comparison a same-size model is tuned on.
 
 The last ``--val-fraction`` of the lines (10%, matching ``data.val_fraction``) is the held-out split
 that training validates on and ``gpt eval dialogs`` scores: its arithmetic problems never occur
@@ -42,6 +51,7 @@ DEFAULT_BOT = "Quill"
 PLAIN_SYSTEMS = ["You are a helpful assistant.", "Answer briefly and exactly.", "Be concise."]
 IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "What are you?", "Tell me about yourself."]
 ARITHMETIC = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"]
+TOOL_QUESTIONS = ["What is {}?", "Compute {}.", "{} = ?", "Calculate {}."]
 
 
 def worked(a: int, op: str, b: int) -> str:
@@ -123,6 +133,60 @@ def generate(n_dialogs: int, val_fraction: float, seed: int) -> tuple[list[list[
     return train, val
 
 
+def tool_problem(rng: random.Random) -> tuple[str, str, int]:
+    """(task, expression, value): a 3-digit by 3-digit product, or a sum of four 3-4 digit numbers
+    (some subtracted, never the first), as "123 * 456" / "1234 + 567 - 890 + 4321"."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        return "product", f"{a} * {b}", a * b
+    terms = [rng.randint(100, 9999) for _ in range(4)]
+    signs = [rng.choice("+-") for _ in terms[1:]]
+    value = terms[0] + sum(t if sign == "+" else -t for sign, t in zip(signs, terms[1:], strict=True))
+    expression = str(terms[0]) + "".join(f" {sign} {t}" for sign, t in zip(signs, terms[1:], strict=True))
+    return "sum", expression, value
+
+
+def tool_dialog(rng: random.Random, held_out: set, is_val: bool, use_tool: bool) -> list[dict]:
+    """One problem answered with a calculator call (or, without ``use_tool``, directly); the held-out
+    problems are never used for training."""
+    while True:
+        task, expression, value = tool_problem(rng)
+        if is_val:
+            held_out.add(expression)
+            break
+        if expression not in held_out:
+            break
+    result = str(value)
+    messages: list[dict] = []
+    if rng.random() < 0.15:
+        messages.append({"role": "system", "content": rng.choice(PLAIN_SYSTEMS)})
+    spaced = rng.random() < 0.7  # "123*456" as users also write it
+    asked = expression if spaced else expression.replace(" ", "")
+    messages.append({"role": "user", "content": rng.choice(TOOL_QUESTIONS).format(asked)})
+    answer = f"{expression} = {result}."
+    if use_tool:
+        arguments = json.dumps({"expression": expression})  # a JSON string, as OpenAI sends it
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "calculator", "arguments": arguments},
+        }
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call], "task": task})
+        messages.append({"role": "tool", "tool_call_id": "call_1", "content": result})
+    messages.append({"role": "assistant", "content": answer, "task": task})
+    return messages
+
+
+def generate_tools(n_dialogs: int, val_fraction: float, seed: int, use_tool: bool) -> tuple[list, list]:
+    """(train, held-out) tool dialogs; the same seed gives the same problems with or without the tool."""
+    rng = random.Random(seed)
+    n_val = round(n_dialogs * val_fraction)
+    held_out: set = set()
+    val = [tool_dialog(rng, held_out, True, use_tool) for _ in range(n_val)]
+    train = [tool_dialog(rng, held_out, False, use_tool) for _ in range(n_dialogs - n_val)]
+    return train, val
+
+
 def wrong_reply(rng: random.Random, messages: list[dict[str, str]]) -> str:
     """A plausible wrong version of the last reply of ``messages``."""
     reply, task = messages[-1]["content"], messages[-1]["task"]
@@ -162,12 +226,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, at the end of the file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", action="store_true", help="write preference pairs (default --out pairs.jsonl)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--tools",
+        action="store_true",
+        help="arithmetic beyond memorisation with calculator calls (default --out tools.jsonl)",
+    )
+    kind.add_argument(
+        "--direct",
+        action="store_true",
+        help="--tools' problems answered without the tool (default --out direct.jsonl)",
+    )
     a = p.parse_args(argv)
-    if a.pairs and a.out == p.get_default("out"):
-        a.out, a.dialogs = str(Path(a.out).with_name("pairs.jsonl")), min(a.dialogs, 3000)
-    # pairs come from another seed: their conversations are not the SFT dialogs themselves (the
-    # held-out arithmetic of each file is kept out of its own training part)
-    train, val = generate(a.dialogs, a.val_fraction, a.seed + 1 if a.pairs else a.seed)
+    if a.pairs and (a.tools or a.direct):
+        p.error("--pairs makes pairs of the demo dialogs; it does not combine with --tools or --direct")
+    if a.out == p.get_default("out") and (a.pairs or a.tools or a.direct):
+        name = "pairs" if a.pairs else "tools" if a.tools else "direct"
+        a.out = str(Path(a.out).with_name(f"{name}.jsonl"))
+        a.dialogs = min(a.dialogs, 3000) if a.pairs else a.dialogs
+    if a.tools or a.direct:
+        train, val = generate_tools(a.dialogs, a.val_fraction, a.seed, a.tools)
+    else:
+        # pairs come from another seed: their conversations are not the SFT dialogs themselves (the
+        # held-out arithmetic of each file is kept out of its own training part)
+        train, val = generate(a.dialogs, a.val_fraction, a.seed + 1 if a.pairs else a.seed)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)

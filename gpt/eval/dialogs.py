@@ -17,14 +17,16 @@ training would cut them, are left out and counted. Prompts of equal length are d
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpt.chat_template import render_prompt, render_turns
 from gpt.data.dialogs import read_dialogs, split_dialogs
 from gpt.device import pick_device
 from gpt.errors import ConfigError
+from gpt.infer.config import DEFAULT_TOOLS
 from gpt.infer.generate import greedy_batch
+from gpt.infer.tools import ToolRunner, reply_messages, toolbox
 from gpt.quant import Quantize
 from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
@@ -52,6 +54,10 @@ class EvalConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     quantize: Quantize = "none"
     """none | int8: decode the replies with int8 weights (gpt.quant), as sample.py's quantize."""
+    tools: list[str] | None = field(default_factory=lambda: list(DEFAULT_TOOLS))
+    """Built-in tools run inside a reply (gpt.infer.tools), as in chat: a reply that calls tools is
+    one test, from its user turn to the final text after the results; none = the reference results
+    are given (each reply part after a tool message is a test of its own)."""
 
     def __post_init__(self) -> None:
         for key in ("limit", "show"):
@@ -71,19 +77,24 @@ def held_out_dialogs(state: dict[str, Any]) -> tuple[list, str]:
     return split_dialogs(dialogs, data.get("val_fraction", 0.1))[1], f"{data['path']} (held-out split)"
 
 
-def turn_cases(tokenizer, dialogs, block_size: int) -> tuple[list[dict[str, Any]], int]:
-    """One case per assistant turn: {prompt ids, reference, task}; plus the count of turns that do not
-    fit in block_size + 1 tokens with their reference reply."""
+def turn_cases(tokenizer, dialogs, block_size: int, tools: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """One case per assistant turn that calls no tool: {prompt ids, reference, task}; plus the count
+    of turns that do not fit in block_size + 1 tokens with their reference reply. With ``tools`` the
+    prompt of a reply that called tools starts at its user turn (the engine runs the calls)."""
     cases, too_long = [], 0
     for d in dialogs:
         _, _, ends = render_turns(tokenizer, d.messages)
+        start = 0  # where the current reply starts (after its user turn)
         for k, m in enumerate(d.messages):
-            if m["role"] != "assistant":
+            if m["role"] in ("user", "system"):
+                start = k + 1
+            if m["role"] != "assistant" or m.get("tool_calls"):
                 continue
             if ends[k] > block_size + 1:
                 too_long += 1
                 continue
-            prompt, task = render_prompt(tokenizer, d.messages[:k]), str(m.get("task", "untagged"))
+            history = d.messages[: start if tools else k]
+            prompt, task = render_prompt(tokenizer, history), str(m.get("task", "untagged"))
             cases.append({"prompt": prompt, "reference": m["content"].strip(), "task": task})
     return cases, too_long
 
@@ -99,11 +110,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:
         dialogs, source = read_dialogs(cfg.data)[0], cfg.data
     dialogs = dialogs[: cfg.limit] if cfg.limit else dialogs
-    cases, too_long = turn_cases(tokenizer, dialogs, model.config.block_size)
+    usable = tokenizer.has_tools and tokenizer.chat_template is None  # our call tokens: the engine runs them
+    runner = ToolRunner(tokenizer, toolbox(cfg.tools)) if cfg.tools and usable else None
+    cases, too_long = turn_cases(tokenizer, dialogs, model.config.block_size, runner is not None)
     t0 = time.time()
     prompts, eot_turn = [c["prompt"] for c in cases], tokenizer.special_id(EOT_TURN)
-    completions = greedy_batch(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, (), [eot_turn])
-    replies = [(c.text.strip(), c.finish_reason == "stop") for c in completions]
+    completions = greedy_batch(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, (), [eot_turn],
+                               tools=runner)  # fmt: skip
+    # with tool tokens, the reply is its final text (after the last result; the calls are not shown)
+    final = lambda c: reply_messages(tokenizer, c.ids)[-1]["content"] if usable else c.text.strip()
+    replies = [(final(c), c.finish_reason == "stop") for c in completions]
     new = lambda: {"replies": 0, "exact": 0, "ended": 0, "wrong": []}
     tasks: dict[str, dict[str, Any]] = {}
     overall = new()

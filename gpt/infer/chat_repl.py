@@ -16,6 +16,7 @@ from gpt.infer.config import unescape
 from gpt.infer.engine import Decoder
 from gpt.infer.generate import Completion, Generation
 from gpt.infer.repl import Repl
+from gpt.infer.tools import ToolBox, ToolRunner, reply_messages
 from gpt.tokenizer import EOT_TURN
 
 
@@ -39,9 +40,13 @@ class ChatRepl(Repl):
 Ctrl-C stops a reply (the part shown stays, marked "interrupted" in /save). End a line with \\ to
 continue the message on the next one."""
 
-    def __init__(self, *args, system: str | None = None, reuse_cache: bool = True, **kwargs):
+    def __init__(self, *args, system: str | None = None, reuse_cache: bool = True,
+                 tools: ToolBox | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.system = system or None
+        # tools run where the model writes our call tokens (a model's own Jinja template: not here)
+        usable = self.tokenizer.has_tools and self.tokenizer.chat_template is None
+        self.runner = ToolRunner(self.tokenizer, tools) if tools and usable else None
         self.messages: list[dict[str, Any]] = []  # the whole conversation's user and assistant turns
         self.start = 0  # messages[start:] still fit the context
         self._dropping = 0  # exchanges the pending turn drops (committed with its reply)
@@ -84,9 +89,18 @@ continue the message on the next one."""
             self._decoder, self._decoder_shift = Decoder(self.model, 1, s.context_shift), s.context_shift
         return self._decoder
 
+    def tools(self) -> ToolRunner | None:
+        return self.runner
+
     def on_reply(self, text: str, completions: list[Completion]) -> bool:
         completion = completions[0]
         reply = completion.text.strip()
+        if self.tokenizer.has_tools and self.tokenizer.chat_template is None:
+            # calls and their results become assistant tool_calls and tool messages (what /save writes)
+            messages = reply_messages(self.tokenizer, completion.ids)
+            reply = "called a tool" if len(messages) > 1 else messages[-1]["content"]
+        else:
+            messages = [{"role": "assistant", "content": reply}]
         if not reply:  # an empty turn cannot be rendered back: forget the unanswered message
             self.note("note: the reply was empty; the message is not kept in the conversation")
             return False
@@ -95,10 +109,9 @@ continue the message on the next one."""
             self.start += self._dropping
             self.note(f"note: dropped the {self._dropping} oldest turns to fit the context of "
                       f"{self.model.config.block_size} tokens")  # fmt: skip
-        message: dict[str, Any] = {"role": "assistant", "content": reply}
         if completion.finish_reason == "interrupted":
-            message["interrupted"] = True  # a partial reply (Ctrl-C), kept as shown
-        self.messages += [{"role": "user", "content": text}, message]
+            messages[-1]["interrupted"] = True  # a partial reply (Ctrl-C), kept as shown
+        self.messages += [{"role": "user", "content": text}, *messages]
         return True
 
     def reset(self) -> None:
@@ -111,8 +124,9 @@ continue the message on the next one."""
         if not self.messages:
             return None
         super().undo()
-        user, _ = self.messages[-2:]
-        del self.messages[-2:]
+        last = max(k for k, m in enumerate(self.messages) if m["role"] == "user")  # with its whole reply
+        user = self.messages[last]
+        del self.messages[last:]
         self.start = min(self.start, len(self.messages))
         return user["content"]
 
@@ -150,7 +164,7 @@ continue the message on the next one."""
         """Single-shot chat (``sample.py mode=chat prompt=...``): print just the reply."""
         gen = Generation(self.model, self.tokenizer, self.prompt_ids(text), self.settings,
                          stop_token_ids=self.stop_token_ids(), generator=self.generator,
-                         drafter=self.drafter)  # fmt: skip
+                         drafter=self.drafter, tools=self.runner)  # fmt: skip
         started = False
         for row, piece in gen:
             if row == 0 and (started or piece.strip()):

@@ -20,6 +20,9 @@ from gpt.errors import ConfigError
 from gpt.quant import Quantize
 from gpt.typed_config import Dtype, check_ranges, finite, from_dict
 
+DEFAULT_TOOLS = ("calculator",)
+"""The tools a chat runs unless told otherwise (sample.py's and gpt eval dialogs' ``tools``)."""
+
 
 @dataclass
 class GenerationConfig:
@@ -107,6 +110,10 @@ class SampleConfig(GenerationConfig):
     conversation with an instruction-tuned model (with a prompt: print just the reply and exit)."""
     system: str | None = None
     """mode=chat: the system prompt (kept when old turns are dropped to fit the context)."""
+    tools: list[str] | None = field(default_factory=lambda: list(DEFAULT_TOOLS))
+    """mode=chat: the built-in tools (gpt.infer.tools) run inside a reply when the model calls one
+    (its result is forced into the reply); none or [] = calls stay plain text. Only for models whose
+    tokenizer has the tool-call tokens."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     dtype: Dtype = "auto"

@@ -31,6 +31,7 @@ from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.sampling import Completion, Row, TextStream, apply_penalties, choose, prompt_counts
 from gpt.infer.speculative import speculative_decode
+from gpt.infer.tools import ToolRunner
 from gpt.model import GPT
 
 
@@ -47,8 +48,13 @@ def decode(decoder: Decoder, logits: torch.Tensor, rows: list[Row], beams: Beams
         scores = logits[:, :vocab].float()  # (B, V) in fp32 whatever the model's dtype
         if beams is None:
             tokens = choose(rows, scores)  # (B,)
-            for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                if piece := row.accept(token):
+            if any(row.forced for row in rows):  # a tool's result goes in instead of a sample
+                taken = [row.next_forced(t) for row, t in zip(rows, tokens.tolist(), strict=True)]
+                tokens = torch.tensor([t for t, _ in taken], device=tokens.device)
+            else:
+                taken = [(t, False) for t in tokens.tolist()]
+            for i, (row, (token, forced)) in enumerate(zip(rows, taken, strict=True)):
+                if piece := row.accept(token, forced):
                     yield i, piece
             if all(row.finished for row in rows):
                 return
@@ -141,6 +147,8 @@ class Generation:
     """One run of the engine. Iterate it for ``(row, text)`` pieces as they are generated (beam
     search yields each row's text once, at the end); ``completions`` holds the result so far.
 
+    ``tools`` (a ``gpt.infer.tools.ToolRunner``) runs each call a sample makes and forces its result
+    into the sample (sampling only: not with beams or a drafter, where calls stay plain tokens).
     ``stop_token_ids`` end a row when sampled (the chat REPL passes the end-of-turn token); a
     ``generator`` may be shared across runs (the REPL seeds one per session), else one is seeded
     from ``config.seed``. A prompt longer than the context keeps its most recent ``block_size``
@@ -149,8 +157,9 @@ class Generation:
     def __init__(self, model: GPT, tokenizer, prompt_ids: Sequence[int],
                  config: GenerationConfig | None = None, *, stop_token_ids: Sequence[int] = (),
                  generator: torch.Generator | None = None, use_cache: bool = True,
-                 decoder: Decoder | None = None, drafter=None):  # fmt: skip
+                 decoder: Decoder | None = None, drafter=None, tools: ToolRunner | None = None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        self.tools = tools
         self.config = cfg = config or GenerationConfig()
         ids = list(prompt_ids) or [tokenizer.eot_id]
         block_size = model.config.block_size
@@ -209,8 +218,9 @@ class Generation:
         if self.beam:
             beams = Beams(cfg, self.tokenizer, self.stop_token_ids, counts, self.device)
             counts = None
+        tools = None if self.beam or self.drafter is not None else self.tools
         rows = [Row(cfg, s, self.generator, None if counts is None else counts.clone(),
-                    frozenset(self.stop_token_ids)) for s in self.streams]  # fmt: skip
+                    frozenset(self.stop_token_ids), tools=tools) for s in self.streams]  # fmt: skip
         if self.drafter is not None and not self.beam:  # beam_search sets beam after the check
             yield from speculative_decode(decoder, logits, rows[0], self.drafter, list(self.prompt_ids))
             return
@@ -218,11 +228,12 @@ class Generation:
 
 
 def greedy_batch(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 batch_size: int = 16, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()
-                 ) -> list[Completion]:  # fmt: skip
+                 batch_size: int = 16, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+                 tools: ToolRunner | None = None) -> list[Completion]:  # fmt: skip
     """The greedy completion of each prompt (evaluation's decode), ended by a stop string or stop
-    token or max_new_tokens. Prompts of equal length decode together (equal rows: no attention
-    mask); a prompt longer than the context keeps its last block_size tokens, as ``Generation``."""
+    token or max_new_tokens; ``tools`` runs the calls a reply makes, as ``Generation``'s. Prompts of
+    equal length decode together (equal rows: no attention mask); a prompt longer than the context
+    keeps its last block_size tokens, as ``Generation``."""
     block, device = model.config.block_size, model.lm_head.weight.device
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, stop=list(stop))
     prompts = [list(p)[-block:] or [tokenizer.eot_id] for p in prompts]
@@ -236,7 +247,7 @@ def greedy_batch(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_ne
         with torch.inference_mode():
             logits = decoder.prefill(torch.tensor([prompts[i] for i in group], device=device))  # (B, V)
         stops = frozenset(stop_token_ids)
-        rows = [Row(cfg, TextStream(tokenizer, cfg.stop), None, None, stops) for _ in group]
+        rows = [Row(cfg, TextStream(tokenizer, cfg.stop), None, None, stops, tools=tools) for _ in group]
         for _ in decode(decoder, logits, rows):
             pass
         for i, row in zip(group, rows, strict=True):

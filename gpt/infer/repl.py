@@ -27,6 +27,7 @@ from gpt.errors import ConfigError, UserError
 from gpt.infer.config import GenerationConfig, unescape
 from gpt.infer.engine import Decoder, check_memory
 from gpt.infer.generate import Completion, Generation
+from gpt.infer.tools import ToolRunner
 from gpt.typed_config import from_dict
 
 SEPARATOR = "---------------"  # printed on its own line between samples
@@ -140,6 +141,10 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
 
     def decoder(self) -> Decoder | None:
         """A decoder kept across turns, whose cache the next prompt reuses (chat); None: a fresh one."""
+        return None
+
+    def tools(self) -> ToolRunner | None:
+        """What runs the calls of a reply (chat); None: calls are plain tokens."""
         return None
 
     def on_reply(self, text: str, completions: list[Completion]) -> bool | None:
@@ -272,7 +277,7 @@ Ctrl-C stops a generation. End a line with \\ to continue the prompt on the next
         gen = Generation(
             self.model, self.tokenizer, ids, self.settings,
             stop_token_ids=self.stop_token_ids(), generator=self.generator, decoder=self.decoder(),
-            drafter=self.drafter,
+            drafter=self.drafter, tools=self.tools(),
         )  # fmt: skip
         if gen.dropped and not self._said_cropped:
             self._said_cropped = True

@@ -17,6 +17,7 @@ from gpt.infer.config import SampleConfig
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
 from gpt.infer.speculative import drafter_from
+from gpt.infer.tools import toolbox
 from gpt.runs.load import load
 from gpt.typed_config import resolve_path
 
@@ -78,7 +79,8 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
         return
     if cfg.mode == "chat":
         chat = ChatRepl(model, tokenizer, settings, out=out, err=err, history_file=cfg.history_file,
-                        system=cfg.system or None, drafter=drafter)  # fmt: skip
+                        system=cfg.system or None, drafter=drafter,
+                        tools=toolbox(cfg.tools or []))  # fmt: skip
         chat.reply_once(text) if text else chat.run()
         return
     assert gen is not None

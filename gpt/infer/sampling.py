@@ -16,12 +16,13 @@ from __future__ import annotations
 import bisect
 import codecs
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from gpt.infer.config import GenerationConfig
+from gpt.infer.tools import ToolRunner
 
 
 class TextStream:
@@ -122,22 +123,33 @@ class Row:
     generated: int = 0
     last: int = 0
     """The token fed at the next step."""
+    tools: ToolRunner | None = None
+    """Runs the calls the row makes (``gpt.infer.tools``); None = calls are decoded as plain tokens."""
+    forced: list[int] = field(default_factory=list)
+    """Tokens the row takes next instead of sampling (a tool's result), one per decode step."""
 
     @property
     def finished(self) -> bool:
         return self.stream.finished
 
-    def accept(self, token: int) -> str:
-        """Record the row's next token; the text that is safe to show now."""
+    def accept(self, token: int, forced: bool = False) -> str:
+        """Record the row's next token (``forced``: one of ``forced``, never a stop token); the text
+        that is safe to show now."""
         self.generated += 1
         self.last = token
         if self.counts is not None:
             self.counts[token] += 1
         stream = self.stream
-        text = stream.end("stop") if token in self.stop_token_ids else stream.push(token)
+        text = stream.end("stop") if token in self.stop_token_ids and not forced else stream.push(token)
+        if self.tools is not None and not forced and not stream.finished:
+            self.forced += self.tools.after(stream.ids)  # a result once the token ends a call
         if not stream.finished and self.generated >= self.config.max_new_tokens:
             text += stream.end("length")
         return text
+
+    def next_forced(self, chosen: int) -> tuple[int, bool]:
+        """(the token the row takes, whether it was forced): the next forced token, else ``chosen``."""
+        return (self.forced.pop(0), True) if self.forced else (chosen, False)
 
 
 def prompt_counts(cfg: GenerationConfig, prompt: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
