@@ -215,6 +215,20 @@ def test_resume_with_the_built_tokenizer_reuses_its_folder(tmp_path, capsys):
     assert other.directory != first.directory and "tokenizing" in capsys.readouterr().err
 
 
+def test_a_folder_built_with_other_special_tokens_is_not_reused(tmp_path, monkeypatch):
+    """A corpus-built tokenizer cached by a version with fewer special tokens (before the tool tokens)
+    must not come back from the cache: the recipe that keys it names the special tokens."""
+    import gpt.data.prepare as prepare_module
+
+    (tmp_path / "in.txt").write_text(corpus(100))
+    cfg = cfg_for(tmp_path, tmp_path / "in.txt")
+    monkeypatch.setattr(prepare_module, "NEW_SPECIALS", ("<|endoftext|>", "<|end_of_turn|>"))
+    old = prepare(cfg, block_size=8, show_progress=False)
+    monkeypatch.undo()
+    now = prepare(cfg, block_size=8, show_progress=False)
+    assert now.directory != old.directory and now.tokenizer.has_tools
+
+
 def test_incomplete_cache_folder_is_rebuilt(tmp_path):
     path = tmp_path / "in.txt"
     path.write_text(corpus(100))

@@ -43,7 +43,7 @@ from gpt.data.shards import REDO, VERSION, read_shard
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
 from gpt.ranks import Ranks
-from gpt.tokenizer import Tokenizer, load_tokenizer
+from gpt.tokenizer import NEW_SPECIALS, Tokenizer, load_tokenizer
 from gpt.typed_config import resolve_path
 
 
@@ -185,8 +185,10 @@ def prepare(
     built_from_corpus = cfg.tokenizer in ("char", "bpe")
     if tokenizer is None and not built_from_corpus:
         tokenizer = build_tokenizer(cfg.tokenizer, lambda: (), cfg.vocab_size, cfg.tokenizer_path)
-    # a char/bpe tokenizer is not known before it is built from the corpus: key by its recipe instead
-    recipe = [cfg.tokenizer] + ([cfg.vocab_size, cfg.bpe_train_bytes] if cfg.tokenizer == "bpe" else [])
+    # a char/bpe tokenizer is not known before it is built from the corpus: key by its recipe instead,
+    # the special tokens included (a folder built before the tool tokens holds a tokenizer without them)
+    recipe = [cfg.tokenizer, list(NEW_SPECIALS)]
+    recipe += [cfg.vocab_size, cfg.bpe_train_bytes] if cfg.tokenizer == "bpe" else []
     keys = [cache_key(cfg, files, tokenizer.fingerprint() if tokenizer else recipe)]
     if tokenizer is not None and built_from_corpus:  # resuming: the folder that built this tokenizer
         keys.append(cache_key(cfg, files, recipe))
