@@ -83,15 +83,23 @@ COMPLETION = {
 }  # fmt: skip
 TURN = st.fixed_dictionaries({"role": st.just("user"), "content": VOCAB_TEXT.filter(str.strip)})
 PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": TEXT_VALUES})
+TOOL = {"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}  # fmt: skip
+CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}
 MESSAGE = st.fixed_dictionaries({
     "role": st.sampled_from(["user", "assistant", "system", "developer", "tool"]) | ANY_TEXT,
     "content": st.one_of(TEXT_VALUES, st.lists(PART, max_size=3), ANY_JSON),
-})  # fmt: skip
+}, optional={"tool_calls": st.just([CALL]) | ANY_JSON,
+             "tool_call_id": st.just("call_1") | ANY_JSON})  # fmt: skip
 CHAT = {
     "messages": mostly(st.lists(TURN, min_size=1, max_size=1), st.lists(MESSAGE, max_size=4)),
     "max_completion_tokens": mostly(st.integers(1, 4), st.integers(-1, 6)),
     "logprobs": st.booleans(),
     "top_logprobs": mostly(st.integers(0, 20), st.integers(-1, 21)),
+    "tools": mostly(st.just([TOOL]), st.lists(st.just(TOOL) | ANY_JSON, max_size=3) | ANY_JSON),
+    "tool_choice": st.sampled_from(["auto", "none", "required", {"type": "function", "function": {
+        "name": "calculator"}}]) | ANY_JSON,
+    "parallel_tool_calls": st.booleans(),
 }  # fmt: skip
 
 

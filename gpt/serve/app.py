@@ -50,6 +50,7 @@ from gpt.serve.protocol import (
     usage,
 )
 from gpt.serve.stream import Job, sse, stream_chat, stream_completion
+from gpt.serve.tools import ToolPlan, reply_message, tool_plan
 from gpt.tokenizer import EOT_TURN
 
 log = logging.getLogger("gpt.serve")
@@ -137,13 +138,16 @@ class Service:
             raise ApiError(400, f"'{param}': {str(e)[:200]}", param=param) from None
 
     def submit(self, job: Job, prompts: list[list[int]], params: dict[str, Any], max_new: int,
-               stop_ids: frozenset[int], logprobs: int | None, max_key: str) -> None:  # fmt: skip
+               stop_ids: frozenset[int], logprobs: int | None, max_key: str, plan: ToolPlan | None = None
+               ) -> None:  # fmt: skip
         config = generation_config(params, max_new, max_key)  # the engine's checks: 400 naming the field
         if len(prompts) > self.cfg.max_queue:  # 429 would say "try again", which can never work
             raise ApiError(400, f"{len(prompts)} prompts in one request; this server queues at most "
                            f"{self.cfg.max_queue} (max_queue)", param="prompt")  # fmt: skip
         for i, ids in enumerate(prompts):
             req = Request(ids, config, params.get("n", 1), job.emitter(i), stop_ids, logprobs)
+            if plan is not None:  # a call's opening forced, tool_choice none's ban, its end a stop token
+                req.prefix, req.banned, req.stop_token_ids = plan.prefix, plan.banned, stop_ids | plan.stops
             try:
                 self.batcher.submit(req)
             except QueueFull as e:
@@ -220,7 +224,7 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
     ``POST /v1/chat/completions`` (``chat``): the conversation rendered by the chat template, n replies."""
     params = parse_request(await service.read_body(request), chat)
     service.check_model(params)
-    required, tok = "messages" if chat else "prompt", service.tokenizer
+    required, tok, plan = "messages" if chat else "prompt", service.tokenizer, None
     if required not in params:
         raise ApiError(400, f"'{required}' is required", param=required)
     if chat:
@@ -229,7 +233,9 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
         if problems:
             index, text = problems[0]
             raise ApiError(400, f"messages[{index}]: {text}", param="messages")
-        prompts = [chat_prompt(tok, messages)]
+        plan = tool_plan(params, tok)
+        shown = plan.tools if plan is not None and plan.choice != "none" else None
+        prompts = [chat_prompt(tok, messages, shown)]
         max_new = service.limits(params, len(prompts[0]), "max_completion_tokens")
         if not service.chat_trained:
             log.warning("chat request to %s, a model without chat training: its replies may not end "
@@ -244,30 +250,33 @@ async def complete(request: HttpRequest, service: Service, chat: bool):
         stop_ids, logprobs = frozenset([tok.eot_id]), params.get("logprobs")
     job = Job(asyncio.get_running_loop())
     max_key = "max_completion_tokens" if chat and "max_completion_tokens" in params else "max_tokens"
-    service.submit(job, prompts, params, max_new, stop_ids, logprobs, max_key)
+    service.submit(job, prompts, params, max_new, stop_ids, logprobs, max_key, plan)
     service.counters.requests["chat" if chat else "completions"] += 1
     echo = [tok.decode(p) if params.get("echo") else "" for p in prompts]  # chat: never echoed
     if params.get("stream"):
-        chunks = stream_chat(service, job, params) if chat else stream_completion(service, job, params, echo)
+        chunks = stream_chat(service, job, params, plan) if chat else stream_completion(service, job, params,
+                                                                                         echo)  # fmt: skip
         return sse(chunks, service, job)
     kind = "chat.completion" if chat else "text_completion"
-    return await respond(request, service, job, kind, params, echo)
+    return await respond(request, service, job, kind, params, echo, plan)
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The chat template's prompt; 400 for a character the vocabulary lacks or a lone surrogate."""
+def chat_prompt(tokenizer, messages: list[dict[str, Any]], tools: list | None = None) -> list[int]:
+    """The chat template's prompt; 400 for a character the vocabulary lacks, a lone surrogate, or tool
+    calls sent to a model without tool-call tokens."""
     try:
-        return render_prompt(tokenizer, messages)
+        return render_prompt(tokenizer, messages, tools)
     except (DataError, UnicodeEncodeError) as e:
         raise ApiError(400, f"'messages': {str(e)[:200]}", param="messages") from None
 
 
-async def respond(request, service: Service, job: Job, kind: str, params: dict[str, Any], echo: list[str]):
+async def respond(request, service: Service, job: Job, kind: str, params: dict[str, Any], echo: list[str],
+                  plan: ToolPlan | None = None):  # fmt: skip
     """Wait for every choice of a non-streamed request (cancelling it if the client goes away)."""
     n = params.get("n", 1)
     texts = {i: "" for i in range(len(job.requests) * n)}
     entries: dict[int, list] = {i: [] for i in texts}
-    reasons: dict[int, str] = {}
+    finishes: dict[int, Finish] = {}
     prompt_tokens = completion_tokens = 0
     events = job.events().__aiter__()
     try:
@@ -292,18 +301,21 @@ async def respond(request, service: Service, job: Job, kind: str, params: dict[s
                 texts[slot] += event.text
                 entries[slot] += event.logprobs
             elif isinstance(event, Finish):
-                reasons[slot] = event.finish_reason
+                finishes[slot] = event
     finally:
         service.cancel(job)
     choices = []
     for slot, text in texts.items():
-        reason, prefix = reasons.get(slot, "length"), echo[slot // n]
+        finish, prefix = finishes.get(slot, Finish(slot, "length")), echo[slot // n]
+        reason = finish.finish_reason
         if kind == "chat.completion":
             lp = chat_logprobs(service.tokenizer, entries[slot]) if params.get("logprobs") else None
             # the space after "Assistant:" opens the reply's first token; the reply is shown as written
             text = text.removeprefix(" ") if service.tokenizer.chat_template is None else text
-            choices.append({"index": slot, "message": {"role": "assistant", "content": text},
-                            "logprobs": lp, "finish_reason": reason})  # fmt: skip
+            message = {"role": "assistant", "content": text}
+            if plan is not None:
+                message, reason = reply_message(plan, service.tokenizer, text, finish)
+            choices.append({"index": slot, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             lp = (completion_logprobs(service.tokenizer, entries[slot], len(prefix))
                   if params.get("logprobs") is not None else None)  # fmt: skip

@@ -18,8 +18,9 @@ at the next step.
 
 Results travel as events through ``Request.emit`` (called on the model thread): ``Piece`` (new text
 of one choice, never half a character and never past a stop string, with its tokens' logprobs),
-``Finish`` (a choice is done, ``finish_reason`` 'stop' or 'length') and, last, ``Done`` (usage) or
-``Failed``.
+``Finish`` (a choice is done, ``finish_reason`` 'stop' or 'length', with its ids) and, last, ``Done``
+(usage) or ``Failed``. A request may force the first tokens of every reply (``prefix``: the opening of a
+tool call) and ban tokens from being sampled (``banned``: a tool call under tool_choice "none").
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class Piece:
 class Finish:
     choice: int
     finish_reason: str  # "stop" | "length"
+    ids: list[int] = field(default_factory=list)  # the reply's tokens (no stop token)
+    stop_token: int | None = None  # the stop token that ended it, if one did
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Request:
     emit: Callable[[Any], None] = lambda event: None
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
+    prefix: Sequence[int] = ()  # tokens every choice takes first instead of sampling
+    banned: frozenset[int] = frozenset()  # tokens never sampled
     cancelled: bool = False
     completion_tokens: int = 0
     finished_choices: int = 0
@@ -285,18 +290,24 @@ class Batcher:
             generator = torch.Generator(device=self.device)
             # choice i of seed s draws from seed s + i: same seed, same text, whatever else runs
             generator.manual_seed((cfg.seed + choice) % 2**64) if cfg.seed is not None else generator.seed()
-        row = Row(cfg, TextStream(self.tokenizer, cfg.stop), generator,
-                  None if counts is None else counts.clone(), request.stop_token_ids)  # fmt: skip
+        counts = None if counts is None else counts.clone()
+        row = Row(cfg, TextStream(self.tokenizer, cfg.stop), generator, counts, request.stop_token_ids,
+                  forced=list(request.prefix))  # fmt: skip
         self.rows.append(Choice(request, choice, row, logits))
 
     def _step(self) -> None:
         """Pick every row's next token, emit text, retire finished rows, run one forward for the rest."""
         scores = torch.stack([c.logits for c in self.rows])[:, : self.vocab_size].float()  # (B, V)
-        tokens = choose([c.row for c in self.rows], scores).tolist()
+        allowed = scores
+        if any(c.request.banned for c in self.rows):
+            allowed = scores.clone()
+            for i, c in enumerate(self.rows):
+                allowed[i, [t for t in sorted(c.request.banned) if t < self.vocab_size]] = float("-inf")
+        tokens = choose([c.row for c in self.rows], allowed).tolist()
         done = []
         for i, c in enumerate(self.rows):
             if not c.request.cancelled:
-                self._emit(c, tokens[i], scores[i])
+                self._emit(c, *c.row.next_forced(tokens[i]), scores[i])
             if c.request.cancelled or c.row.finished:
                 done.append(i)
         for i in reversed(done):  # the last row moves into a freed one: go from the end
@@ -315,8 +326,9 @@ class Batcher:
         for c, row_logits in zip(self.rows, logits):
             c.logits = row_logits
 
-    def _emit(self, c: Choice, token: int, scores: torch.Tensor) -> None:
-        """Record the row's next token (chosen from scores (V,)), emit its new text and logprobs."""
+    def _emit(self, c: Choice, token: int, forced: bool, scores: torch.Tensor) -> None:
+        """Record the row's next token (chosen from scores (V,), or ``forced``), emit its new text and
+        logprobs."""
         request, row = c.request, c.row
         if request.logprobs is not None:
             logprobs = F.log_softmax(scores, dim=-1)  # the model's distribution, before any control
@@ -325,7 +337,7 @@ class Batcher:
             c.logprobs.append(TokenLogprob(token, float(logprobs[token]), alternatives))
         request.completion_tokens += 1
         self.stats.count(1)
-        text = row.accept(token)
+        text = row.accept(token, forced)
         full = len(request.prompt_ids) + row.generated > self.model.config.block_size  # no room to feed it
         if full and not row.finished:
             text += row.stream.end("length")
@@ -338,7 +350,10 @@ class Batcher:
 
     def _finish(self, c: Choice) -> None:
         request = c.request
-        request.emit(Finish(c.choice, c.row.stream.finish_reason or "length"))
+        row = c.row
+        by_token = row.last in request.stop_token_ids and row.stream.finish_reason == "stop"
+        stopped = row.last if by_token else None
+        request.emit(Finish(c.choice, row.stream.finish_reason or "length", list(row.stream.ids), stopped))
         request.finished_choices += 1
         if request.finished_choices == request.n:
             self.stats.requests_finished += 1

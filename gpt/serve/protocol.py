@@ -84,7 +84,9 @@ class Message(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null in an assistant message that only calls tools
+    tool_calls: list[dict[str, Any]] | None = None  # the calls' shapes are gpt.tool_calls' to check
+    tool_call_id: str | None = None
 
 
 class ChatRequest(_Common):
@@ -92,12 +94,18 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # checked by gpt.serve.tools (a tool's JSON schema is more than a type)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; our format makes one call per reply
 
 
 # what a field of several shapes must be (pydantic would name only the first shape it tried)
 SHAPES = {"prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
           "stop": "a string or a list of at most 16 strings",
-          "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts"}  # fmt: skip
+          "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+          "tool_choice": "\"auto\", \"none\", \"required\" or "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}"}  # fmt: skip
 
 
 def parse_request(body: Any, chat: bool) -> dict[str, Any]:
@@ -170,12 +178,17 @@ def prompt_list(prompt: str | list, vocab_size: int) -> list[str | list[int]]:
     return prompts
 
 
-def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI messages (their shape checked by ``ChatRequest``) as the chat template's: text parts
-    joined, the role developer as system; the roles and their order are the template's to check."""
-    text = lambda content: content if isinstance(content, str) else "".join(p["text"] for p in content)
-    return [{"role": "system" if m["role"] == "developer" else m["role"], "content": text(m["content"])}
-            for m in messages]  # fmt: skip
+    joined, the role developer as system, tool calls and their ids kept; the roles and their order are
+    the template's to check."""
+    text = lambda content: content if content is None or isinstance(content, str) else "".join(
+        p["text"] for p in content)  # fmt: skip
+    out = []
+    for m in messages:
+        one = {"role": "system" if m["role"] == "developer" else m["role"], "content": text(m.get("content"))}
+        out.append(one | {k: m[k] for k in ("tool_calls", "tool_call_id") if m.get(k) not in (None, [])})
+    return out
 
 
 # ------------------------------------------------------------------------------------- responses

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from gpt.serve.batcher import Done, Failed, Finish, Piece, Request
 from gpt.serve.protocol import ApiError, chat_logprobs, completion_logprobs, envelope, new_id, usage
+from gpt.serve.tools import ReplySplitter, ToolPlan
 
 
 class Job:
@@ -88,8 +89,11 @@ async def stream_completion(service: Any, job: Job, params, echo: list[str]) -> 
             yield chunk(slot, "", None, event.finish_reason)
 
 
-async def stream_chat(service: Any, job: Job, params) -> AsyncIterator[dict]:
+async def stream_chat(service: Any, job: Job, params, plan: ToolPlan | None = None) -> AsyncIterator[dict]:
+    """Content deltas; with tools, a choice's content until a call opens, then (at its end) the call as
+    tool_calls deltas and finish_reason "tool_calls", or the held text if it is no valid call."""
     n, rid, created = params.get("n", 1), new_id("chatcmpl"), int(time.time())
+    splitters = {c: ReplySplitter(plan) for c in range(n)} if plan is not None else {}
     name = service.model_name
     chunk = lambda slot, delta, lp=None, reason=None: envelope("chat.completion.chunk", rid, name, [
         {"index": slot, "delta": delta, "logprobs": lp, "finish_reason": reason}], created)  # fmt: skip
@@ -104,9 +108,15 @@ async def stream_chat(service: Any, job: Job, params) -> AsyncIterator[dict]:
             lp = chat_logprobs(service.tokenizer, event.logprobs) if params.get("logprobs") else None
             text = event.text if event.choice in begun else event.text.removeprefix(" ")
             begun.update([event.choice] if event.text else [])
-            yield chunk(event.choice, {"content": text}, lp)
+            text = splitters[event.choice].push(text) if splitters else text
+            if text or lp is not None or not splitters:
+                yield chunk(event.choice, {"content": text}, lp)
         elif isinstance(event, Finish):
-            yield chunk(event.choice, {}, None, event.finish_reason)
+            deltas, reason = (splitters[event.choice].finish(service.tokenizer, event) if splitters
+                              else ([], event.finish_reason))  # fmt: skip
+            for delta in deltas:
+                yield chunk(event.choice, delta)
+            yield chunk(event.choice, {}, None, reason)
 
 
 async def _with_usage(job: Job, params) -> AsyncIterator[tuple[int, Any]]:
