@@ -9,13 +9,21 @@ import json
 import pytest
 import torch
 
-from gpt.chat_template import render_dialog, render_prompt
+from gpt.chat_template import render_dialog, render_prompt, render_turns
 from gpt.commands.export import export_main
 from gpt.config import TrainRunConfig
 from gpt.infer.sample import sample
 from gpt.interop.tokenizer_export import tokenizer_files
 from gpt.runs.load import load
-from gpt.tokenizer import EOT, EOT_TURN, HFTokenizer
+from gpt.tokenizer import (
+    EOT,
+    EOT_TURN,
+    GPT2_PATTERN,
+    NEW_SPECIALS,
+    TOOL_TOKENS,
+    HFTokenizer,
+    TiktokenTokenizer,
+)
 from gpt.train.loop import train
 
 transformers = pytest.importorskip("transformers")
@@ -30,6 +38,32 @@ DIALOGS = [
     [U("My name is Bob."), A("Hi Bob!"), U("What is my name?"), A("Bob.")],
     [S("  Be brief.\n"), U("Hello,   world!\n"), A(" Hi!  "), U("2 + 2?"), A("4")],
 ]
+
+T = lambda call_id, text: {"role": "tool", "tool_call_id": call_id, "content": text}
+
+
+def C(arguments, call_id="call_1", name="calculator"):
+    """An assistant's tool call as OpenAI's clients (arguments a JSON string) or transformers' (an object)
+    send it."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def R(content, *calls):
+    """An assistant message that calls tools."""
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+TOOL_DIALOGS = [
+    [U("What is 123 * 456?"), R(None, C({"expression": "123*456"})), T("call_1", "56088"),
+     A(" It is 56088. ")],
+    [S("Use the tools."), U("2+2 and 3*3?"),
+     R("  Let me compute both. ", C({"expression": "2+2"}),
+       C({"expression": "3*3", "note": "naïve 日本"}, "call_2")),
+     T("call_1", "4"), T("call_2", " 9\n"), A("4 and 9."), U("Thanks!"), A("You're welcome.")],
+    # arguments as JSON strings in json.dumps's spelling; the reply calls again after the first result
+    [U("(1+1)*2?"), R("", C(json.dumps({"expression": "1+1"}))), T("call_1", "2"),
+     R("Then", C(json.dumps({"expression": "2*2"}), "call_2", name="calc")), T("call_2", "4"), A("4.")],
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +102,51 @@ def test_apply_chat_template_gives_our_prompt_and_dialog_ids(exported):
             else:
                 got = theirs.apply_chat_template(history, return_dict=True)
                 assert got["input_ids"] == render_dialog(ours, history)[0], history
-    with pytest.raises(Exception, match="unknown role tool"):
-        theirs.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(Exception, match="unknown role robot"):
+        theirs.apply_chat_template([{"role": "robot", "content": "x"}])
+    with pytest.raises(Exception, match="a tool message must follow an assistant message with tool_calls"):
+        theirs.apply_chat_template([U("x"), T("call_1", "x")])
+
+
+def test_apply_chat_template_gives_our_ids_for_tool_calls_and_results(exported):
+    """Every cut of a tool dialog: a reply that calls (no text, or text before one or two calls), the
+    results, the reply going on after them, the prompt after results (no marker): transformers' ids are
+    render_turns' / render_prompt's, the tool tokens special added tokens at our ids."""
+    run, out = exported
+    ours = load(str(run)).tokenizer
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
+    assert ours.has_tools
+    for name in TOOL_TOKENS:
+        assert theirs.convert_tokens_to_ids(name) == ours.special_id(name)
+        assert theirs.added_tokens_decoder[ours.special_id(name)].special  # skipped by skip_special_tokens
+        assert theirs.encode(name, add_special_tokens=False) == [ours.special_id(name)]
+    for dialog in TOOL_DIALOGS:
+        for cut in range(1, len(dialog) + 1):
+            history = dialog[:cut]
+            prompt = history[-1]["role"] in ("user", "tool")
+            got = theirs.apply_chat_template(history, tokenize=True, add_generation_prompt=prompt,
+                                             return_dict=True)["input_ids"]  # fmt: skip
+            want = render_prompt(ours, history) if prompt else render_turns(ours, history)[0]
+            assert got == want, history
+
+
+def test_a_gpt2_pattern_tokenizer_exports_its_specials_and_template(tmp_path):
+    """GPT-2's split pattern goes as vocab.json + merges.txt (GPT2Tokenizer): our special tokens are its
+    special added tokens at our ids, and its chat template gives our ids, tool dialogs included."""
+    ranks = {bytes([b]): b for b in range(256)}  # bytes only: no merges, nothing to train
+    ours = TiktokenTokenizer("gpt2", ranks, GPT2_PATTERN, {s: 256 + i for i, s in enumerate(NEW_SPECIALS)})
+    files, note = tokenizer_files(ours)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert note is None and all(theirs.encode(s, add_special_tokens=False) == [ours.special_id(s)]
+                                for s in NEW_SPECIALS)  # fmt: skip
+    for dialog in DIALOGS + TOOL_DIALOGS:
+        whole = theirs.apply_chat_template(dialog, return_dict=True)["input_ids"]
+        assert whole == render_dialog(ours, dialog)[0], dialog
+        prompt = dialog[:-1]  # ends with a user turn or tool results
+        got = theirs.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert got == render_prompt(ours, prompt), prompt
 
 
 def test_transformers_generate_replies_as_sample_chat(exported, capsys):
@@ -110,3 +187,7 @@ def test_the_exported_folder_imported_back_renders_chats_as_the_run_did(exported
     for dialog in DIALOGS:
         assert render_dialog(back, dialog) == render_dialog(ours, dialog)
         assert render_prompt(back, dialog[:-1]) == render_prompt(ours, dialog[:-1])
+    assert back.chat_template is None and back.has_tools
+    for dialog in TOOL_DIALOGS:
+        assert render_dialog(back, dialog) == render_dialog(ours, dialog)
+        assert render_prompt(back, dialog[:3]) == render_prompt(ours, dialog[:3])

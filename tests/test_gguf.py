@@ -20,6 +20,7 @@ from gpt.interop.gguf import export_gguf
 from gpt.interop.tokenizer_export import SAMPLES
 from gpt.model import GPT, GPTConfig
 from gpt.runs.load import load
+from gpt.tokenizer import TOOL_TOKENS
 from gpt.train.loop import train
 
 if os.environ.get("GPT_REQUIRE_LLAMA_CPP"):  # CI installs it: there the tests must run
@@ -92,6 +93,42 @@ def test_llama_cpp_tokenizes_text_and_chat_prompts_as_we_do(llama_run):
         text = ImmutableSandboxedEnvironment().from_string(template).render(messages=history,
                                                                              add_generation_prompt=True)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == render_prompt(ours, history)
+
+
+CALL = lambda args, call_id: {"id": call_id, "type": "function",
+                              "function": {"name": "calculator", "arguments": args}}  # fmt: skip
+TOOL_DIALOG = [
+    S("Use the calculator."), U("What is 123 * 456 + 7?"),
+    {"role": "assistant", "content": " Let me see.", "tool_calls": [CALL({"expression": "123*456"}, "call_1"),
+                                                                    CALL('{"expression": "7"}', "call_2")]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "56088"}, {"role": "tool", "tool_call_id": "call_2",
+                                                                     "content": "7"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL({"expression": "56088+7"}, "call_3")]},
+    {"role": "tool", "tool_call_id": "call_3", "content": "56095"}, A("It is 56095."), U("Thanks!"),
+]  # fmt: skip
+
+
+def test_llama_cpp_reads_tool_calls_with_the_tool_tokens_as_control_tokens(llama_run):
+    """The tool tokens are control tokens of the file: one id each from their text with special=True (as
+    a chat template's output is tokenized), plain text from a user (special=False); and the file's chat
+    template, rendered by llama-cpp-python's own Jinja formatter (create_chat_completion's), gives our
+    render_prompt ids for each history of a tool dialog (after results: no marker, the reply goes on)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    run, gguf_file = llama_run
+    ours, llm = load(str(run)).tokenizer, _llama(gguf_file, vocab_only=True)
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    for name in TOOL_TOKENS:
+        i = ours.special_id(name)
+        assert llm.tokenize(name.encode(), add_bos=False, special=True) == [i]
+        assert llm.tokenize(name.encode(), add_bos=False, special=False) == ours.encode(name) != [i]
+        assert llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|endoftext|>",
+                                    bos_token="<|endoftext|>")  # fmt: skip
+    for cut in (2, 5, 7, 9):  # after a user turn, after results (twice), after a reply that went on
+        history = TOOL_DIALOG[:cut]
+        text = formatter(messages=history).prompt
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == render_prompt(ours, history), cut
 
 
 @pytest.mark.parametrize(("system", "prompt"), [("You are Ada.", "Who are you?"), (None, "What is 12 + 30?"),

@@ -124,10 +124,10 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
     export_main([f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'hf'}"])
     assert "exported" in capsys.readouterr().out
     ref = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
-    assert ref.config.vocab_size == tokenizer.vocab_size == 50258  # padding rows cut off
+    assert ref.config.vocab_size == tokenizer.vocab_size == 50262  # padding rows cut off (tool tokens kept)
     idx = ids_for(tokenizer, TEXTS[1] + TEXTS[4])
     with torch.no_grad():
-        ours, theirs = model(idx)[..., :50258], ref(idx).logits
+        ours, theirs = model(idx)[..., :50262], ref(idx).logits
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
     # vocab.json + merges.txt rebuilt from our tiktoken ranks: transformers' GPT-2 tokenizer gives
     # our ids on Unicode, whitespace runs, numbers and code
@@ -142,7 +142,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
     again = GPT(config).eval()
     again.load_state_dict(state_dict)
     with torch.no_grad():
-        assert torch.allclose(again(idx)[..., :50258], ours, atol=1e-5, rtol=0)
+        assert torch.allclose(again(idx)[..., :50262], ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu2"])

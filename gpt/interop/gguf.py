@@ -17,9 +17,10 @@ multiple of 32 long stays f16 under q8_0.
 The tokenizer goes in the file: a byte-level BPE (ours trained with data.tokenizer=bpe, GPT-2's, or a
 Hugging Face tokenizer.json) as llama.cpp's ``gpt2`` tokenizer with its tokens, merges and the name
 of its split pattern (``tokenizer.ggml.pre``: llama.cpp implements each pattern in C++, so only the
-patterns it knows can go); the special tokens as control tokens that user text never produces; the
-end of turn as the end-of-generation token; the chat template that ``gpt export`` writes for
-transformers. A char tokenizer has no GGUF counterpart and is refused, before anything is written.
+patterns it knows can go); the special tokens (the tool tokens included) as control tokens that user
+text never produces; the end of turn as the end-of-generation token; the chat template that
+``gpt export`` writes for transformers (tool calls included). A char tokenizer has no GGUF counterpart
+and is refused, before anything is written.
 """
 
 from __future__ import annotations

@@ -59,9 +59,10 @@ def _tokenizer_json(d: Path) -> Tokenizer:
     template, template_file = _chat_template(d, config)
     added = {t.get("content") for t in definition.get("added_tokens") or [] if isinstance(t, dict)}
     eot = EOT_TURN if EOT_TURN in added else roles["eos_token"]
-    if template == ours_as_jinja(roles["eos_token"], eot):
-        # our own rendering, written by `gpt export`: gpt.chat_template renders it with the tokenization
-        # the model was trained with (the Jinja path would cut "User: Who" at other places)
+    if template in (ours_as_jinja(roles["eos_token"], eot, tools) for tools in (False, True)):
+        # our own rendering (with tool calls, or without as older exports), written by `gpt export`:
+        # gpt.chat_template renders it with the tokenization the model was trained with (the Jinja
+        # path would cut "User: Who" at other places)
         template = template_file = None
     try:
         return HFTokenizer(definition, roles["eos_token"], roles["bos_token"], roles["pad_token"],
