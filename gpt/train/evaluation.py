@@ -54,7 +54,11 @@ def evaluate_objective(model, source, cfg: TrainRunConfig, info: Ranks, mbs: int
     if info.enabled:
         torch.distributed.all_reduce(total)
     model.train(was_training)
-    return {k: (total[j] / total[-1]).item() for j, k in enumerate(objective.metrics)}
+    means = {k: (total[j] / total[-1]).item() for j, k in enumerate(objective.metrics)}
+    for k in [k for k in means if k.endswith("_sq")]:  # a mean of squares becomes the std of its base
+        base = k.removesuffix("_sq")
+        means[f"{base}_std"] = math.sqrt(max(means.pop(k) - means[base] ** 2, 0.0))
+    return means
 
 
 class Evaluator:
@@ -90,7 +94,7 @@ class Evaluator:
             "train_loss": round(parts["train"]["loss"], 6),
             "val_loss": round(val_loss, 6) if run.val_data else None,  # null: no val split; NaN stays NaN
             "val_bpb": round(val_loss / math.log(2) / bpt, 6) if bpt and run.val_data else None,
-            # DPO's reward accuracy, margin, log-probs
+            # DPO's reward accuracy, margin, log-probs; GRPO's reward, accuracy, KL, reply length
             **{f"{p}_{k}": round(v, 6) for p, m in parts.items() for k, v in m.items() if k != "loss"},
             "lr": lr,
             "elapsed_s": round(time.time() - t_start, 3),

@@ -33,13 +33,19 @@ from gpt.lora import LoRALinear
 DPO_METRICS = ("loss", "reward_acc", "margin", "chosen_logp", "rejected_logp")
 
 
+def token_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t), 0 where y_t = -1; the mask y != -1): logits (R, T, V), y (R, T) -> two (R, T)
+    tensors, the log-probs in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = y != -1
+    return logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
 def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(y_t) over the targets != -1 of each row, number of those targets): logits
     (R, T, V), y (R, T) -> two (R,) tensors, in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (R, T)
-    mask = y != -1
-    return (picked * mask).sum(-1), mask.sum(-1)
+    picked, mask = token_logps(logits, y)
+    return picked.sum(-1), mask.sum(-1)
 
 
 def dpo_losses(
