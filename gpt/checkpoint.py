@@ -1,7 +1,8 @@
 """Checkpoints: atomic save, weights-only load, self-contained run directories.
 
 A run directory (``out_dir``) holds ``ckpt.pt`` (the latest checkpoint), the previous ones as
-``ckpt-STEP.pt`` (``train.keep_last`` in all), optionally ``best.pt``, ``config.yaml`` (the resolved
+``ckpt-STEP.pt`` (``train.keep_last`` in all; a sharded run's are ``ckpt-STEP.dcp`` directories, see
+gpt.dcp, read here into this same schema), optionally ``best.pt``, ``config.yaml`` (the resolved
 run config), ``tokenizer.json`` and ``metrics.jsonl``. A checkpoint is one ``torch.save`` of plain
 types and tensors:
 
@@ -34,6 +35,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +43,7 @@ from typing import Any
 
 import torch
 
+from gpt import dcp
 from gpt.atomic import atomic_write
 from gpt.errors import CheckpointError
 from gpt.model import GPTConfig
@@ -52,12 +55,24 @@ BEST_NAME = "best.pt"
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """The checkpoint file for a run directory (its ckpt.pt) or a checkpoint file given directly."""
+    """The checkpoint file for a run directory (its ckpt.pt) or a checkpoint file (or sharded
+    checkpoint directory, gpt.dcp) given directly."""
     p = Path(path).expanduser()
+    if p.suffix == dcp.SUFFIX:
+        return p
     return p / CKPT_NAME if p.is_dir() or not p.suffix else p
 
 
-HISTORY_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+def latest_checkpoint(path: str | Path) -> Path:
+    """What a reference means: a checkpoint file or sharded directory as given; for a run directory its
+    newest checkpoint of either format (``history``), ckpt.pt when it has none."""
+    p = Path(path).expanduser()
+    if p.is_dir() and p.suffix != dcp.SUFFIX and (found := history(p)):
+        return found[0]
+    return checkpoint_path(p)
+
+
+HISTORY_RE = re.compile(r"^ckpt-(\d+)\.(pt|dcp)$")
 
 
 def _tensor_digest(t: torch.Tensor) -> bytes:
@@ -109,11 +124,26 @@ def non_finite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 
 def history(out_dir: str | Path) -> list[Path]:
-    """A run directory's checkpoints, newest first: ``ckpt.pt``, then ``ckpt-STEP.pt`` by step."""
+    """A run directory's checkpoints, newest first: ``ckpt.pt``, then ``ckpt-STEP.pt`` files and
+    ``ckpt-STEP.dcp`` sharded directories by step (ckpt.pt at its own step among sharded ones: a
+    sharded run resumed by one process goes on in ckpt.pt)."""
     out = Path(out_dir)
-    older = sorted((p for p in out.glob("ckpt-*.pt") if HISTORY_RE.match(p.name)),
-                   key=lambda p: int(HISTORY_RE.match(p.name).group(1)), reverse=True)  # fmt: skip
-    return [p for p in [out / CKPT_NAME] if p.exists()] + older
+    older = sorted(((int(m.group(1)), p) for p in out.glob("ckpt-*") if (m := HISTORY_RE.match(p.name))
+                    and (p.is_dir() if p.suffix == dcp.SUFFIX else p.is_file())), reverse=True)  # fmt: skip
+    latest = [out / CKPT_NAME] if (out / CKPT_NAME).exists() else []
+    if latest and any(p.suffix == dcp.SUFFIX for _, p in older):
+        at = _peek_step(latest[0])
+        at = float("inf") if at is None else at  # unreadable: tried first, and reported
+        return [p for s, p in older if s > at] + latest + [p for s, p in older if s <= at]
+    return latest + [p for _, p in older]
+
+
+def prune(out_dir: str | Path, keep_last: int) -> None:
+    """Remove a run directory's checkpoints beyond the newest ``keep_last`` (ckpt.pt stays while it is
+    among them); sharded directories whole."""
+    for old in history(out_dir)[max(keep_last, 1) :]:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _peek_step(path: Path) -> int | None:
@@ -146,19 +176,27 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 1,
             os.replace(path, kept)
     atomic_write(path, lambda f: torch.save(state, f))
     if path.name == CKPT_NAME:
-        for old in history(path.parent)[max(keep_last, 1) :]:
-            if old.name != CKPT_NAME:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+        prune(path.parent, keep_last)
     return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint (file or run directory) with ``weights_only=True``."""
-    file = checkpoint_path(path)
+    """Load a checkpoint (file, sharded directory or run directory: its newest) with
+    ``weights_only=True``; a sharded one (gpt.dcp) is verified against its manifest and read whole."""
+    file = latest_checkpoint(path)
+    if dcp.is_sharded(file):
+        dcp.verify(file)
+        state = _load_file(file / dcp.META, "cpu")
+        tensors = dcp.read_tensors(file)
+        return {**state, "model": tensors.get("model", {}), "optimizer": tensors.get("optimizer") or None}
+    return _load_file(file, map_location)
+
+
+def _load_file(file: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """One torch.save file of the checkpoint schema, read with ``weights_only=True`` and verified."""
     if not file.exists():
         raise CheckpointError(
-            f"no checkpoint at {file}: train one first (python train.py out_dir={Path(path)}) "
+            f"no checkpoint at {file}: train one first (python train.py out_dir={file.parent}) "
             "or point to an existing run directory"
         )
     try:

@@ -83,9 +83,10 @@ class ModelConfig:
 class DataConfig:
     name: str = field(default="shakespeare_char", metadata=RESUMABLE)
     """Preset name: names the prepared-data cache folder and the default out_dir."""
-    format: Literal["text", "dialogs", "pairs"] = "text"
+    format: Literal["text", "dialogs", "pairs", "prompts"] = "text"
     """'text': raw documents (.txt files or JSONL with a text field); 'dialogs': chat transcripts;
-    'pairs': preference pairs (chosen and rejected replies), trained with the DPO objective."""
+    'pairs': preference pairs (chosen and rejected replies), trained with the DPO objective;
+    'prompts': prompts with an answer, trained with GRPO on rewards (gpt.train.grpo)."""
     path: str = "data/tinyshakespeare/input.txt"
     """A file, a directory (its .txt/.jsonl files, also .gz/.zst, and .parquet files, recursively) or
     a glob."""
@@ -222,8 +223,13 @@ class TrainConfig:
     timeout_s: int = field(default=1800, metadata=RESUMABLE)
     """Multi-process runs: seconds a collective waits for the other ranks before the job fails."""
     keep_last: int = field(default=2, metadata=RESUMABLE)
-    """Checkpoints kept: ckpt.pt and the previous ones as ckpt-STEP.pt (a damaged newest one is
-    passed over on resume)."""
+    """Checkpoints kept: ckpt.pt and the previous ones as ckpt-STEP.pt, or a sharded run's
+    ckpt-STEP.dcp directories (a damaged newest one is passed over on resume)."""
+    checkpoint_format: Literal["auto", "single", "sharded"] = field(default="auto", metadata=RESUMABLE)
+    """'single': one file (ckpt.pt), the weights gathered to rank 0; 'sharded': a ckpt-STEP.dcp
+    directory where each rank writes its own shards with torch.distributed.checkpoint (gpt.dcp),
+    resumed by any world size and read by sample.py and export as they read ckpt.pt; 'auto': sharded
+    under train.parallel=fsdp with more than one rank, else single."""
     max_bad_steps: int = field(default=5, metadata=RESUMABLE)
     """A step with a non-finite loss or gradient norm is skipped; this many in a row roll back."""
     spike_std: float = field(default=0.0, metadata=RESUMABLE)
@@ -337,6 +343,45 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Reinforcement learning from rewards (data.format=prompts; see gpt.train.grpo)."""
+
+    group_size: int = 8
+    """G: replies sampled per prompt; each reply's advantage is its reward against its group's."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (evals decode greedily)."""
+    max_new_tokens: int = 32
+    """Longest reply sampled; a reply cut here gets no end-of-turn token."""
+    rewards: list[str] = field(default_factory=lambda: ["exact"])
+    """Reward functions, summed: 'exact' (1 if the reply's final answer, its last word, equals the
+    prompt's answer), 'regex:PATTERN' (1 if the reply matches, re.search), 'module:function' (a
+    Python function (messages, reply, record) -> float; module importable from the working directory)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """A weight per reward function; empty = 1 each."""
+    clip_eps: float = 0.2
+    """The ratio pi / pi_old is clipped to [1 - clip_eps, 1 + clip_eps] (PPO's clip)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 estimate of KL(pi || initial model) per token; 0 = off (no reference pass)."""
+    epochs: int = 1
+    """Optimizer steps per batch of rollouts: step s trains on rollout batch s // epochs."""
+
+    def __post_init__(self) -> None:
+        check_ranges("grpo.", self, [
+            ("group_size", self.group_size >= 2, "must be >= 2 (advantages compare replies to one prompt)"),
+            ("temperature", self.temperature > 0, "must be > 0 (1.0 samples the model as it is)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("clip_eps", 0 < self.clip_eps < 1, "must be in (0, 1) (0.2 is usual)"),
+            ("kl_coef", self.kl_coef >= 0, "must be >= 0 (0 = off)"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+        ])  # fmt: skip
+        if not self.rewards:
+            raise ConfigError("grpo.rewards is empty; e.g. [exact] or [exact, 'regex:^\\d+$']")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"grpo.reward_weights has {len(self.reward_weights)} weights for "
+                              f"{len(self.rewards)} rewards; give one per reward, or none")  # fmt: skip
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
     """offline (no account needed) | online (after `wandb login`) | disabled."""
@@ -380,6 +425,7 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:

@@ -208,6 +208,10 @@ def test_fsdp_ranks_stop_together_and_match_one_process(runs):
     assert "stopped at step 2" in out
     state = load_checkpoint(runs["tmp"] / "fsdp_to_one")
     assert state["step"] == 2 and len(state["rng"]["ranks"]) == 2
+    # train.checkpoint_format=auto under FSDP2: each rank wrote its shards (gpt.dcp), no ckpt.pt
+    run = runs["tmp"] / "fsdp_to_one"
+    shards = sorted(p.name for p in (run / "ckpt-0000002.dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and not (run / "ckpt.pt").exists()
     assert_same_losses(read_metrics(runs["tmp"] / "fsdp_to_one"), runs["ref"], [0, 1, 2])
 
 

@@ -88,3 +88,21 @@ def test_a_real_run_takes_the_planners_micro_batch_and_says_why(make_cfg, capsys
     assert planned["val_loss"] == by_hand["val_loss"] and planned["train_loss"] == by_hand["train_loss"]
     with pytest.raises(ConfigError, match="does not fit"):
         train(make_cfg("c", model=shape, train=dict(max_steps=1, device_memory="1MiB")))
+
+
+def test_dry_run_wraps_ddp_and_sizes_the_checkpoint_save_of_either_format():
+    """DDP runs through its real wrapper on the fake weights; the save's state dicts are built: FSDP2
+    ranks each write their shards (train.checkpoint_format=auto), rank 0 gathers all of it otherwise."""
+    big = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 512}
+    report = {}
+    for parallel, fmt in (("ddp", "auto"), ("fsdp", "auto"), ("fsdp", "single")):
+        train = {"parallel": parallel, "dry_run": 8, "batch_size": 64, "checkpoint_format": fmt}
+        report[parallel, fmt] = dry_run(TrainRunConfig.from_dict({"model": big, "train": train}))
+    full = row(report["ddp", "auto"], "checkpoint save (rank 0 gathers all)")
+    ddp = report["ddp", "auto"]
+    ddp_state = row(ddp, "parameters (fp32)") + row(ddp, "optimizer state")
+    assert full == pytest.approx(ddp_state, abs=0.011)  # the whole model and AdamW state, 2-decimal GiB
+    shards = row(report["fsdp", "auto"], "checkpoint save (its shards)")
+    assert shards == pytest.approx(full / 8, abs=0.011)
+    assert row(report["fsdp", "single"], "checkpoint save (rank 0 gathers all)") == full
+    assert not torch.distributed.is_initialized()

@@ -22,7 +22,8 @@ PKG = REPO_ROOT / "gpt"
 
 # the layers, bottom to top; a module may import its own layer (no cycles) and the layers listed
 CORE = {"errors", "typed_config", "config", "device", "ops", "model", "tokenizer", "hf_tokenizer",
-        "chat_jinja", "chat_template", "tool_calls", "lora", "checkpoint", "atomic", "ranks", "quant"}  # fmt: skip
+        "chat_jinja", "chat_template", "tool_calls", "lora", "checkpoint", "dcp", "atomic", "ranks",
+        "quant"}  # fmt: skip
 ALLOWED = {
     "core": {"core"},
     "interop": {"core", "interop"},
@@ -30,7 +31,7 @@ ALLOWED = {
     "data": {"core", "interop", "data"},
     "infer": {"core", "interop", "runs", "infer"},
     "eval": {"core", "interop", "runs", "data", "infer", "eval"},
-    "train": {"core", "interop", "runs", "data", "eval", "train"},
+    "train": {"core", "interop", "runs", "data", "infer", "eval", "train"},  # GRPO samples with the engine
     "serve": {"core", "interop", "runs", "infer", "serve"},
     "commands": {"core", "interop", "runs", "data", "infer", "eval", "train", "serve", "commands"},
 }
@@ -38,7 +39,8 @@ ALLOWED = {
 CORE_RULES = {
     "ops": set(),
     "model": {"errors", "config", "ops"},
-    "checkpoint": {"errors", "config", "model", "atomic"},  # the file format: nothing of LoRA or HF
+    "checkpoint": {"errors", "config", "model", "atomic", "dcp"},  # the file format: nothing of LoRA or HF
+    "dcp": {"errors", "atomic"},  # the sharded directory format under it
     "ranks": {"errors"},  # data preparation uses it: torch only inside its methods
     "typed_config": {"errors"},  # every config dataclass is read with it: it knows none of them
 }

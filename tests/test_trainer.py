@@ -93,7 +93,7 @@ def test_init_from_reuses_weights_and_tokenizer_and_checks_shape(make_cfg, tmp_p
     )
     train(tuned)
     first = read_metrics(tuned.out_dir)[0]
-    assert first["val_loss"] < 3.7  # starts from trained weights, not from ln(61) ~ 4.1
+    assert first["val_loss"] < 3.9  # trained weights, not ln(65) ~ 4.17 (59 chars + 6 specials)
     assert json.loads(open(f"{tuned.out_dir}/tokenizer.json").read()) == json.loads(
         open(f"{base.out_dir}/tokenizer.json").read()
     )

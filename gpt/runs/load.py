@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import checkpoint_path, load_checkpoint, load_latest, load_state_dict_strict
+from gpt.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest,
+    load_state_dict_strict,
+)
 from gpt.errors import CheckpointError
 from gpt.interop.hf import import_hf
 from gpt.lora import attach, merge_lora
@@ -73,10 +79,11 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def base_location(init_from: str) -> str:
-    """init_from as an absolute reference, valid from any working directory."""
+    """init_from as an absolute reference, valid from any working directory (a run directory: the
+    checkpoint it means now, ckpt.pt or a sharded run's newest ckpt-STEP.dcp)."""
     if init_from.startswith("hf:"):
         return "hf:" + str(resolve_path(init_from[3:]).resolve())
-    return str(checkpoint_path(resolve_path(init_from)).resolve())
+    return str(latest_checkpoint(resolve_path(init_from)).resolve())
 
 
 def load(ref: str | Path, block_size: int | None = None, merge: bool = False,
@@ -91,7 +98,7 @@ def load(ref: str | Path, block_size: int | None = None, merge: bool = False,
         loaded = Loaded(*import_hf(directory), ref, directory.resolve().name)
     else:
         path = resolve_path(ref)
-        state, file = load_latest(path, warn) if warn else (load_checkpoint(path), checkpoint_path(path))
+        state, file = load_latest(path, warn) if warn else (load_checkpoint(path), latest_checkpoint(path))
         config, lora = GPTConfig.from_dict(dict(state["model_config"])), state.get("lora")
         weights = state["model"] if lora is None else _base_weights(lora, config, str(file))
         tokenizer = tokenizer_from_state(state["tokenizer"])
@@ -128,7 +135,7 @@ def _base_weights(spec: dict[str, Any], config: GPTConfig, source: str) -> dict[
     loaded from where ``spec`` says, cut to config.block_size, checked against the fingerprint."""
 
     def exists(ref: str) -> bool:
-        return Path(ref[3:]).expanduser().is_dir() if ref[:3] == "hf:" else checkpoint_path(ref).is_file()
+        return Path(ref[3:]).expanduser().is_dir() if ref[:3] == "hf:" else checkpoint_path(ref).exists()
 
     refs = [r for r in dict.fromkeys([spec.get("base_path"), spec["base"]]) if r]
     found = next((r for r in refs if exists(r)), None)

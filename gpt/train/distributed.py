@@ -96,9 +96,20 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: torch.nn.Module, info: Ranks, parallel: str, mixed_dtype: torch.dtype | None):
+def _pass_through(state, bucket):  # DDP checks hook annotations against its classes: none (strings here)
+    """A DDP communication hook that keeps each bucket's gradients: a dry run's fake process group
+    moves no data (and its all-reduce returns nothing DDP could take)."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def wrap_model(model: torch.nn.Module, info: Ranks, parallel: str, mixed_dtype: torch.dtype | None,
+               fake: bool = False):  # fmt: skip
     """Apply data parallelism to ``model`` from the outside; returns the module to train.
-    DDP replicates the weights; FSDP2 (``fully_shard``) shards them per block and at the root."""
+    DDP replicates the weights; FSDP2 (``fully_shard``) shards them per block and at the root.
+    ``fake``: a dry run's fake tensors (gpt.train.dry_run): DDP neither compares nor broadcasts the
+    weights at start (there are none), and its buckets keep their gradients."""
     if not info.enabled:
         return model
     if parallel == "ddp":
@@ -106,7 +117,10 @@ def wrap_model(model: torch.nn.Module, info: Ranks, parallel: str, mixed_dtype: 
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         # the model's only buffers are constant RoPE tables, the same on every rank: no broadcast
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
+        ddp = DDP(model, device_ids=ids, broadcast_buffers=False, init_sync=not fake)
+        if fake:
+            ddp.register_comm_hook(None, _pass_through)
+        return ddp
     if mixed_dtype == torch.float16:
         # the GradScaler's inf check would be per shard: ranks could disagree on skipping a step
         raise ConfigError(

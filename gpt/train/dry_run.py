@@ -3,13 +3,16 @@ train.dry_run=64`` builds the model as rank 0 of 64 on PyTorch's fake process gr
 return at once and move no data) with fake tensors (shapes and dtypes, no memory), runs one step
 through the real code paths (FSDP2 sharding and activation checkpointing of gpt.train.distributed,
 the optimizer and gradient clipping of gpt.train.optim, the guard's check) and prints per-rank
-memory, step FLOPs and the planner's choice (gpt.train.memory.plan). Nothing is written.
+memory, step FLOPs, the planner's choice (gpt.train.memory.plan) and what the checkpoint save takes
+from a rank (train.checkpoint_format: its shards, or all of it on rank 0). Nothing is written.
 
 What is exact and what is estimated: parameters, gradients and optimizer state are counted from
 the tensors this rank holds after the step (FSDP2's shards); activations are the bytes autograd
 saved for the backward pass of the fake step (with activation checkpointing, each block's input),
-next to the one estimate (gpt.train.memory), which also gives the peak. DDP is not wrapped in a dry
-run (its constructor needs real parameters): its ranks hold the whole model, counted as such.
+next to the one estimate (gpt.train.memory), which also gives the peak. DDP wraps the fake weights
+without its start-up broadcast, its buckets keeping their gradients (gpt.train.distributed.wrap_model).
+The save runs as far as the state dicts it writes (gpt.train.sharded.sharded_state); fake tensors
+hold no bytes to write.
 A batch that does not divide over the ranks, or a model that fits no micro-batch, fails here in one
 line, as the real job would.
 """
@@ -31,6 +34,7 @@ from gpt.train.guard import Guard
 from gpt.train.loop import split_batch
 from gpt.train.memory import activation_bytes, plan
 from gpt.train.optim import clip_gradients, configure_optimizer
+from gpt.train.sharded import sharded_state, use_sharded
 
 H100_BF16 = 989e12  # FLOP/s, an H100 SXM's dense bf16 peak: the default for tokens/s
 MFU = 0.40  # the model FLOP utilisation tokens/s are stated at
@@ -57,8 +61,28 @@ def _local_bytes(tensors) -> int:
     return total
 
 
-def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: torch.dtype) -> dict[str, int]:
-    """One training step on fake tensors; returns the bytes this rank holds per kind."""
+def _checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> int:
+    """Bytes of model and optimizer state the checkpoint save takes from this rank: its shards
+    (get_state_dict, what gpt.train.sharded writes) or, one file, the whole state rank 0 gathers."""
+    state = sharded_state(model, optimizer)
+    tensors = [t for t in _tensors(state) if t.dim() > 0]  # AdamW's scalar step counts are noise
+    if sharded:
+        return _local_bytes(tensors)
+    return sum(t.numel() * t.element_size() for t in tensors)  # a DTensor's numel is the whole tensor's
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: torch.dtype,
+               info: Ranks) -> dict[str, int]:  # fmt: skip
+    """One training step on fake tensors; returns the bytes this rank holds per kind, and those its
+    checkpoint save takes."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     saved: list[int] = [0]
@@ -71,10 +95,12 @@ def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: tor
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         optimizer = configure_optimizer(model, cfg.optim, "cpu")
+        # DDP wraps the fake weights (FSDP2 sharded the meta model before, see dry_run)
+        trained = D.wrap_model(model, info, "ddp", None, fake=True) if cfg.train.parallel == "ddp" else model
         x = torch.randint(0, model.config.vocab_size, (mbs, model.config.block_size))
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            loss = model(x, x)
+            loss = trained(x, x)
         loss.backward()
         grads = _local_bytes(p.grad for p in model.parameters())
         # the global norm runs; on the CPU the clip then tests its value, which a fake tensor lacks
@@ -84,8 +110,9 @@ def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: tor
         if Guard(cfg.train).check(1.0, False) == "ok":
             optimizer.step()
         state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return {"params": _local_bytes(model.parameters()), "grads": grads,
-                "optimizer": _local_bytes(state), "saved": saved[0]}  # fmt: skip
+        sharded = use_sharded(cfg.train, info, None)
+        return {"params": _local_bytes(model.parameters()), "grads": grads, "optimizer": _local_bytes(state),
+                "saved": saved[0], "checkpoint": _checkpoint_bytes(model, optimizer, sharded)}  # fmt: skip
 
 
 def _fake_world(world: int) -> None:
@@ -114,10 +141,10 @@ def dry_run(cfg: TrainRunConfig) -> str:
         D.apply_activation_checkpointing(model)
     try:
         _fake_world(world)
+        info = Ranks(world_size=world, device=torch.device("cpu"))
         if t.parallel == "fsdp":
-            info = Ranks(world_size=world, device=torch.device("cpu"))
             model = D.wrap_model(model, info, "fsdp", dtype if dtype != torch.float32 else None)
-        held = _fake_step(model, cfg, choice.micro_batch_size, dtype)
+        held = _fake_step(model, cfg, choice.micro_batch_size, dtype, info)
     finally:
         D.teardown()
     return _report(cfg, config, model, choice, held, dtype)
@@ -133,12 +160,14 @@ def _report(cfg: TrainRunConfig, config: GPTConfig, model: GPT, choice, held: di
     step_flops = fpt * t.batch_size * config.block_size
     peak = t.peak_flops or H100_BF16
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    saves = "its shards" if use_sharded(t, Ranks(world_size=world), None) else "rank 0 gathers all"
     rows = [
         ("parameters (fp32)", held["params"]),
         ("gradients (fp32)", held["grads"]),
         ("optimizer state", held["optimizer"]),
         (f"activations, micro-batch {mbs} (saved / estimate)", None),
         ("peak (estimate)", choice.peak),
+        (f"checkpoint save ({saves})", held["checkpoint"]),
     ]
     lines = [
         f"dry run: rank 0 of {world}, train.parallel={t.parallel}, {n / 1e6:,.0f}M parameters, "

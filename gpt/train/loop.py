@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import BEST_NAME, CKPT_NAME, load_latest, non_finite_tensors, save_checkpoint
+from gpt.checkpoint import BEST_NAME, CKPT_NAME, history, load_latest, non_finite_tensors, save_checkpoint
 from gpt.config import TrainRunConfig
 from gpt.device import autocast_for, keep_freed_memory, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError
 from gpt.ranks import Ranks
 from gpt.train import distributed as D
 from gpt.train.evaluation import Evaluator
+from gpt.train.grpo import GRPOObjective
 from gpt.train.guard import Guard
 from gpt.train.memory import check_memory, planned
 from gpt.train.monitor import Throughput
@@ -47,6 +48,7 @@ from gpt.train.objective import make_objective
 from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
 from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
+from gpt.train.sharded import non_finite_local, save_sharded, use_sharded
 from gpt.train.signals import AGREED, Interrupted, Stop, StopFlag
 
 # a test hook: after_backward(step, model) may poison a gradient (see tests/test_faults.py)
@@ -117,11 +119,17 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
             D.load_optimizer_state(self.raw_model, self.optimizer, run.optimizer_state)
-        self.objective = make_objective(cfg)  # LM cross-entropy, or DPO on preference pairs
+        # LM cross-entropy, DPO on preference pairs, or GRPO on rewards (its rollouts: objective_state)
+        grpo = cfg.data.format == "prompts"
+        self.objective = (GRPOObjective(cfg, run.model, run.tokenizer, run.step) if grpo
+                          else make_objective(cfg))  # fmt: skip
+        if grpo:
+            self.objective.load_state(run.objective_state)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
         if run.scaler_state and self.scaler.is_enabled():
             self.scaler.load_state_dict(run.scaler_state)
         self.guard = Guard(cfg.train, run.guard_state)
+        self.sharded = use_sharded(cfg.train, info, run.lora)  # train.checkpoint_format
         self.step, self.best_val = run.step, run.best_val_loss
         self.starts = D.micro_batch_starts(cfg.train.batch_size, self.mbs, info)  # this rank's micro-batches
         self.flops_per_token = self.raw_model.flops_per_token(run.block_size)
@@ -204,13 +212,23 @@ class Trainer:
         extra: dict[str, Any] = {"guard": self.guard.state()}
         if self.scaler.is_enabled():
             extra["scaler"] = self.scaler.state_dict()
-        state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val, **extra)
-        bad = non_finite_tensors(state["model"]) if self.info.is_main else []
+        if hasattr(self.objective, "state"):  # GRPO's rollouts in use
+            extra["objective"] = self.objective.state()
+        sharded = self.sharded and path.name == CKPT_NAME  # best.pt stays one file
+        state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val,
+                                          weights=not sharded, **extra)  # fmt: skip
+        if sharded:
+            bad = non_finite_local(self.raw_model)
+        else:
+            bad = non_finite_tensors(state["model"]) if self.info.is_main else []
         if self.info.max([int(bool(bad))])[0]:
             self.run.logger.info(f"step {self.step}: non-finite weights ({bad[:3]}); {path.name} not written")
             self.meter.restart()
             return False
-        if self.info.is_main:
+        if sharded:
+            keep = self.cfg.train.keep_last
+            save_sharded(path.parent, self.raw_model, self.optimizer, state, self.info, keep)
+        elif self.info.is_main:
             keep = self.cfg.train.keep_last if path.name == CKPT_NAME else 1
             save_checkpoint(path, state, keep_last=keep, check_finite=True)
         if path.name == CKPT_NAME:
@@ -249,6 +267,8 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val = int(state["step"]), state.get("best_val_loss")
+        if hasattr(self.objective, "load_state"):
+            self.objective.load_state(state.get("objective"))
         D.restore_rng(state.get("rng", {}), self.info, cfg.seed, self.step)
         self.guard.rolled_back(failed, self.step, state.get("guard"))
         g = self.guard
@@ -334,7 +354,7 @@ class Trainer:
             self.model = try_compile(self.model, self.forward_backward, self.info)
             self.optimizer.zero_grad(set_to_none=True)  # the trial step's gradients are discarded
         D.rng_restore(self.rng, self.info.device)  # exactly the random state setup left, see __init__
-        if self.step == 0 and cfg.train.max_rollbacks > 0 and not (out_dir / CKPT_NAME).exists():
+        if self.step == 0 and cfg.train.max_rollbacks > 0 and not history(out_dir):
             self.save(out_dir / CKPT_NAME)  # a good checkpoint to roll back to before the first save
         if self.step == 0 and cfg.train.eval_interval > 0:
             self.record = self.evaluate()  # a signal now stops the run at once (signals.Interrupted)

@@ -29,6 +29,7 @@ from gpt.checkpoint import CKPT_NAME, checkpoint_path, checkpoint_state, history
 from gpt.config import TrainRunConfig
 from gpt.data.preference import pair_sources
 from gpt.data.prepare import prepare
+from gpt.data.prompts import prompt_sources
 from gpt.data.sft import dialog_sources
 from gpt.data.shards import TokenWindows
 from gpt.errors import CheckpointError, ConfigError
@@ -94,18 +95,20 @@ class RunSetup:
     optimizer_state: dict | None = None
     guard_state: dict | None = None  # the numerical guard's (see gpt.train.guard)
     scaler_state: dict | None = None  # the fp16 GradScaler's
+    objective_state: dict | None = None  # GRPO's rollouts in use (see gpt.train.grpo)
     lora: dict[str, Any] | None = None  # a LoRA run's settings and base (see gpt.train.init)
     dist: Ranks = field(default_factory=Ranks)  # this process's rank and device
     fingerprint: dict[str, Any] = field(default_factory=dict)  # see run_fingerprint
 
     def checkpoint_state(
-        self, model: GPT, optimizer, step: int, best_val: float | None, **extra: Any
+        self, model: GPT, optimizer, step: int, best_val: float | None, weights: bool = True, **extra: Any
     ) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, step, RNG, config, tokenizer.
         The data position is the step itself (plus the guard's offset after a rollback, in
         ``extra["guard"]``): batches are a pure function of (seed, step).
-        Call it on every rank (FSDP gathers the shards); the result is complete on rank 0."""
-        model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist)
+        Call it on every rank (FSDP gathers the shards); the result is complete on rank 0.
+        ``weights=False``: all but the model and optimizer state (a sharded save writes those)."""
+        model_sd, optim_sd = D.full_state_dicts(model, optimizer, self.dist) if weights else ({}, None)
         extra["fingerprint"] = self.fingerprint
         if self.lora is not None:  # adapters only: the frozen base is loaded again from lora["base"]
             model_sd, extra["lora"] = adapter_weights(model_sd), self.lora
@@ -127,9 +130,12 @@ def _build_data(cfg: TrainRunConfig, tokenizer, block_size: int, info: Ranks):
     """Prepare and return (tokenizer, train, train_eval, val) batch sources: text is prepared by all
     ranks together (each tokenizes its share of the corpus, see gpt.data.prepare); dialogs on rank 0
     first, the others then hit its cache (see Ranks.main_first)."""
-    if cfg.data.format in ("dialogs", "pairs"):
+    if cfg.data.format in ("dialogs", "pairs", "prompts"):
 
         def make():
+            if cfg.data.format == "prompts":
+                return prompt_sources(cfg.data, tokenizer, block_size, cfg.seed, cfg.grpo.epochs,
+                                      cfg.grpo.max_new_tokens, show_progress=info.is_main)  # fmt: skip
             if cfg.data.format == "pairs":
                 return pair_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main)
             return dialog_sources(cfg.data, tokenizer, block_size, cfg.seed, show_progress=info.is_main,
@@ -271,6 +277,7 @@ def setup_run(cfg: TrainRunConfig, info: Ranks) -> RunSetup:
         optimizer_state=state.get("optimizer"),
         guard_state=state.get("guard"),
         scaler_state=state.get("scaler"),
+        objective_state=state.get("objective"),
         lora=start.lora,
         dist=info,
         fingerprint=run_fingerprint(cfg),
