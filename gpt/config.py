@@ -230,6 +230,10 @@ class TrainConfig:
     directory where each rank writes its own shards with torch.distributed.checkpoint (gpt.dcp),
     resumed by any world size and read by sample.py and export as they read ckpt.pt; 'auto': sharded
     under train.parallel=fsdp with more than one rank, else single."""
+    async_checkpoint: bool = field(default=False, metadata=RESUMABLE)
+    """Sharded checkpoints only: each rank copies its shards to CPU memory at the save (one more copy
+    of them) and a background thread writes them while training goes on; the manifest and rename
+    follow once every rank's files are written (before the next save, a rollback, and at the end)."""
     max_bad_steps: int = field(default=5, metadata=RESUMABLE)
     """A step with a non-finite loss or gradient norm is skipped; this many in a row roll back."""
     spike_std: float = field(default=0.0, metadata=RESUMABLE)

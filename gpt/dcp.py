@@ -1,5 +1,6 @@
 """Sharded checkpoint directories (torch.distributed.checkpoint, DCP): the on-disk format and its
-guarantees; writing one from FSDP2 ranks is gpt.train.sharded, reading one is gpt.checkpoint.
+guarantees; writing one from FSDP2 ranks and resuming one are gpt.train.sharded, reading one whole
+is gpt.checkpoint.
 
 A sharded checkpoint is a directory ``ckpt-STEP.dcp`` beside (or instead of) ``ckpt.pt``:
 
@@ -72,8 +73,10 @@ def write_manifest(directory: Path, step: int, world_size: int, digests: dict[st
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def verify(directory: Path) -> dict[str, Any]:
-    """The manifest of a complete, undamaged sharded checkpoint, or CheckpointError saying what is wrong."""
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The manifest of a complete, undamaged sharded checkpoint, or CheckpointError saying what is wrong.
+    ``share=(rank, world)``: every file must be there, but only every world-th is hashed, from ``rank``
+    (the ranks of a job share the reading, then agree: gpt.train.sharded)."""
     advice = "the save was cut short or a file was changed; use an older checkpoint or train again"
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -89,11 +92,11 @@ def verify(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory} has sharded-checkpoint version {manifest.get('version')}, this code reads {VERSION}"
         )
-    for name, digest in manifest["files"].items():
+    for i, (name, digest) in enumerate(sorted(manifest["files"].items())):
         file = directory / name
         if Path(name).name != name or not file.is_file():
             raise CheckpointError(f"sharded checkpoint {directory} lacks {name}: {advice}")
-        if file_digest(file) != digest:
+        if i % share[1] == share[0] and file_digest(file) != digest:
             raise CheckpointError(f"sharded checkpoint {directory} is damaged: {name} does not match its "
                                   f"checksum in {MANIFEST}; {advice}")  # fmt: skip
     if META not in manifest["files"] or ".metadata" not in manifest["files"]:
@@ -124,6 +127,16 @@ def _reader(directory: Path):
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
+        def __init__(self, path: str) -> None:
+            super().__init__(path)
+            self.bytes_read: dict[str, int] = {}  # file name -> bytes this process read from it
+
+        def read_data(self, plan, planner):  # each read item is one stored slice, read whole
+            for item in plan.items:
+                info = self.storage_data[item.storage_index]
+                self.bytes_read[info.relative_path] = self.bytes_read.get(info.relative_path, 0) + info.length
+            return super().read_data(plan, planner)
+
         def read_metadata(self, *args: Any, **kwargs: Any):
             path = Path(self._get_metadata_path(kwargs.get("rank")))  # .metadata, or a rank's own
             metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -133,6 +146,12 @@ def _reader(directory: Path):
             return metadata
 
     return SafeReader(str(directory))
+
+
+def _cause(e: BaseException) -> str:
+    """The line of a DCP error that says what failed (DCP wraps each rank's error in its own text)."""
+    causes = [line for line in str(e).splitlines() if "Error:" in line]
+    return (causes or str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:200]
 
 
 def read_tensors(directory: Path) -> dict[str, Any]:
@@ -148,11 +167,36 @@ def read_tensors(directory: Path) -> dict[str, Any]:
         _load_state_dict(state, storage_reader=_reader(directory), no_dist=True,
                          planner=_EmptyStateDictLoadPlanner())  # fmt: skip
     except (Exception, CheckpointException) as e:  # (a BaseException) a forged manifest, pickle, ...
-        causes = [line for line in str(e).splitlines() if "Error:" in line]  # DCP wraps each rank's
-        first = (causes or str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:200]
-        raise CheckpointError(f"sharded checkpoint {directory} cannot be read ({first}); use an older "
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be read ({_cause(e)}); use an older "
                               "checkpoint or train again") from None  # fmt: skip
     return state
+
+
+def saved_keys(directory: Path) -> set[str]:
+    """The flattened keys of a sharded checkpoint's DCP part: ``model.NAME``,
+    ``optimizer.state.NAME.exp_avg``, ..."""
+    return set(_reader(directory).read_metadata().state_dict_metadata)
+
+
+def load_into(directory: Path, state: dict[str, Any]) -> dict[str, int]:
+    """Fill ``state`` in place from a verified sharded checkpoint, with DCP on every rank of the
+    process group (or this process alone without one): ``state`` holds this process's own tensors
+    (FSDP2's DTensor shards, or whole tensors), and only the stored slices that overlap them are read.
+    Returns the bytes this process read per file."""
+    import warnings
+
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = _reader(directory)
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            load(state, storage_reader=reader)
+    except (Exception, CheckpointException) as e:  # every rank raises when one failed (DCP gathers)
+        raise CheckpointError(f"sharded checkpoint {directory} cannot be loaded into this run ({_cause(e)}); "
+                              "resume with the settings it was trained with") from None  # fmt: skip
+    return reader.bytes_read
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -1,6 +1,7 @@
 """Sharded checkpoints (train.checkpoint_format, gpt.dcp, gpt.train.sharded): each rank writes its
-shards with torch.distributed.checkpoint; any world size resumes them; a partial or damaged one is
-one CheckpointError and the previous checkpoint is used; the one loader reads them whole.
+shards with torch.distributed.checkpoint; any world size resumes them, each rank reading the slices
+of its own shards (gpt.train.sharded.load_sharded); a partial or damaged one is one CheckpointError
+and the previous checkpoint is used; the one loader reads them whole.
 
 The multi-process test launches gloo ranks on this CPU with torchrun: world sizes 4 -> 2 -> 1 (8 ranks
 on 2 shared cores would take minutes); the 2-rank FSDP2 run through train.py is in
@@ -107,6 +108,43 @@ def test_a_sharded_run_rolls_back_to_its_directory_and_saves_that_step_again(cor
     assert [(r["step"], r["from_step"]) for r in rollbacks] == [(4, 4)]
 
 
+def test_an_async_sharded_run_saves_the_same_checkpoints(runs, corpus, tmp_path):
+    """train.async_checkpoint=true: written by a thread while training goes on, published (manifest,
+    rename, keep_last) before the next save and at the end: the same checkpoints as saved in line."""
+    cfg = tiny(tmp_path / "async", corpus, tmp_path / "cache", checkpoint_format="sharded",
+               async_checkpoint=True)  # fmt: skip
+    assert train(cfg)["step"] == 4
+    assert [p.name for p in history(cfg.out_dir)] == ["ckpt-0000004.dcp", "ckpt-0000002.dcp"]
+    assert not [p for p in Path(cfg.out_dir).iterdir() if p.name.endswith((".tmp", ".old"))]
+    for name in ("ckpt-0000002.dcp", "ckpt-0000004.dcp"):
+        a, b = load_checkpoint(Path(cfg.out_dir) / name), load_checkpoint(runs["sharded"] / name)
+        same_tensors(a["model"], b["model"])
+        for param, state in b["optimizer"]["state"].items():
+            same_tensors(a["optimizer"]["state"][param], state)
+
+
+def test_an_async_save_holds_the_weights_of_its_step_not_later_ones(tmp_path):
+    """The shards are copied at the save: weights changed while the thread writes are not in it."""
+    from gpt.checkpoint import checkpoint_state
+    from gpt.model import GPT, GPTConfig
+    from gpt.ranks import Ranks
+    from gpt.tokenizer import CharTokenizer
+    from gpt.train.sharded import SaveInFlight, save_sharded
+
+    config = GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16, vocab_size=64)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = checkpoint_state({}, config, CharTokenizer(list("ab")).to_state(), step=1)
+    pending = save_sharded(tmp_path, model, optimizer, meta, Ranks(), keep_last=2, background=True)
+    assert isinstance(pending, SaveInFlight) and not (tmp_path / "ckpt-0000001.dcp").exists()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert pending.finish() == tmp_path / "ckpt-0000001.dcp"
+    same_tensors(load_checkpoint(tmp_path / "ckpt-0000001.dcp")["model"], before)
+
+
 def _copy(run: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(run, out)
@@ -125,6 +163,23 @@ def test_a_damaged_shard_is_one_error_and_the_previous_checkpoint_is_used(runs, 
     warned: list[str] = []
     state, used = load_latest(out, warn=warned.append)
     assert used.name == "ckpt-0000002.dcp" and state["step"] == 2 and "damaged" in warned[0]
+
+
+def test_resume_passes_over_a_damaged_newest_directory_and_loads_the_previous_into_the_model(
+    runs, corpus, tmp_path, capsys
+):
+    """resume=true: the newest directory's shard is damaged, so the manifest check passes it over; the
+    previous one is loaded into the model and optimizer (dcp.load) and the run ends where it would."""
+    out = _copy(runs["sharded"], tmp_path)
+    shard = out / "ckpt-0000004.dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"?")
+    cfg = tiny(out, corpus, tmp_path / "cache", checkpoint_format="sharded")
+    cfg.resume = True
+    assert train(cfg)["step"] == 4
+    printed = capsys.readouterr()
+    assert "__0_0.distcp does not match its checksum" in printed.out + printed.err
+    assert "resumed ckpt-0000002.dcp: this rank read" in printed.out
+    same_tensors(load_checkpoint(out)["model"], load_checkpoint(runs["single"])["model"])
 
 
 def test_a_save_cut_short_is_never_taken_as_a_checkpoint(runs, tmp_path):
@@ -169,15 +224,19 @@ def test_a_forged_metadata_pickle_is_refused_without_running_it(runs, tmp_path):
 
 # ------------------------------------------------------------------------ gloo ranks: 4 -> 2 -> 1
 DRIVER = """
+import json
+import os
 import sys
 from pathlib import Path
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from gpt import dcp
 from gpt.checkpoint import checkpoint_state, load_checkpoint
 from gpt.model import GPT, GPTConfig
+from gpt.tokenizer import CharTokenizer
 from gpt.train import distributed as D
-from gpt.train.sharded import save_sharded
+from gpt.train.sharded import checkpoint_group, load_sharded, resume_point, save_sharded
 
+TOK = CharTokenizer(list("abc")).to_state()
 out, steps, src = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
 info = D.init_distributed("cpu")
 config = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=64)
@@ -185,12 +244,25 @@ torch.manual_seed(0)
 model = D.wrap_model(GPT(config), info, "fsdp", None)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 step = 0
-if src:  # resume: the whole tensors, each rank keeping its shards
-    state = load_checkpoint(src)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
-    D.load_optimizer_state(model, optimizer, state["optimizer"])
-    step = state["step"]
+if src:  # resume as train.py does (a run directory: its newest good checkpoint, verified by all ranks
+    # together), then each rank reads the slices of its own shards
+    path = Path(src) if src.endswith(".dcp") else Path(resume_point(Path(src), print, info).source)
+    dcp.verify(path)
+    read = load_sharded(path, model, optimizer)
+    step = load_checkpoint(path / dcp.META)["step"]
+    (out.parent / f"read-{out.name}-{info.rank}.json").write_text(json.dumps({**read, "from step": step}))
 per = 8 // info.world_size
+ASYNC, pending = os.environ.get("ASYNC_CHECKPOINT") == "1", None
+group = checkpoint_group(info) if ASYNC else None
+
+
+def save(step, pending):  # train.async_checkpoint: the previous background save is published first
+    if ASYNC and pending is not None:
+        pending.finish()
+    meta = checkpoint_state({}, config, TOK, step=step)
+    return save_sharded(out, model, optimizer, meta, info, keep_last=10, background=ASYNC, group=group)
+
+
 while step < steps:
     step += 1
     x = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(step))
@@ -199,24 +271,24 @@ while step < steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if step % 2 == 0 and step < steps:
-        save_sharded(out, model, optimizer, checkpoint_state({}, config, {}, step=step), info, keep_last=10)
-save_sharded(out, model, optimizer, checkpoint_state({}, config, {}, step=step), info, keep_last=10)
+        pending = save(step, pending)
+save(step, pending).finish() if ASYNC else save(step, pending)
 D.teardown()
 """
 
 
-def launch(tmp: Path, world: int, *args: str) -> None:
+def launch(tmp: Path, world: int, *args: str, **env: str) -> None:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     cmd = [*cmd, str(driver)] if world > 1 else [sys.executable, str(driver)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **env}
     p = subprocess.run([*cmd, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
 
 
 @pytest.mark.slow
-def test_four_ranks_reshard_to_two_and_one_bit_for_bit_and_resume_exactly(tmp_path):
+def test_four_ranks_reshard_to_two_and_one_bit_for_bit_and_each_rank_reads_its_shards(tmp_path):
     launch(tmp_path, 4, str(tmp_path / "w4"), "3")  # saves at steps 2 and 3
     launch(tmp_path, 2, str(tmp_path / "w2"), "2", str(tmp_path / "w4" / "ckpt-0000002.dcp"))  # no step
     launch(tmp_path, 1, str(tmp_path / "w1"), "2", str(tmp_path / "w2" / "ckpt-0000002.dcp"))
@@ -232,3 +304,33 @@ def test_four_ranks_reshard_to_two_and_one_bit_for_bit_and_resume_exactly(tmp_pa
     # 4 ranks resumed at step 2 take step 3 exactly as the uninterrupted 4-rank run
     launch(tmp_path, 4, str(tmp_path / "w4r"), "3", str(tmp_path / "w4" / "ckpt-0000002.dcp"))
     same_tensors(load_checkpoint(tmp_path / "w4r")["model"], load_checkpoint(tmp_path / "w4")["model"])
+    # what each rank read on resume (bytes per file, counted by the reader over the slices DCP read)
+    size = {w: {p.name: p.stat().st_size for p in (tmp_path / f"w{w}" / "ckpt-0000002.dcp").glob("*.distcp")}
+            for w in (4, 2)}  # fmt: skip
+    read = lambda run, r: {k: v for k, v in json.loads((tmp_path / f"read-{run}-{r}.json").read_text())
+                           .items() if k != "from step"}  # fmt: skip
+    total = sum(size[4].values())
+    for r in range(4):  # the same world: rank r reads its own file whole, of the others the few
+        own, got = f"__{r}_0.distcp", read("w4r", r)  # replicated entries (AdamW's step counts, ...)
+        assert got[own] == size[4][own] and sum(got.values()) - got[own] < 0.1 * total, got
+    for r in range(2):  # half the ranks: about half of the bytes each, never the whole checkpoint
+        assert sum(read("w2", r).values()) < 0.6 * total, read("w2", r)
+    assert sum(read("w1", 0).values()) == sum(size[2].values())  # one process reads all of it
+    # train.async_checkpoint on 4 gloo ranks (DCP's writing thread on a group of its own): the same
+    # checkpoints as saved in line, each published once written
+    launch(tmp_path, 4, str(tmp_path / "w4a"), "3", ASYNC_CHECKPOINT="1")
+    for name in ("ckpt-0000002.dcp", "ckpt-0000003.dcp"):
+        a, b = load_checkpoint(tmp_path / "w4a" / name), load_checkpoint(tmp_path / "w4" / name)
+        same_tensors(a["model"], b["model"])
+        for param, state in b["optimizer"]["state"].items():
+            same_tensors(a["optimizer"]["state"][param], state)
+    # a damaged shard of the newest checkpoint, hashed by rank 1 of 2 alone (the ranks share the
+    # hashing): both ranks pass over it to step 2 and take step 3 as the uninterrupted run
+    shutil.copytree(tmp_path / "w4", tmp_path / "w4d")
+    shard = tmp_path / "w4d" / "ckpt-0000003.dcp" / "__2_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"?")
+    launch(tmp_path, 2, str(tmp_path / "w2d"), "3", str(tmp_path / "w4d"))
+    assert [json.loads((tmp_path / f"read-w2d-{r}.json").read_text())["from step"] for r in (0, 1)] == [2, 2]
+    resumed, uninterrupted = (load_checkpoint(tmp_path / w)["model"] for w in ("w2d", "w4"))
+    for name, t in uninterrupted.items():  # 2 ranks sum the gradients in another order than 4
+        torch.testing.assert_close(resumed[name], t, rtol=1e-5, atol=1e-6)

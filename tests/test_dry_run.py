@@ -106,3 +106,25 @@ def test_dry_run_wraps_ddp_and_sizes_the_checkpoint_save_of_either_format():
     assert shards == pytest.approx(full / 8, abs=0.011)
     assert row(report["fsdp", "single"], "checkpoint save (rank 0 gathers all)") == full
     assert not torch.distributed.is_initialized()
+
+
+def test_ddp_and_fsdp_dry_runs_of_one_model_count_the_same_flops_and_parameters():
+    """The tied head and token table are one tensor in either wrapping: the DDP dry run once untied them
+    (to_empty gives each module its own tensor), counting the table twice (3.67e9 vs 3.27e9 FLOP)."""
+    from gpt.model import GPT
+
+    shape = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 512}
+    report = {p: dry_run(TrainRunConfig.from_dict({"model": shape, "train": {"parallel": p, "dry_run": 8,
+                                                                             "batch_size": 64}}))
+              for p in ("ddp", "fsdp")}  # fmt: skip
+    step = {p: re.search(r"step: (\S+) FLOP \((\S+) GFLOP", r).groups() for p, r in report.items()}
+    assert step["ddp"] == step["fsdp"]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**shape, vocab_size=dry_vocab_of(report["ddp"])))
+    assert float(step["ddp"][0]) == pytest.approx(model.flops_per_token() * 64 * 64, rel=5e-3)
+    fp32 = 4 * sum(p.numel() for p in model.parameters()) / 2**30  # the tied table once
+    assert row(report["ddp"], "parameters (fp32)") == pytest.approx(fp32, abs=0.006)
+
+
+def dry_vocab_of(report: str) -> int:
+    return int(re.search(r"vocab=(\d+)", report).group(1))

@@ -79,6 +79,22 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def _to_empty_tied(model: torch.nn.Module) -> None:
+    """``model.to_empty`` on the CPU, keeping tied parameters tied: to_empty gives each module its own
+    tensor, which would untie the head from the token table (a DDP dry run then counted the table
+    twice: its parameters, gradients, optimizer state and step FLOPs). FSDP2 keeps its own ties."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name))
+    model.to_empty(device="cpu")
+    for tied in owners.values():
+        first = getattr(tied[0][0], tied[0][1])
+        for module, name in tied[1:]:
+            setattr(module, name, first)
+
+
 def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: torch.dtype,
                info: Ranks) -> dict[str, int]:  # fmt: skip
     """One training step on fake tensors; returns the bytes this rank holds per kind, and those its
@@ -93,7 +109,7 @@ def _fake_step(model: torch.nn.Module, cfg: TrainRunConfig, mbs: int, dtype: tor
 
     # the meta model was sharded outside the fake mode (FSDP2 builds its device mesh from real tensors)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model.to_empty(device="cpu")
+        _to_empty_tied(model)
         optimizer = configure_optimizer(model, cfg.optim, "cpu")
         # DDP wraps the fake weights (FSDP2 sharded the meta model before, see dry_run)
         trained = D.wrap_model(model, info, "ddp", None, fake=True) if cfg.train.parallel == "ddp" else model

@@ -1,10 +1,12 @@
 """Where a run's weights start: from scratch, from another model (``init_from``: a run directory, a
 checkpoint file, a LoRA run or ``hf:DIR``), or from the run's own checkpoint (``resume=true``).
 
-    start = resolve_start(cfg, out_dir / "ckpt.pt")
+    start = resolve_start(cfg, out_dir / "ckpt.pt", info)
     start.model_config   # None for a fresh model (its vocab comes from the tokenizer data builds)
     start.weights        # base weights to load, already cut to the block size asked for
     start.lora           # a LoRA run's settings and base (or None); start.adapter its saved adapters
+    start.shards         # resuming a sharded checkpoint: its directory (weights None; the trainer
+                         # loads it into the wrapped model and optimizer, gpt.train.sharded.load_sharded)
 
 Every start from weights reads them through ``gpt.runs.load.load``. The shape given in the config
 must agree with a loaded checkpoint (``block_size`` may only shrink for ``init_from``); the command
@@ -23,9 +25,11 @@ import torch
 from gpt.config import TrainRunConfig
 from gpt.errors import CheckpointError, ConfigError
 from gpt.model import SHAPE_FIELDS, GPTConfig
+from gpt.ranks import Ranks
 from gpt.runs.load import base_location, load, weights_fingerprint
 from gpt.tokenizer import Tokenizer
 from gpt.train.distributed import print0
+from gpt.train.sharded import resume_point
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Start:
     resume_state: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     adapter: dict[str, torch.Tensor] | None = None
+    shards: Path | None = None  # a sharded checkpoint resumed: loaded after the model is wrapped
 
 
 def check_shape(given: dict[str, Any], saved: GPTConfig, source: str) -> None:
@@ -53,11 +58,11 @@ def check_shape(given: dict[str, Any], saved: GPTConfig, source: str) -> None:
         )
 
 
-def resolve_start(cfg: TrainRunConfig, ckpt_file: Path) -> Start:
-    """The starting point of the run described by ``cfg`` (see the module docstring)."""
+def resolve_start(cfg: TrainRunConfig, ckpt_file: Path, info: Ranks) -> Start:
+    """The starting point of the run described by ``cfg`` (see the module docstring); on every rank."""
     given = cfg.model.given()
     if cfg.resume:  # a damaged newest checkpoint is passed over; a LoRA run's base is loaded again
-        loaded = load(ckpt_file.parent, warn=print0)
+        loaded = resume_point(ckpt_file.parent, print0, info)
     elif cfg.init_from:  # block_size may only shrink; a LoRA run starts from its merged weights
         loaded = load(cfg.init_from, block_size=given.get("block_size"), merge=True)
     else:
@@ -75,6 +80,7 @@ def resolve_start(cfg: TrainRunConfig, ckpt_file: Path) -> Start:
             resumed,
             loaded.lora,
             loaded.adapter,
+            Path(loaded.source) if cfg.resume and loaded.weights is None else None,
         )
         if "dropout" in given:
             start.model_config.dropout = given["dropout"]

@@ -39,6 +39,7 @@ from gpt.device import autocast_for, keep_freed_memory, measure_peak_flops, reso
 from gpt.errors import ConfigError
 from gpt.ranks import Ranks
 from gpt.train import distributed as D
+from gpt.train import sharded as S
 from gpt.train.evaluation import Evaluator
 from gpt.train.grpo import GRPOObjective
 from gpt.train.guard import Guard
@@ -48,7 +49,6 @@ from gpt.train.objective import make_objective
 from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
 from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
-from gpt.train.sharded import non_finite_local, save_sharded, use_sharded
 from gpt.train.signals import AGREED, Interrupted, Stop, StopFlag
 
 # a test hook: after_backward(step, model) may poison a gradient (see tests/test_faults.py)
@@ -119,6 +119,10 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, cfg.optim, info.device.type)
         if run.optimizer_state is not None:
             D.load_optimizer_state(self.raw_model, self.optimizer, run.optimizer_state)
+        if run.shards is not None:  # each rank reads the slices of its own shards
+            read = S.load_sharded(run.shards, self.raw_model, self.optimizer)
+            run.logger.info(f"resumed {run.shards.name}: this rank read {sum(read.values()) / 2**20:.1f} MiB "
+                            f"from {len(read)} of its files")  # fmt: skip
         # LM cross-entropy, DPO on preference pairs, or GRPO on rewards (its rollouts: objective_state)
         grpo = cfg.data.format == "prompts"
         self.objective = (GRPOObjective(cfg, run.model, run.tokenizer, run.step) if grpo
@@ -129,7 +133,10 @@ class Trainer:
         if run.scaler_state and self.scaler.is_enabled():
             self.scaler.load_state_dict(run.scaler_state)
         self.guard = Guard(cfg.train, run.guard_state)
-        self.sharded = use_sharded(cfg.train, info, run.lora)  # train.checkpoint_format
+        self.sharded = S.use_sharded(cfg.train, info, run.lora)  # train.checkpoint_format
+        background = self.sharded and cfg.train.async_checkpoint  # its own gloo group: every rank
+        self.ckpt_group = S.checkpoint_group(info) if background else None
+        self.in_flight: S.SaveInFlight | None = None  # a background save not yet published
         self.step, self.best_val = run.step, run.best_val_loss
         self.starts = D.micro_batch_starts(cfg.train.batch_size, self.mbs, info)  # this rank's micro-batches
         self.flops_per_token = self.raw_model.flops_per_token(run.block_size)
@@ -218,7 +225,7 @@ class Trainer:
         state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val,
                                           weights=not sharded, **extra)  # fmt: skip
         if sharded:
-            bad = non_finite_local(self.raw_model)
+            bad = S.non_finite_local(self.raw_model)
         else:
             bad = non_finite_tensors(state["model"]) if self.info.is_main else []
         if self.info.max([int(bool(bad))])[0]:
@@ -226,8 +233,11 @@ class Trainer:
             self.meter.restart()
             return False
         if sharded:
-            keep = self.cfg.train.keep_last
-            save_sharded(path.parent, self.raw_model, self.optimizer, state, self.info, keep)
+            self.publish_saved()  # one background save at a time
+            keep, background = self.cfg.train.keep_last, self.cfg.train.async_checkpoint
+            written = S.save_sharded(path.parent, self.raw_model, self.optimizer, state, self.info, keep,
+                                     background, self.ckpt_group)  # fmt: skip
+            self.in_flight = written if isinstance(written, S.SaveInFlight) else None
         elif self.info.is_main:
             keep = self.cfg.train.keep_last if path.name == CKPT_NAME else 1
             save_checkpoint(path, state, keep_last=keep, check_finite=True)
@@ -236,6 +246,12 @@ class Trainer:
         self.info.wait_all("rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
         self.meter.restart()
         return True
+
+    def publish_saved(self) -> None:
+        """Wait for the background save in flight (train.async_checkpoint) and publish it; every rank."""
+        if self.in_flight is not None:
+            self.in_flight, pending = None, self.in_flight
+            pending.finish()
 
     def rollback(self, reason: str) -> None:
         """Back to the newest good checkpoint (weights, optimizer, RNG, scaler), past the batches that
@@ -257,13 +273,21 @@ class Trainer:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        state, used = load_latest(out_dir, warn=self.run.logger.info)  # every rank reads it
-        options = StateDictOptions(full_state_dict=True, strict=self.run.lora is None)
-        set_model_state_dict(self.raw_model, state["model"], options=options)
-        if state.get("optimizer") and state["optimizer"].get("state"):
-            D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
-        else:  # saved before the first step: a fresh optimizer
-            self.optimizer.state.clear()
+        self.publish_saved()  # the newest checkpoint may still be in flight
+        if self.sharded:  # a sharded one: each rank reads the slices of its own shards
+            loaded = S.resume_point(out_dir, self.run.logger.info, self.info)
+            state, used, shards = loaded.state, Path(loaded.source), loaded.weights is None
+        else:  # every rank reads it whole
+            (state, used), shards = load_latest(out_dir, warn=self.run.logger.info), False
+        if shards:
+            S.load_sharded(used, self.raw_model, self.optimizer)
+        else:
+            options = StateDictOptions(full_state_dict=True, strict=self.run.lora is None)
+            set_model_state_dict(self.raw_model, state["model"], options=options)
+            if state.get("optimizer") and state["optimizer"].get("state"):
+                D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+            else:  # saved before the first step: a fresh optimizer
+                self.optimizer.state.clear()
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val = int(state["step"]), state.get("best_val_loss")
@@ -383,6 +407,7 @@ class Trainer:
     def finish(self, stopped: Stop) -> dict[str, Any]:
         """Close the monitor; returns the summary: the last eval's record, the step, why the run
         stopped (and, when it diverged, ``failure``: the message that says what to do)."""
+        self.publish_saved()
         summary = {**self.record, "step": self.step, "stopped": stopped, "rank": self.info.rank}
         summary["elapsed_s"] = round(time.time() - self.t_start, 3)
         if stopped is Stop.DIVERGED:

@@ -97,6 +97,7 @@ class RunSetup:
     scaler_state: dict | None = None  # the fp16 GradScaler's
     objective_state: dict | None = None  # GRPO's rollouts in use (see gpt.train.grpo)
     lora: dict[str, Any] | None = None  # a LoRA run's settings and base (see gpt.train.init)
+    shards: Path | None = None  # a sharded checkpoint resumed: the trainer loads it after wrapping
     dist: Ranks = field(default_factory=Ranks)  # this process's rank and device
     fingerprint: dict[str, Any] = field(default_factory=dict)  # see run_fingerprint
 
@@ -234,7 +235,7 @@ def setup_run(cfg: TrainRunConfig, info: Ranks) -> RunSetup:
     _check_out_dir(cfg, ckpt_file)
     if cfg.overwrite and not cfg.resume and info.is_main and out_dir.is_dir():
         replace_run(out_dir)  # before anything of the new run is written: never two runs in one directory
-    start = resolve_start(cfg, ckpt_file)
+    start = resolve_start(cfg, ckpt_file, info)
     state = start.resume_state or {}
     forced = check_fingerprint(state.get("fingerprint"), cfg, start.source or str(ckpt_file))
     config = start.model_config
@@ -279,6 +280,7 @@ def setup_run(cfg: TrainRunConfig, info: Ranks) -> RunSetup:
         scaler_state=state.get("scaler"),
         objective_state=state.get("objective"),
         lora=start.lora,
+        shards=start.shards,
         dist=info,
         fingerprint=run_fingerprint(cfg),
     )
