@@ -67,7 +67,8 @@ def sync(device: torch.device) -> None:
 
 
 def tokenizer_for(name: str):
-    from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
+    from gpt.tokenizer import char_tokenizer
+    from gpt.tokenizer_load import gpt2_tokenizer
 
     if name == "gpt2":
         return gpt2_tokenizer()

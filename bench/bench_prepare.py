@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without install
 
 from gpt.data.corpus import iter_documents
-from gpt.tokenizer import gpt2_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 from gpt.typed_config import REPO_ROOT
 
 DRIVER = """

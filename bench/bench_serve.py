@@ -38,7 +38,8 @@ import itertools
 from gpt.device import resolve_dtype
 from gpt.infer.config import ServeConfig
 from gpt.model import GPT, GPTConfig
-from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
+from gpt.tokenizer import char_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 from gpt.typed_config import Dtype
 
 SHAPES = {

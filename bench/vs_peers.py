@@ -50,7 +50,7 @@ def build_model(directory: Path, kind: str) -> int:
     import transformers
 
     from gpt.interop.tokenizer_export import tokenizer_files
-    from gpt.tokenizer import gpt2_tokenizer
+    from gpt.tokenizer_load import gpt2_tokenizer
 
     torch.manual_seed(0)
     if kind == "gpt2":

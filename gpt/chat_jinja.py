@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Any
 
 from gpt.errors import DataError
-from gpt.tokenizer import HFTokenizer
+from gpt.hf_tokenizer import HFTokenizer
 from gpt.tool_calls import message_call
 
 # Private-use code points: no template adds them and no trim removes them.

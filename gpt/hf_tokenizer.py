@@ -1,5 +1,5 @@
-"""A Hugging Face ``tokenizer.json`` (Llama, Mistral, Qwen2, SmolLM2, GPT-2) read by the ``tokenizers``
-library, set up for ``gpt.tokenizer.HFTokenizer``: what we need from it and nothing more.
+"""A Hugging Face ``tokenizer.json`` (Llama, Mistral, Qwen2, SmolLM2, GPT-2) as a ``gpt.tokenizer.Tokenizer``:
+``HFTokenizer``, and what it needs from the ``tokenizers`` library and nothing more.
 
     library = read_definition(definition)     # tokenizers.Tokenizer; specials in text stay text
     table = token_bytes(library, definition)  # table[id]: the exact bytes of token id (None: a gap)
@@ -16,13 +16,72 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from gpt.errors import DataError
+from gpt.tokenizer import SPECIAL_TOKENS, STATE_FORMAT, Tokenizer
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _METASPACE = "\u2581"  # "▁": sentencepiece's spelling of a space
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json, encoded by the ``tokenizers`` library (read by the functions below).
+
+    ``definition`` is the parsed tokenizer.json; ``eos_token`` (tokenizer_config.json's) is ``eot_id``,
+    the token the model was trained to stop at. ``special_id`` knows the file's special tokens by name
+    (<|im_start|>, </s>, ...); <|endoftext|> and <|end_of_turn|>, where the file lacks them, name the eos
+    token. ``encode`` adds no BOS (a template adds what it wants: ``bos_id``; ``chat_template``: its own).
+    """
+
+    kind = "hf_json"
+
+    def __init__(self, definition: dict[str, Any], eos_token: str, bos_token: str | None = None,
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 chat_template_file: str | None = None):  # fmt: skip
+        self._definition, self._library = definition, read_definition(definition)
+        self.chat_template, self.chat_template_file = chat_template, chat_template_file
+        self._roles = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
+        ids = {r: self._library.token_to_id(name) for r, name in self._roles.items() if name is not None}
+        if None in ids.values():
+            role = next(r for r, i in ids.items() if i is None)
+            raise DataError(f"{role} {self._roles[role]!r} is not a token of this tokenizer.json")
+        self._eos, self.bos_id, self.pad_id = ids["eos_token"], ids.get("bos_token"), ids.get("pad_token")
+        self.template_specials = special_tokens(self._library)  # the file's own: what a template may write
+        super().__init__({**{name: self._eos for name in SPECIAL_TOKENS}, **self.template_specials})
+        self._bytes = token_bytes(self._library, definition)  # (vocab_size,) bytes or None (a gap)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    @property
+    def eot_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self._library.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._library.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids, table = self._id_list(ids), self._bytes
+        pieces = [table[i] for i in ids]
+        if None in pieces:
+            raise ValueError(f"token id {ids[pieces.index(None)]} belongs to no token")
+        return b"".join(pieces)
+
+    def to_state(self) -> dict[str, Any]:
+        template = {"chat_template": self.chat_template, "chat_template_file": self.chat_template_file}
+        return {"format": STATE_FORMAT, "kind": self.kind, "definition": self._definition, **self._roles,
+                **(template if self.chat_template is not None else {})}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HFTokenizer:
+        optional = ("bos_token", "pad_token", "chat_template", "chat_template_file")
+        return cls(dict(state["definition"]), str(state["eos_token"]), *map(state.get, optional))
 
 
 def read_definition(definition: dict[str, Any]) -> Any:

@@ -4,10 +4,10 @@ Five kinds share one interface (``Tokenizer``):
 
 * ``"char"``    -- one id per character seen in the corpus (``char_tokenizer(texts)``);
 * ``"bpe"``     -- byte-level BPE trained on the corpus with rustbpe (``gpt.data.tokenizers.train_bpe``);
-* ``"gpt2"``    -- GPT-2's encoding from the shipped rank file (``gpt2_tokenizer()``);
+* ``"gpt2"``    -- GPT-2's encoding from the shipped rank file (``gpt.tokenizer_load.gpt2_tokenizer()``);
 * ``"hf"``      -- a Hugging Face BPE pair vocab.json + merges.txt, encoded by tiktoken;
 * ``"hf_json"`` -- a Hugging Face tokenizer.json (Llama, Mistral, Qwen2), encoded by the ``tokenizers``
-  library (both HF kinds: ``gpt.interop.hf_vocab.hf_tokenizer(directory)``).
+  library (``gpt.hf_tokenizer.HFTokenizer``; both HF kinds: ``gpt.interop.hf_vocab.hf_tokenizer(directory)``).
 
 Every tokenizer has the special tokens in ``SPECIAL_TOKENS`` (by name or, for "hf_json", as aliases of
 the model's eos token); ``encode`` never produces one (its spelling in text is text); insert them by id::
@@ -15,9 +15,10 @@ the model's eos token); ``encode`` never produces one (its spelling in text is t
     tok = build_tokenizer("bpe", lambda: open("corpus.txt"), vocab_size=4096)
     ids = tok.encode("Hello") + [tok.eot_id]
     tok.save("out/run")                       # out/run/tokenizer.json (+ tokenizer.tiktoken)
-    same = load_tokenizer("out/run")          # or tokenizer_from_state(tok.to_state())
+    same = load_tokenizer("out/run")          # gpt.tokenizer_load; or tokenizer_from_state(tok.to_state())
 
-``to_state()`` is a plain JSON-able dict that fully describes a tokenizer; checkpoints store it.
+``to_state()`` is a plain JSON-able dict that fully describes a tokenizer; checkpoints store it, and
+each class's ``from_state`` builds the tokenizer back from it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,6 @@ import tiktoken
 
 from gpt.atomic import atomic_write
 from gpt.errors import DataError
-from gpt.hf_tokenizer import read_definition, special_tokens, token_bytes
-from gpt.typed_config import REPO_ROOT, resolve_path
 
 EOT = "<|endoftext|>"
 EOT_TURN = "<|end_of_turn|>"
@@ -126,9 +124,15 @@ class Tokenizer(ABC):
             self._fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
         return self._fingerprint
 
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: dict[str, Any]) -> Tokenizer:
+        """The tokenizer ``state`` (its ``to_state()``) describes; a missing key or a wrong type raises
+        (``gpt.tokenizer_load.tokenizer_from_state`` checks the format and names the fault)."""
+
     def __reduce__(self):
         # Pickle through the plain state (data workers get tokenizers so); the Rust cores are rebuilt.
-        return (tokenizer_from_state, (self.to_state(),))
+        return (type(self).from_state, (self.to_state(),))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} kind={self.kind} vocab_size={self.vocab_size}>"
@@ -194,6 +198,10 @@ class CharTokenizer(Tokenizer):
     def to_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "kind": "char", "chars": list(self._chars),
                 "special_tokens": dict(self._special)}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CharTokenizer:
+        return cls(list(state["chars"]), _special_ids(state))
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -268,6 +276,11 @@ class TiktokenTokenizer(Tokenizer):
             state["id_map"] = list(self._id_map)
         return state
 
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TiktokenTokenizer:
+        ranks = {base64.b64decode(k, validate=True): int(v) for k, v in state["mergeable_ranks"].items()}
+        return cls(state["kind"], ranks, str(state["pattern"]), _special_ids(state), state.get("id_map"))
+
     def save(self, directory: str | Path) -> Path:
         """Also write ``tokenizer.tiktoken``, the ranks in tiktoken's file format (ranks are the merge
         priorities, which equal the ids unless the state has an ``id_map``)."""
@@ -276,98 +289,6 @@ class TiktokenTokenizer(Tokenizer):
         lines = "".join(f"{base64.b64encode(b).decode('ascii')} {r}\n" for b, r in ranked)
         atomic_write(path.parent / "tokenizer.tiktoken", lines)
         return path
-
-
-class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer.json, encoded by the ``tokenizers`` library (see gpt.hf_tokenizer).
-
-    ``definition`` is the parsed tokenizer.json; ``eos_token`` (tokenizer_config.json's) is ``eot_id``,
-    the token the model was trained to stop at. ``special_id`` knows the file's special tokens by name
-    (<|im_start|>, </s>, ...); <|endoftext|> and <|end_of_turn|>, where the file lacks them, name the eos
-    token. ``encode`` adds no BOS (a template adds what it wants: ``bos_id``; ``chat_template``: its own).
-    """
-
-    kind = "hf_json"
-
-    def __init__(self, definition: dict[str, Any], eos_token: str, bos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None,
-                 chat_template_file: str | None = None):  # fmt: skip
-        self._definition, self._library = definition, read_definition(definition)
-        self.chat_template, self.chat_template_file = chat_template, chat_template_file
-        self._roles = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
-        ids = {r: self._library.token_to_id(name) for r, name in self._roles.items() if name is not None}
-        if None in ids.values():
-            role = next(r for r, i in ids.items() if i is None)
-            raise DataError(f"{role} {self._roles[role]!r} is not a token of this tokenizer.json")
-        self._eos, self.bos_id, self.pad_id = ids["eos_token"], ids.get("bos_token"), ids.get("pad_token")
-        self.template_specials = special_tokens(self._library)  # the file's own: what a template may write
-        super().__init__({**{name: self._eos for name in SPECIAL_TOKENS}, **self.template_specials})
-        self._bytes = token_bytes(self._library, definition)  # (vocab_size,) bytes or None (a gap)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._bytes)
-
-    @property
-    def eot_id(self) -> int:
-        return self._eos
-
-    def encode(self, text: str) -> list[int]:
-        return self._library.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._library.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids, table = self._id_list(ids), self._bytes
-        pieces = [table[i] for i in ids]
-        if None in pieces:
-            raise ValueError(f"token id {ids[pieces.index(None)]} belongs to no token")
-        return b"".join(pieces)
-
-    def to_state(self) -> dict[str, Any]:
-        template = {"chat_template": self.chat_template, "chat_template_file": self.chat_template_file}
-        return {"format": STATE_FORMAT, "kind": self.kind, "definition": self._definition, **self._roles,
-                **(template if self.chat_template is not None else {})}  # fmt: skip
-
-
-def tokenizer_from_state(state: dict) -> Tokenizer:
-    """Rebuild a tokenizer from ``Tokenizer.to_state()``; DataError if the state is malformed."""
-    try:
-        if state.get("format") != STATE_FORMAT:
-            raise DataError(f"unsupported tokenizer state format {state.get('format')!r}")
-        kind = state["kind"]
-        if kind == HFTokenizer.kind:
-            optional = ("bos_token", "pad_token", "chat_template", "chat_template_file")
-            return HFTokenizer(dict(state["definition"]), str(state["eos_token"]), *map(state.get, optional))
-        specials = {str(k): int(v) for k, v in state["special_tokens"].items()}
-        if kind == "char":
-            return CharTokenizer(list(state["chars"]), specials)
-        if kind in ("bpe", "gpt2", "hf"):
-            ranks = {base64.b64decode(k, validate=True): int(v) for k, v in state["mergeable_ranks"].items()}
-            id_map = state.get("id_map")
-            return TiktokenTokenizer(kind, ranks, str(state["pattern"]), specials, id_map)
-        raise DataError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)}, hf_json)")
-    except DataError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"malformed tokenizer state: {type(e).__name__}: {e}") from None
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved by ``Tokenizer.save``: its directory or the tokenizer.json itself."""
-    p = resolve_path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise DataError(f"tokenizer file {p} not found; pass a directory holding tokenizer.json or the file")
-    try:
-        state = json.loads(p.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise DataError("expected a JSON object")
-        return tokenizer_from_state(state)
-    except (DataError, ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"tokenizer file {p} is corrupt: {e}") from None
 
 
 def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
@@ -380,33 +301,6 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     return CharTokenizer(sorted(seen))
 
 
-def gpt2_tokenizer(path: str | Path | None = None) -> Tokenizer:
-    """GPT-2's encoding from a tiktoken rank file (default: the repository's data/gpt2/gpt2.tiktoken).
-    The special tokens get the ids after the ranks (<|endoftext|> 50256, <|end_of_turn|> 50257, then
-    the tool tokens 50258-50261), inside the GPT-2 models' padded vocabulary of 50304."""
-    p = REPO_ROOT / "data" / "gpt2" / "gpt2.tiktoken" if path is None else resolve_path(path)
-    ranks = _read_rank_file(p)
-    n = max(ranks.values()) + 1
-    try:
-        return TiktokenTokenizer("gpt2", ranks, GPT2_PATTERN, {s: n + i for i, s in enumerate(NEW_SPECIALS)})
-    except DataError as e:
-        raise DataError(f"BPE rank file {p} is malformed: {e}") from None
-
-
-@lru_cache(maxsize=1)
-def _read_rank_file(path: Path) -> dict[bytes, int]:
-    if not path.is_file():
-        raise DataError(f"BPE rank file {path} not found")
-    ranks: dict[bytes, int] = {}
-    with open(path, encoding="ascii", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: expected 'base64_token rank': {line.strip()!r}") from None
-    if not ranks:
-        raise DataError(f"BPE rank file {path} is empty")
-    return ranks
+def _special_ids(state: dict[str, Any]) -> dict[str, int]:
+    """A saved state's special tokens, {name: id}."""
+    return {str(k): int(v) for k, v in state["special_tokens"].items()}

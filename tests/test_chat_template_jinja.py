@@ -23,7 +23,7 @@ from gpt.data.preference import Pair, render_pair
 from gpt.data.sft import render_all
 from gpt.errors import DataError
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import load_tokenizer, tokenizer_from_state
+from gpt.tokenizer_load import load_tokenizer, tokenizer_from_state
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip

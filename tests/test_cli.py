@@ -114,7 +114,7 @@ def bpe_run(tmp_path_factory):
 
     from gpt.checkpoint import checkpoint_state, save_checkpoint
     from gpt.model import GPT, GPTConfig
-    from gpt.tokenizer import gpt2_tokenizer
+    from gpt.tokenizer_load import gpt2_tokenizer
 
     directory = tmp_path_factory.mktemp("bpe_run")
     tok = gpt2_tokenizer()

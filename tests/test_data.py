@@ -20,7 +20,7 @@ from gpt.data.corpus import iter_documents, iter_pieces
 from gpt.data.prepare import load_prepared, prepare
 from gpt.data.shards import TokenWindows, read_shard, write_shard
 from gpt.errors import DataError
-from gpt.tokenizer import gpt2_tokenizer as load_gpt2
+from gpt.tokenizer_load import gpt2_tokenizer as load_gpt2
 from gpt.typed_config import REPO_ROOT
 
 gpt2_tokenizer = functools.cache(load_gpt2)  # loading the 50k ranks takes a moment: once per session

@@ -11,11 +11,12 @@ import re
 import pytest
 import torch
 
-from gpt.config import DPOConfig, TrainRunConfig
+from gpt.config import TrainRunConfig
 from gpt.data.preference import read_pairs
 from gpt.errors import ConfigError, DataError
 from gpt.model import GPT, GPTConfig
 from gpt.runs.metrics import read_metrics
+from gpt.stage_config import DPOConfig
 from gpt.train.loop import train
 from gpt.train.objective import DPOObjective, dpo_losses, sequence_logps
 from gpt.typed_config import REPO_ROOT

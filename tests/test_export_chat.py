@@ -12,18 +12,11 @@ import torch
 from gpt.chat_template import render_dialog, render_prompt, render_turns
 from gpt.commands.export import export_main
 from gpt.config import TrainRunConfig
+from gpt.hf_tokenizer import HFTokenizer
 from gpt.infer.sample import sample
 from gpt.interop.tokenizer_export import tokenizer_files
 from gpt.runs.load import load
-from gpt.tokenizer import (
-    EOT,
-    EOT_TURN,
-    GPT2_PATTERN,
-    NEW_SPECIALS,
-    TOOL_TOKENS,
-    HFTokenizer,
-    TiktokenTokenizer,
-)
+from gpt.tokenizer import EOT, EOT_TURN, GPT2_PATTERN, NEW_SPECIALS, TOOL_TOKENS, TiktokenTokenizer
 from gpt.train.loop import train
 
 transformers = pytest.importorskip("transformers")

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from gpt.checkpoint import CKPT_NAME
-from gpt.config import GRPOConfig, TrainRunConfig
+from gpt.config import TrainRunConfig
 from gpt.data.prompts import read_prompts
 from gpt.errors import ConfigError, DataError
 from gpt.runs.metrics import read_metrics
+from gpt.stage_config import GRPOConfig
 from gpt.train.grpo import clipped_token_losses, group_advantages, k3
 from gpt.train.loop import train
 from gpt.train.rewards import Rewards, final_answer

@@ -13,7 +13,8 @@ from gpt.commands.export import export_main
 from gpt.errors import CheckpointError, ConfigError, DataError
 from gpt.interop.hf import config_from_hf, import_hf
 from gpt.model import GPT, GPTConfig
-from gpt.tokenizer import char_tokenizer, gpt2_tokenizer
+from gpt.tokenizer import char_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

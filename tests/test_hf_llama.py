@@ -21,7 +21,7 @@ from gpt.infer.generate import generate
 from gpt.infer.sample import sample
 from gpt.interop.hf import import_hf
 from gpt.model import GPT
-from gpt.tokenizer import gpt2_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,13 +10,13 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.commands.export import merge_main
-from gpt.config import FinetuneConfig
 from gpt.errors import CheckpointError, ConfigError
 from gpt.infer.generate import GenerationConfig, generate
 from gpt.lora import LoRALinear, adapter_weights, apply_lora, merge_lora
 from gpt.model import GPT, GPTConfig
 from gpt.runs.load import load
 from gpt.runs.metrics import read_metrics
+from gpt.stage_config import FinetuneConfig
 from gpt.train.loop import train
 
 LORA = dict(method="lora", lora_rank=4, lora_alpha=8.0)

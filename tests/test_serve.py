@@ -30,7 +30,7 @@ from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.runs.load import base_location, load, weights_fingerprint  # noqa: E402
 from gpt.serve.batcher import Batcher, Done, Failed, Piece, Request  # noqa: E402
 from gpt.serve.server import load_for_serving  # noqa: E402
-from gpt.tokenizer import gpt2_tokenizer  # noqa: E402
+from gpt.tokenizer_load import gpt2_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["ROMEO:", "JULIET: Ay", "soft", "w", "But soft, what light"]

@@ -16,16 +16,8 @@ from helpers_hf import write_hf_gpt2_files
 from gpt.data.tokenizers import _training_pieces, build_tokenizer, train_bpe
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import (
-    NEW_SPECIALS,
-    SPECIAL_TOKENS,
-    TOOL_TOKENS,
-    Tokenizer,
-    char_tokenizer,
-    gpt2_tokenizer,
-    load_tokenizer,
-    tokenizer_from_state,
-)
+from gpt.tokenizer import NEW_SPECIALS, SPECIAL_TOKENS, TOOL_TOKENS, Tokenizer, char_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer, load_tokenizer, tokenizer_from_state
 from gpt.typed_config import REPO_ROOT
 
 SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare" / "input.txt"

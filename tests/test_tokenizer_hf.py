@@ -19,9 +19,11 @@ from transformers import PreTrainedTokenizerFast
 
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError
+from gpt.hf_tokenizer import HFTokenizer
 from gpt.infer.sampling import TextStream
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import EOT, EOT_TURN, HFTokenizer, load_tokenizer, tokenizer_from_state
+from gpt.tokenizer import EOT, EOT_TURN
+from gpt.tokenizer_load import load_tokenizer, tokenizer_from_state
 
 CORPUS = [
     "First Citizen: Before we proceed any further, hear me speak.",

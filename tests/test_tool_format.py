@@ -24,7 +24,8 @@ from gpt.chat_template import (
 from gpt.data.dialogs import read_dialogs
 from gpt.errors import DataError
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import EOT_TURN, TOOL_CALL, TOOL_RESULT, CharTokenizer, gpt2_tokenizer
+from gpt.tokenizer import EOT_TURN, TOOL_CALL, TOOL_RESULT, CharTokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 from gpt.tool_calls import call_body, parse_hermes, parse_reply
 
 CALL = {"id": "call_1", "type": "function",

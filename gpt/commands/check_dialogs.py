@@ -24,7 +24,7 @@ from gpt.data.corpus import input_files
 from gpt.data.dialogs import read_dialogs
 from gpt.data.preference import read_pairs, render_pair
 from gpt.errors import ConfigError
-from gpt.tokenizer import load_tokenizer
+from gpt.tokenizer_load import load_tokenizer
 from gpt.typed_config import from_dict
 
 

@@ -43,7 +43,8 @@ from gpt.data.shards import REDO, VERSION, read_shard
 from gpt.data.tokenizers import build_tokenizer
 from gpt.errors import DataError, UserError
 from gpt.ranks import Ranks
-from gpt.tokenizer import NEW_SPECIALS, Tokenizer, load_tokenizer
+from gpt.tokenizer import NEW_SPECIALS, Tokenizer
+from gpt.tokenizer_load import load_tokenizer
 from gpt.typed_config import resolve_path
 
 

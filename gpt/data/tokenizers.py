@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from gpt.errors import ConfigError, DataError
 from gpt.interop.hf_vocab import hf_tokenizer
-from gpt.tokenizer import KINDS, NEW_SPECIALS, TiktokenTokenizer, Tokenizer, char_tokenizer, gpt2_tokenizer
+from gpt.tokenizer import KINDS, NEW_SPECIALS, TiktokenTokenizer, Tokenizer, char_tokenizer
+from gpt.tokenizer_load import gpt2_tokenizer
 
 log = logging.getLogger("gpt.tokenizer")
 

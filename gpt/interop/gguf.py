@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from gpt.errors import ConfigError
+from gpt.hf_tokenizer import HFTokenizer
 from gpt.interop.hf import CONV1D, LAYER_NORM_EPS, export_problems, gpt_to_hf
 from gpt.interop.llama import gpt_to_llama
 from gpt.interop.tokenizer_export import byte_level_vocab, chat_template, turn_end_id
 from gpt.lora import LoRALinear
 from gpt.model import GPT, GPTConfig
 from gpt.ops import rope_frequencies
-from gpt.tokenizer import GPT2_PATTERN, HFTokenizer, Tokenizer
+from gpt.tokenizer import GPT2_PATTERN, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # llama.cpp's name (tokenizer.ggml.pre) for each split pattern it implements, spelled as our

@@ -19,9 +19,9 @@ from typing import Any
 
 from gpt.chat_jinja import compile_template
 from gpt.errors import DataError
-from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.hf_tokenizer import HFTokenizer, bytes_to_unicode
 from gpt.interop.tokenizer_export import ours_as_jinja
-from gpt.tokenizer import EOT_TURN, GPT2_PATTERN, SPECIAL_TOKENS, HFTokenizer, TiktokenTokenizer, Tokenizer
+from gpt.tokenizer import EOT_TURN, GPT2_PATTERN, SPECIAL_TOKENS, TiktokenTokenizer, Tokenizer
 from gpt.typed_config import resolve_path
 
 # Where tokenizer_config.json names no eos_token: the end-of-text tokens of the families we know.

@@ -28,7 +28,7 @@ from typing import Any
 
 from gpt.chat_template import MARKERS
 from gpt.errors import DataError
-from gpt.hf_tokenizer import bytes_to_unicode
+from gpt.hf_tokenizer import HFTokenizer, bytes_to_unicode
 from gpt.tokenizer import (
     EOT,
     EOT_TURN,
@@ -37,7 +37,6 @@ from gpt.tokenizer import (
     TOOL_CALL_END,
     TOOL_RESULT,
     TOOL_RESULT_END,
-    HFTokenizer,
     Tokenizer,
 )
 

@@ -38,7 +38,8 @@ from gpt.interop.hf import import_hf
 from gpt.lora import attach, merge_lora
 from gpt.model import GPT, SHAPE_FIELDS, GPTConfig
 from gpt.quant import Quantize, quantize_model
-from gpt.tokenizer import Tokenizer, tokenizer_from_state
+from gpt.tokenizer import Tokenizer
+from gpt.tokenizer_load import tokenizer_from_state
 from gpt.typed_config import resolve_path
 
 

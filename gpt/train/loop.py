@@ -19,8 +19,9 @@ Each step reads top to bottom in ``Trainer.fit``: the step, then ``maybe_rollbac
 The guard (``gpt.train.guard``): a step whose loss or gradient norm is non-finite on any rank is
 skipped by every rank; too many in a row, or a loss spike, roll the run back to its last good
 checkpoint, past the batches that failed; when rollbacks do not help the run stops (Stop.DIVERGED)
-with that checkpoint intact. A checkpoint with non-finite weights is never written. The run
-directory is locked for the run (``gpt.train.rundir``).
+with that checkpoint intact. A checkpoint with non-finite weights is never written
+(``gpt.train.checkpoints`` writes them and reads them back). The run directory is locked for the run
+(``gpt.train.rundir``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import BEST_NAME, CKPT_NAME, history, load_latest, non_finite_tensors, save_checkpoint
+from gpt.checkpoint import BEST_NAME, CKPT_NAME, history
 from gpt.config import TrainRunConfig
 from gpt.device import autocast_for, keep_freed_memory, measure_peak_flops, resolve_dtype
 from gpt.errors import ConfigError
 from gpt.ranks import Ranks
 from gpt.train import distributed as D
 from gpt.train import sharded as S
+from gpt.train.checkpoints import Checkpoints
 from gpt.train.evaluation import Evaluator
 from gpt.train.grpo import GRPOObjective
 from gpt.train.guard import Guard
@@ -133,10 +135,7 @@ class Trainer:
         if run.scaler_state and self.scaler.is_enabled():
             self.scaler.load_state_dict(run.scaler_state)
         self.guard = Guard(cfg.train, run.guard_state)
-        self.sharded = S.use_sharded(cfg.train, info, run.lora)  # train.checkpoint_format
-        background = self.sharded and cfg.train.async_checkpoint  # its own gloo group: every rank
-        self.ckpt_group = S.checkpoint_group(info) if background else None
-        self.in_flight: S.SaveInFlight | None = None  # a background save not yet published
+        self.checkpoints = Checkpoints(cfg, info, run, self.optimizer)  # one file or each rank's shards
         self.step, self.best_val = run.step, run.best_val_loss
         self.starts = D.micro_batch_starts(cfg.train.batch_size, self.mbs, info)  # this rank's micro-batches
         self.flops_per_token = self.raw_model.flops_per_token(run.block_size)
@@ -213,81 +212,31 @@ class Trainer:
         return record
 
     def save(self, path: Path) -> bool:
-        """Every rank takes part (FSDP gathers the shards, RNG states are collected); rank 0 writes,
-        and the others wait for it, so that no rank exits (and has torchrun stop rank 0) mid-write.
-        Returns False (nothing written) when the weights are not finite."""
+        """A checkpoint of the run and of the trainer's own state (the guard's, the scaler's, GRPO's
+        rollouts), written by ``gpt.train.checkpoints`` (every rank takes part). Returns False
+        (nothing written) when the weights are not finite."""
         extra: dict[str, Any] = {"guard": self.guard.state()}
         if self.scaler.is_enabled():
             extra["scaler"] = self.scaler.state_dict()
         if hasattr(self.objective, "state"):  # GRPO's rollouts in use
             extra["objective"] = self.objective.state()
-        sharded = self.sharded and path.name == CKPT_NAME  # best.pt stays one file
-        state = self.run.checkpoint_state(self.raw_model, self.optimizer, self.step, self.best_val,
-                                          weights=not sharded, **extra)  # fmt: skip
-        if sharded:
-            bad = S.non_finite_local(self.raw_model)
-        else:
-            bad = non_finite_tensors(state["model"]) if self.info.is_main else []
-        if self.info.max([int(bool(bad))])[0]:
-            self.run.logger.info(f"step {self.step}: non-finite weights ({bad[:3]}); {path.name} not written")
-            self.meter.restart()
-            return False
-        if sharded:
-            self.publish_saved()  # one background save at a time
-            keep, background = self.cfg.train.keep_last, self.cfg.train.async_checkpoint
-            written = S.save_sharded(path.parent, self.raw_model, self.optimizer, state, self.info, keep,
-                                     background, self.ckpt_group)  # fmt: skip
-            self.in_flight = written if isinstance(written, S.SaveInFlight) else None
-        elif self.info.is_main:
-            keep = self.cfg.train.keep_last if path.name == CKPT_NAME else 1
-            save_checkpoint(path, state, keep_last=keep, check_finite=True)
-        if path.name == CKPT_NAME:
+        written = self.checkpoints.save(path, self.step, self.best_val, extra)
+        if written and path.name == CKPT_NAME:
             self.guard.saved(self.step)
-        self.info.wait_all("rank 0 to write the checkpoint")  # a big one may outlast train.timeout_s
         self.meter.restart()
-        return True
-
-    def publish_saved(self) -> None:
-        """Wait for the background save in flight (train.async_checkpoint) and publish it; every rank."""
-        if self.in_flight is not None:
-            self.in_flight, pending = None, self.in_flight
-            pending.finish()
+        return written
 
     def rollback(self, reason: str) -> None:
         """Back to the newest good checkpoint (weights, optimizer, RNG, scaler), past the batches that
         failed, at a lower LR if asked; logged, and saved at once so that a resume continues from
         here. Once ``train.max_rollbacks`` rollbacks in a row did not help, the run stops instead
         (``self.stopped``: Stop.DIVERGED, ``self.failure`` says why)."""
-        cfg, out_dir, failed = self.cfg, Path(self.cfg.out_dir), self.step
+        cfg, failed = self.cfg, self.step
         if self.guard.rollbacks >= cfg.train.max_rollbacks:
-            self.run.logger.event(
-                {"step": failed, "event": "diverged", "reason": reason}, f"step {failed}: {reason}; giving up"
-            )
             self.stopped = Stop.DIVERGED
-            self.failure = (
-                f"training diverged at step {failed} ({reason}) and {self.guard.rollbacks} rollbacks did "
-                f"not help; the last good checkpoint in {out_dir} is intact: lower optim.lr (now "
-                f"{cfg.optim.lr:g}), raise optim.warmup_steps or set train.rollback_lr_factor=0.5, then "
-                "resume=true resume_force=true"
-            )
+            self.failure = self.checkpoints.give_up(failed, reason, self.guard.rollbacks)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        self.publish_saved()  # the newest checkpoint may still be in flight
-        if self.sharded:  # a sharded one: each rank reads the slices of its own shards
-            loaded = S.resume_point(out_dir, self.run.logger.info, self.info)
-            state, used, shards = loaded.state, Path(loaded.source), loaded.weights is None
-        else:  # every rank reads it whole
-            (state, used), shards = load_latest(out_dir, warn=self.run.logger.info), False
-        if shards:
-            S.load_sharded(used, self.raw_model, self.optimizer)
-        else:
-            options = StateDictOptions(full_state_dict=True, strict=self.run.lora is None)
-            set_model_state_dict(self.raw_model, state["model"], options=options)
-            if state.get("optimizer") and state["optimizer"].get("state"):
-                D.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
-            else:  # saved before the first step: a fresh optimizer
-                self.optimizer.state.clear()
+        state, used = self.checkpoints.restore()
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val = int(state["step"]), state.get("best_val_loss")
@@ -302,10 +251,9 @@ class Trainer:
         self.run.logger.event(
             record,
             f"step {failed}: {reason}; rolled back to {used.name} (step {self.step}), skipping "
-            f"{self.guard.data_offset} batches, lr x{self.guard.lr_scale:g} "
-            f"(rollback {self.guard.rollbacks}/{cfg.train.max_rollbacks})",
+            f"{g.data_offset} batches, lr x{g.lr_scale:g} (rollback {g.rollbacks}/{cfg.train.max_rollbacks})",
         )
-        self.save(out_dir / CKPT_NAME)
+        self.save(Path(cfg.out_dir) / CKPT_NAME)
 
     def due(self, interval: int) -> bool:
         """Whether an every-``interval``-steps action (eval, save) falls on this step; always at the end."""
@@ -407,7 +355,7 @@ class Trainer:
     def finish(self, stopped: Stop) -> dict[str, Any]:
         """Close the monitor; returns the summary: the last eval's record, the step, why the run
         stopped (and, when it diverged, ``failure``: the message that says what to do)."""
-        self.publish_saved()
+        self.checkpoints.publish()
         summary = {**self.record, "step": self.step, "stopped": stopped, "rank": self.info.rank}
         summary["elapsed_s"] = round(time.time() - self.t_start, 3)
         if stopped is Stop.DIVERGED:

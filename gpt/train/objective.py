@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpt.config import DPOConfig, TrainRunConfig
+from gpt.config import TrainRunConfig
 from gpt.lora import LoRALinear
+from gpt.stage_config import DPOConfig
 
 DPO_METRICS = ("loss", "reward_acc", "margin", "chosen_logp", "rejected_logp")
 

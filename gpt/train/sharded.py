@@ -39,7 +39,7 @@ from gpt.errors import CheckpointError, ConfigError
 from gpt.model import GPTConfig
 from gpt.ranks import Ranks
 from gpt.runs.load import Loaded, load
-from gpt.tokenizer import tokenizer_from_state
+from gpt.tokenizer_load import tokenizer_from_state
 
 
 def use_sharded(train_cfg: TrainConfig, info: Ranks, lora: dict[str, Any] | None) -> bool:
