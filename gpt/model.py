@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.errors import ConfigError
-from gpt.ops import relu_squared, rms_norm, rope_frequencies, rope_tables, rotate
+from gpt.ops import linear, one_token_attention, relu_squared, rms_norm, rope_frequencies, rope_tables, rotate
 
 # fields that define the weights' shapes and meaning: a loaded checkpoint must agree on them
 SHAPE_FIELDS = (
@@ -236,7 +236,7 @@ class CausalSelfAttention(nn.Module):
                 kv_cache: KVStore | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         B, T, C = x.size()
         nh, nkv, hs = self.n_head, self.n_kv_head, C // self.n_head
-        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hs): queries, keys, values side by side
+        qkv = linear(self.c_attn, x)  # (B, T, (nh + 2 nkv) hs): queries, keys, values side by side
         dtype, upcast = qkv.dtype, cpu_attention_upcast(qkv, hs)
         if upcast:
             qkv = qkv.float()  # one copy for q, k and v (and the rotation in fp32)
@@ -256,12 +256,15 @@ class CausalSelfAttention(nn.Module):
         # upcast: autocast would cast the inputs back to bf16, so it is off around the call. GQA:
         # SDPA shares each k/v head among nh / nkv query heads itself (on the CPU as fast as
         # repeat_interleave in training, faster in decoding: measured at B=8, nh=8, nkv=2, T=128)
-        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=nkv != nh
-            )
+        if T == 1 and not (dropout_p or upcast) and q.device.type == "cpu":  # a decode step on the CPU
+            y = one_token_attention(q, k, v, attn_mask)
+        else:
+            with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=nkv != nh
+                )
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(linear(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -278,11 +281,11 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 hidden): gate, up
+        h = linear(self.c_fc, x)  # (B, T, hidden), or (B, T, 2 hidden): gate, up
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.dropout(self.c_proj(F.silu(gate) * up))
-        return self.dropout(self.c_proj(self.act(h)))
+            return self.dropout(linear(self.c_proj, F.silu(gate) * up))
+        return self.dropout(linear(self.c_proj, self.act(h)))
 
 
 class Block(nn.Module):
@@ -388,7 +391,7 @@ class GPT(nn.Module):
         if last_only and targets is None:
             x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = linear(self.lm_head, x)  # (B, T, vocab_size)
         if targets is None:
             return logits
         # the loss in fp32 whatever the autocast dtype: log-softmax over 50k entries is sensitive

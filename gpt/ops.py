@@ -1,5 +1,7 @@
 """Three elementwise pieces of the model with hand-written backward passes: the rotary embedding,
-RMSNorm (on the CPU) and ReLU squared; and the rotary embedding's tables (Llama 3's scaling too).
+RMSNorm (on the CPU) and ReLU squared; the rotary embedding's tables (Llama 3's scaling too); and
+``linear``, the model's linear layers at inference on the CPU in bf16 through oneDNN's prepacked weights;
+and ``one_token_attention``, a decode step's attention on the CPU.
 
 Why: at the shapes a CPU trains (4 x 128, 768 tokens a step), a step spends as much time in these
 elementwise kernels as in the matmuls, and eager autograd runs several kernels per forward kernel
@@ -18,10 +20,12 @@ against the plain expressions.
     y = rotate(x, cos, sin)       # x (..., hs); cos, sin broadcast to (..., hs / 2)
     y = rms_norm(x, weight, eps)  # over the last dimension
     y = relu_squared(h)
+    y = linear(model.lm_head, x)  # = model.lm_head(x), faster when nothing needs gradients (CPU, bf16)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -151,3 +155,68 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return F.relu(x).square()
     return _ReLUSquared.apply(x)
+
+
+def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; for a plain ``nn.Linear`` in bf16 on the CPU with gradients off (inference), the
+    same numbers through oneDNN's GEMM on a prepacked copy of the weight, made once per weight.
+
+    Why: ``F.linear`` in bf16 hands oneDNN the plain (out, in) weight, which it re-lays out or reads
+    with a generic kernel on every call; a batch-1 decode step is then far from the memory bandwidth
+    (measured here at M=1, 1 thread: 1.3-1.9x slower than the packed weight on the four GPT-2 shapes,
+    the 50304 x 768 head included; the packed weight is as fast or faster at M=16 and 512 too, and
+    torch.compile's max-autotune picks this same kernel: docs/benchmarks.md "The batch-1 decode
+    step"). The copy costs the weight's bytes again in memory (249 MB for GPT-2 124M; LoRA layers,
+    int8 layers and fp32 weights are left alone). It is remade when the
+    weight changes: another tensor (``.to``) or an in-place update (its version counter: an optimizer
+    step, ``load_state_dict``); an inference tensor has no counter and is packed once.
+    """
+    weight = layer.weight if type(layer) is torch.nn.Linear else None
+    bf16 = x.dtype == torch.bfloat16 and weight is not None and weight.dtype == torch.bfloat16
+    if weight is None or not bf16 or torch.is_grad_enabled() or x.device.type != "cpu" or not _mkldnn_bf16():
+        return layer(x)
+    version = -1 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, weight.shape)
+    cached = layer.__dict__.get("_packed")  # (key, packed weight); a plain attribute, never saved
+    if cached is None or cached[0] != key:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # for M=1; as fast at 512
+        cached = layer.__dict__["_packed"] = (key, packed)
+    return torch.ops.mkldnn._linear_pointwise(x, cached[1], layer.bias, "none", [], "")
+
+
+@functools.cache  # asked at every linear of every step: a dispatcher call costs microseconds
+def _mkldnn_bf16() -> bool:
+    """Whether this torch and CPU run oneDNN's bf16 kernels."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# from this many cached keys a decode step's attention is matmuls: below, SDPA's one kernel beats
+# their dozen small ones (measured, 1 thread: 29 vs 39 us over 16 keys, 106 vs 59 us over 80)
+ONE_TOKEN_MIN_KEYS = 64
+
+
+def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        min_keys: int = ONE_TOKEN_MIN_KEYS) -> torch.Tensor:  # fmt: skip
+    """Attention of one new token per row over its cached keys: q (B, nh, 1, hs), k, v (B, nkv, S, hs),
+    mask None or (B or 1, 1, 1, S), True where a key is seen; (B, nh, 1, hs). SDPA below ``min_keys``
+    keys (and under autocast), else plain fp32 matmuls.
+
+    Why: the CPU's SDPA (flash) kernel is slow for a single query: measured in bf16 at GPT-2's shapes
+    (12 heads of 64), 1 thread, 106 / 187 / 3162 us per layer over 80 / 144 / 1024 cached keys, against
+    59 / 92 / 915 us here (29 vs 39 us over 16; docs/benchmarks.md, "The batch-1 decode step"). The
+    rounding is SDPA's (fp32 scores and sums, the weights in v's dtype before they meet v): bf16
+    outputs equal its own but for SDPA's blocking. GQA: the nh / nkv query heads of a k/v head share
+    its matmul.
+    """
+    B, nh, _, hs = q.shape
+    nkv = k.size(1)
+    if k.size(2) < min_keys or torch.is_autocast_enabled("cpu"):  # autocast would make the matmuls bf16
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+    q = q.float().reshape(B, nkv, nh // nkv, hs)  # the query heads sharing each k/v head
+    scores = (q @ k.float().transpose(-1, -2)) * hs**-0.5  # (B, nkv, nh / nkv, S)
+    if mask is not None:  # (B or 1, 1, 1, S) broadcasts over the heads
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # SDPA's rounding: unnormalised weights in v's dtype times v, then divided by their fp32 sum
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    y = (weights.to(v.dtype).float() @ v.float()) / weights.sum(dim=-1, keepdim=True)  # (B, nkv, nh/nkv, hs)
+    return y.to(v.dtype).view(B, nh, 1, hs)
