@@ -23,9 +23,9 @@ bot name), from a different seed than the SFT dialogs.
 
 With ``--tools`` (default --out tools.jsonl) the dialogs are arithmetic beyond memorisation, answered
 with the built-in calculator (``gpt.infer.tools``) in OpenAI's messages format: a user asks a product
-of two 3-digit numbers or a sum of four 3-4 digit numbers ("product", "sum"); the assistant calls
+of two 3-digit numbers or a sum of four 3-digit numbers ("product", "sum"); the assistant calls
 ``calculator`` (``tool_calls``), the ``tool`` message brings the result, and the assistant states it:
-"123 * 456 = 56088.". ``--direct`` (default --out direct.jsonl) writes the same problems, same split,
+"The answer is 56088.". ``--direct`` (default --out direct.jsonl) writes the same problems, same split,
 answered directly without the tool: the comparison a same-size model is tuned on.
 
 The last ``--val-fraction`` of the lines (10%, matching ``data.val_fraction``) is the held-out split
@@ -134,12 +134,12 @@ def generate(n_dialogs: int, val_fraction: float, seed: int) -> tuple[list[list[
 
 
 def tool_problem(rng: random.Random) -> tuple[str, str, int]:
-    """(task, expression, value): a 3-digit by 3-digit product, or a sum of four 3-4 digit numbers
-    (some subtracted, never the first), as "123 * 456" / "1234 + 567 - 890 + 4321"."""
+    """(task, expression, value): a 3-digit by 3-digit product, or a sum of four 3-digit numbers
+    (some subtracted, never the first), as "123 * 456" / "234 + 567 - 890 + 432"."""
     if rng.random() < 0.5:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
         return "product", f"{a} * {b}", a * b
-    terms = [rng.randint(100, 9999) for _ in range(4)]
+    terms = [rng.randint(100, 999) for _ in range(4)]
     signs = [rng.choice("+-") for _ in terms[1:]]
     value = terms[0] + sum(t if sign == "+" else -t for sign, t in zip(signs, terms[1:], strict=True))
     expression = str(terms[0]) + "".join(f" {sign} {t}" for sign, t in zip(signs, terms[1:], strict=True))
@@ -163,9 +163,11 @@ def tool_dialog(rng: random.Random, held_out: set, is_val: bool, use_tool: bool)
     spaced = rng.random() < 0.7  # "123*456" as users also write it
     asked = expression if spaced else expression.replace(" ", "")
     messages.append({"role": "user", "content": rng.choice(TOOL_QUESTIONS).format(asked)})
-    answer = f"{expression} = {result}."
+    answer = f"The answer is {result}."
     if use_tool:
-        arguments = json.dumps({"expression": expression})  # a JSON string, as OpenAI sends it
+        # the expression as the user wrote it: the call copies it verbatim, which a small model learns
+        # far sooner than a copy that also respaces it (0% held-out exact match after 2,000 steps)
+        arguments = json.dumps({"expression": asked})  # a JSON string, as OpenAI sends it
         call = {
             "id": "call_1",
             "type": "function",

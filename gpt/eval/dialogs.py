@@ -42,7 +42,7 @@ class EvalConfig:
     """Dialog file, directory or glob to score, all of it; None = the run's held-out dialogs."""
     limit: int = 0
     """Score only the first this many dialogs; 0 = all."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 128
     """A reply longer than this counts as not ending with end-of-turn."""
     batch_size: int = 64
     """Replies decoded together."""
