@@ -17,7 +17,13 @@ Rows, in order:
   (the checkpoint layout) must equal the unwrapped weights.
 - GPT-2 124M training: bf16 autocast + compile, 16 x 1024 tokens per step, fused AdamW; tokens/s
   and MFU against the GPU's dense bf16 peak (datasheet; the measured matmul peak alongside).
-- KV-cached decode: the 124M model with bf16 weights, a 256-token prompt, tokens/s for 1 and 16 rows.
+- KV-cached decode: the 124M model with bf16 weights, a 256-token prompt, tokens/s for 1 and 16 rows;
+  the same with int8 weights (gpt.quant, ``quantize=int8``), and its greedy tokens against bf16's.
+- Speculative decoding (gpt.infer.speculative), greedy, batch 1, the 124M model in bf16: prompt lookup
+  (``draft=ngram``) on a prompt that quotes a passage twice and starts it a third time, and the small
+  6x384 model trained above as the draft model (``draft=RUN``), tokens/s against plain decoding; the
+  speculative text must be plain decoding's, token for token (checked in fp32, where the one-token
+  step and the k-token check round alike; bf16 may break a near-tie either way).
 - peak memory: torch.cuda.max_memory_allocated over the 124M training.
 """
 
@@ -37,8 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from gpt.config import OptimConfig
 from gpt.device import autocast_for, measure_peak_flops, synchronize
+from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder
+from gpt.infer.generate import generate
+from gpt.infer.speculative import ModelDrafter, NgramDrafter
 from gpt.model import GPT, GPTConfig
+from gpt.quant import quantize_model
+from gpt.tokenizer import CharTokenizer
 from gpt.train.optim import configure_optimizer
 from gpt.typed_config import REPO_ROOT
 
@@ -141,6 +152,79 @@ def decode_tokens_per_s(model: GPT, rows: int, prompt_len: int, steps: int) -> f
     return rows * steps / (time.perf_counter() - t0)
 
 
+def int8_rows(model: GPT, prompt_len: int, steps: int) -> list[tuple[str, str, str]]:
+    """KV decode of ``model`` (bf16) with int8 weights (quantize=int8), 1 and 16 rows, against bf16;
+    plus how many of 1 row's greedy tokens match bf16's (int8 is close, not identical)."""
+    try:
+        int8 = quantize_model(clone(model, torch.float32), "int8").to(torch.bfloat16).eval()
+        rows = []
+        for n in (1, 16):
+            tps = decode_tokens_per_s(int8, n, prompt_len, steps)
+            rows.append((f"int8 KV decode, {n} row{'s' if n > 1 else ''}", f"{tps:,.0f} tok/s",
+                         f"quantize=int8, bf16 activations, {prompt_len}-token prompt"))  # fmt: skip
+        prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        ids = prompt[0].tolist()
+        settings = GenerationConfig(max_new_tokens=steps, temperature=0.0)
+        a, b = (generate(m, byte_tokenizer(), ids, settings)[0] for m in (model, int8))
+        same = sum(x == y for x, y in zip(a, b, strict=False))
+        rows.append(
+            ("int8 greedy tokens = bf16's", f"{same}/{len(a)}", "1 row; close, not identical by design")
+        )
+        return rows
+    except Exception as e:  # e.g. no int8 kernel on this device: say so, the other rows go on
+        return [("int8 KV decode", "FAIL", failure(e))]
+
+
+def clone(model: GPT, dtype: torch.dtype) -> GPT:
+    """A copy of ``model`` in ``dtype`` on its device, through its state dict (a model that has
+    decoded on the CPU holds oneDNN-packed weights, which deepcopy cannot copy)."""
+    copied = GPT(model.config).to(model.lm_head.weight.device)
+    copied.load_state_dict(model.state_dict())
+    return copied.to(dtype).eval()
+
+
+def failure(e: Exception) -> str:
+    """An exception as a table cell: its type and message, one line, no column bars."""
+    return f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")[:200]
+
+
+def byte_tokenizer() -> CharTokenizer:
+    """Characters 0-255 as ids 0-255: the byte models' vocabulary (text read as latin-1)."""
+    return CharTokenizer([chr(i) for i in range(256)])
+
+
+def speculative_rows(target: GPT, draft: GPT, tokens: int) -> list[tuple[str, str, str]]:
+    """Greedy tokens/s of plain decoding against draft=ngram (a quoting prompt) and a draft model
+    (Shakespeare), batch 1, bf16; the speculative texts of fp32 copies must be plain decoding's."""
+    tok = byte_tokenizer()
+    text = (REPO_ROOT / "data" / "tinyshakespeare" / "input.txt").read_bytes().decode("latin-1")
+    passage = text[2000:2150]
+    cases = [("draft=ngram, quoting the prompt", tok.encode(f"{passage}\n\n{passage}\n\n{passage[:40]}"),
+              lambda d: NgramDrafter(4, 3)),
+             ("draft model (6x384)", tok.encode(text[:64]), lambda d: ModelDrafter(d, 4, 256))]  # fmt: skip
+    settings = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
+    target32, draft32 = clone(target, torch.float32), clone(draft, torch.float32)
+    rows = []
+    for name, ids, make in cases:
+        try:
+            rate = {}
+            for label, drafter in [("plain", None), ("spec", make(draft))] * 2:  # the first round warms up
+                synchronize(target.lm_head.weight.device)
+                t0 = time.perf_counter()
+                out = generate(target, tok, ids, settings, drafter=drafter)[0]
+                rate[label] = len(out) / (time.perf_counter() - t0)
+            same = generate(target32, tok, ids, settings, drafter=make(draft32)) == generate(
+                target32, tok, ids, settings
+            )
+            rows.append((f"speculative decode, {name}", "pass" if same else "FAIL",
+                         f"{rate['spec']:,.0f} vs plain {rate['plain']:,.0f} tok/s "
+                         f"({rate['spec'] / rate['plain']:.2f}x), 1 row, bf16, k=4; fp32 greedy text "
+                         f"= plain decoding's: {same}"))  # fmt: skip
+        except Exception as e:  # one clear row; the others go on
+            rows.append((f"speculative decode, {name}", "FAIL", failure(e)))
+    return rows
+
+
 def init_one_process_group(device: torch.device) -> str:
     """A process group of one (NCCL on CUDA, gloo on the CPU) on a free local port."""
     import torch.distributed as dist
@@ -174,7 +258,7 @@ def run_checks(
 
     log("bf16 + compile vs fp32 ...")
     ref, _, _ = train_losses(small, device, torch.float32, steps, batch)
-    got, _, dt = train_losses(small, device, half, steps, batch, compile=cuda)
+    got, small_model, dt = train_losses(small, device, half, steps, batch, compile=cuda)
     a, b = sum(ref[-10:]) / len(ref[-10:]), sum(got[-10:]) / len(got[-10:])
     ok = abs(a - b) < 0.05 and (tiny or b < ref[0] - 0.5)  # tiny: too few steps to learn much
     what = "bf16 + compile" if cuda else "bf16 (no compile on CPU)"
@@ -269,6 +353,9 @@ def run_checks(
         tps = decode_tokens_per_s(model, rows_n, prompt_len, min(dsteps, big["block_size"] - prompt_len - 2))
         rows.append((f"KV decode, {rows_n} row{'s' if rows_n > 1 else ''}", f"{tps:,.0f} tok/s",
                      f"bf16 weights, {prompt_len}-token prompt, greedy"))  # fmt: skip
+    log("int8 and speculative decode ...")
+    rows += int8_rows(model, prompt_len, min(dsteps, big["block_size"] - prompt_len - 2))
+    rows += speculative_rows(model, small_model.to(half).eval(), 8 if tiny else 200)
     return rows
 
 

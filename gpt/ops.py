@@ -177,11 +177,25 @@ def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     version = -1 if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, weight.shape)
-    cached = layer.__dict__.get("_packed")  # (key, packed weight); a plain attribute, never saved
-    if cached is None or cached[0] != key:
+    cached = layer.__dict__.get("_packed")  # a plain attribute, never in the state dict
+    if cached is None or cached.key != key:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # for M=1; as fast at 512
-        cached = layer.__dict__["_packed"] = (key, packed)
-    return torch.ops.mkldnn._linear_pointwise(x, cached[1], layer.bias, "none", [], "")
+        cached = layer.__dict__["_packed"] = _Packed(key, packed)
+    return torch.ops.mkldnn._linear_pointwise(x, cached.weight, layer.bias, "none", [], "")
+
+
+class _Packed:
+    """oneDNN's packed copy of a weight (an opaque tensor: it has no storage to copy) and the key of
+    the weight it was made from. A deep copy of the layer gets None instead (deepcopy cannot copy an
+    opaque tensor) and packs again at its first call."""
+
+    __slots__ = ("key", "weight")
+
+    def __init__(self, key: tuple, weight: torch.Tensor):
+        self.key, self.weight = key, weight
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
 
 
 @functools.cache  # asked at every linear of every step: a dispatcher call costs microseconds

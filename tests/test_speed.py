@@ -208,6 +208,8 @@ def test_gpu_check_flow_runs_on_the_cpu_with_tiny_shapes(one_thread):
     assert results["DDP"][0] == "pass" and results["FSDP2"][0] == "pass", results
     assert "tok/s" in results["tiny GPT train"][0] and "MFU" in results["tiny GPT train"][1]
     assert {"KV decode"} <= set(results) and sum(name.startswith("KV decode") for name, _, _ in rows) == 2
+    assert sum(name.startswith("int8 KV decode") for name, _, _ in rows) == 2, results  # issue 25's rows
+    assert results["speculative decode"][0] == "pass" and sum("speculative" in r[0] for r in rows) == 2, rows
     assert not torch.distributed.is_initialized()  # the one-process group is gone again
 
 

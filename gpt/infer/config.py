@@ -198,8 +198,12 @@ class ServeConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """debug (with access log) | info | warning | error."""
     draft: str | None = None
-    """Speculative decoding is not available in the server yet (sample.py and its REPLs have it);
-    any value is refused."""
+    """ngram: speculative decoding by prompt lookup (gpt.infer.speculative) for a request alone in the
+    batch (batched rows decode plainly); null = off. A draft model is refused in the server."""
+    draft_tokens: int = SampleConfig.draft_tokens
+    """draft=ngram: tokens drafted per step."""
+    draft_ngram: int = SampleConfig.draft_ngram
+    """draft=ngram: the longest n-gram looked up (then shorter ones, down to 1)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -210,11 +214,13 @@ class ServeConfig:
             ("max_n", self.max_n >= 1, "must be >= 1"),
             ("max_body_bytes", self.max_body_bytes >= 1024, "must be >= 1024"),
             ("shutdown_timeout", self.shutdown_timeout >= 0, "must be >= 0"),
+            ("draft_tokens", 1 <= self.draft_tokens <= 64, "must be in [1, 64]"),
+            ("draft_ngram", 1 <= self.draft_ngram <= 64, "must be in [1, 64]"),
         ]
         check_ranges("", self, checks)
-        if self.draft is not None:
-            raise ConfigError(f"draft={self.draft}: the server does not do speculative decoding yet "
-                              "(sample.py and its REPLs do); drop draft")  # fmt: skip
+        if self.draft not in (None, "ngram"):
+            raise ConfigError(f"draft={self.draft}: the server drafts by prompt lookup only (draft=ngram); "
+                              "a draft model works in sample.py and its REPLs")  # fmt: skip
         self.max_n = min(self.max_n, self.max_batch)  # n choices take n rows of the batch
 
     @classmethod

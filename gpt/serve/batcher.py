@@ -10,6 +10,10 @@ lengths), and each row picks its next token with its own settings and its own se
 leaves the batch as soon as it is done or its client is gone, and a waiting request takes its place
 at the next step.
 
+With a drafter (``gpt serve draft=ngram``) a row alone in the batch (no logprobs, banned or forced
+tokens) decodes speculatively (gpt.infer.speculative.verify: greedy gives plain decoding's text);
+batched rows take plain steps, which already read the weights once for every row.
+
     batcher = Batcher(model, tokenizer, max_batch=16, max_queue=64)
     batcher.start()
     batcher.submit(Request(prompt_ids, GenerationConfig(temperature=0), n=1, emit=print))
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder
 from gpt.infer.sampling import Row, TextStream, choose, prompt_counts
+from gpt.infer.speculative import NgramDrafter, verify
 from gpt.model import GPT
 
 log = logging.getLogger("gpt.serve")
@@ -111,6 +116,7 @@ class Choice:
     logits: torch.Tensor  # (V,) the next position's logits
     logprobs: list[TokenLogprob] = field(default_factory=list)
     sent: int = 0  # logprobs already emitted
+    chosen: int | None = None  # the next token, already picked by a speculative check
 
 
 class Stats:
@@ -146,8 +152,8 @@ class Batcher:
     """The scheduler and the model thread (see the module docstring)."""
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 1024):  # fmt: skip
-        self.model, self.tokenizer = model.eval(), tokenizer
+                 prefill_tokens: int = 1024, drafter: NgramDrafter | None = None):  # fmt: skip
+        self.model, self.tokenizer, self.drafter = model.eval(), tokenizer, drafter
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.device = model.lm_head.weight.device
         self.decoder = Decoder(model, max_batch)
@@ -304,12 +310,27 @@ class Batcher:
             for i, c in enumerate(self.rows):
                 allowed[i, [t for t in sorted(c.request.banned) if t < self.vocab_size]] = float("-inf")
         tokens = choose([c.row for c in self.rows], allowed).tolist()
-        done = []
         for i, c in enumerate(self.rows):
+            if c.chosen is not None:  # a speculative check picked it (by the target's own rule)
+                tokens[i], c.chosen = c.chosen, None
             if not c.request.cancelled:
                 self._emit(c, *c.row.next_forced(tokens[i]), scores[i])
-            if c.request.cancelled or c.row.finished:
-                done.append(i)
+        self._retire()
+        if not self.rows:
+            return
+        self.stats.steps += 1
+        self.stats.step_rows += len(self.rows)
+        if len(self.rows) == 1 and self._speculate(self.rows[0]):
+            self._retire()  # it may have finished on a kept draft
+            return
+        last = torch.tensor([c.row.last for c in self.rows], dtype=torch.long, device=self.device)
+        logits = self.decoder.step(last)  # (B, V)
+        for c, row_logits in zip(self.rows, logits):
+            c.logits = row_logits
+
+    def _retire(self) -> None:
+        """Drop the finished and cancelled rows from the batch (and the cache), finishing the former."""
+        done = [i for i, c in enumerate(self.rows) if c.request.cancelled or c.row.finished]
         for i in reversed(done):  # the last row moves into a freed one: go from the end
             c = self.rows[i]
             self.decoder.drop_row(i)
@@ -317,14 +338,33 @@ class Batcher:
             self.rows.pop()
             if not c.request.cancelled:
                 self._finish(c)
-        if not self.rows:
-            return
-        self.stats.steps += 1
-        self.stats.step_rows += len(self.rows)
-        last = torch.tensor([c.row.last for c in self.rows], dtype=torch.long, device=self.device)
-        logits = self.decoder.step(last)  # (B, V)
-        for c, row_logits in zip(self.rows, logits):
-            c.logits = row_logits
+
+    def _speculate(self, c: Choice) -> bool:
+        """The lone row's next forward with drafts: its last token and up to k drafts in one forward
+        (row 0 of the cache), the kept drafts emitted, the next token chosen (``c.chosen``) with the
+        logits it came from; False (nothing run) when there is nothing to draft."""
+        row, request = c.row, c.request
+        if self.drafter is None or request.logprobs is not None or request.banned or row.forced:
+            return False
+        length, cfg = self.decoder.lengths[0], row.config  # length: the cached positions
+        room = min(
+            self.drafter.k, self.model.config.block_size - length - 1, cfg.max_new_tokens - row.generated - 1
+        )
+        context = [*request.prompt_ids, *row.stream.ids]
+        drafts, q = self.drafter.propose(context, room, cfg, row.generator) if room > 0 else ([], None)
+        if not drafts:
+            return False
+        fed = torch.tensor([[row.last, *drafts]], dtype=torch.long, device=self.device)  # (1, k+1)
+        logits = self.decoder.extend(fed)[0]  # (k+1, V): after the last token and after each draft
+        scores = logits[:, : self.vocab_size].float()
+        n, c.chosen = verify(row, scores, drafts, q)
+        self.decoder.truncate(length + 1 + n)  # the fed token and the kept drafts
+        c.logits = logits[n]
+        for i, token in enumerate(drafts[:n]):
+            self._emit(c, token, False, scores[i])
+            if row.finished:
+                break
+        return True
 
     def _emit(self, c: Choice, token: int, forced: bool, scores: torch.Tensor) -> None:
         """Record the row's next token (chosen from scores (V,), or ``forced``), emit its new text and
