@@ -41,3 +41,17 @@ def test_plot_writes_a_png_of_several_runs(tmp_path, capsys):
 def test_plot_names_a_directory_without_metrics(tmp_path):
     with pytest.raises(DataError, match="has no metrics.jsonl"):
         load_runs([str(tmp_path)])
+
+
+def test_a_grpo_run_gets_a_reward_panel(tmp_path):
+    directory = tmp_path / "grpo"
+    directory.mkdir()
+    rows = [{"step": s, "tokens": 0, "train_loss": -r, "val_loss": -r, "val_bpb": None, "train_reward": r,
+             "val_reward": r, "val_accuracy": r, "val_reward_std": 0.4, "lr": 1e-5, "elapsed_s": s}
+            for s, r in ((0, 0.3), (20, 0.5))]  # fmt: skip
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = load_runs([str(directory)])
+    assert panels(runs) == [("loss", ["train_loss", "val_loss"]),
+                            ("reward", ["train_reward", "val_reward", "val_accuracy"])]  # fmt: skip
+    plot_main([str(directory), f"out={tmp_path / 'reward.png'}"])
+    assert (tmp_path / "reward.png").stat().st_size > 10_000

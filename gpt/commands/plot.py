@@ -1,5 +1,5 @@
-"""Plot the curves of one or several runs as a PNG: train/val loss, and val bits per byte and task
-scores when the runs logged them (``pip install 'gpt[plot]'`` for matplotlib).
+"""Plot the curves of one or several runs as a PNG: train/val loss, and val bits per byte, rewards
+(GRPO) and task scores when the runs logged them (``pip install 'gpt[plot]'`` for matplotlib).
 
     gpt plot out/shakespeare_char out/shakespeare               # -> runs.png
     gpt plot out/a out/b x=tokens out=docs/loss.png title='char vs BPE'
@@ -64,11 +64,14 @@ def load_runs(runs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
 
 
 def panels(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[str]]]:
-    """(title, metric keys) of each subplot: loss, then bpb and task scores when any run has them."""
+    """(title, metric keys) of each subplot: loss, then bpb, rewards (GRPO: the greedy replies' mean
+    reward and exact-answer accuracy) and task scores when any run has them."""
     keys = {k for records in runs.values() for r in records for k, v in r.items() if v is not None}
     found = [("loss", ["train_loss", "val_loss"])]
     if "val_bpb" in keys:
         found.append(("val bits per byte", ["val_bpb"]))
+    if "val_reward" in keys:
+        found.append(("reward", [k for k in ("train_reward", "val_reward", "val_accuracy") if k in keys]))
     tasks = sorted(k for k in keys if "/" in k)
     if tasks:
         found.append(("task scores", tasks))
