@@ -23,7 +23,7 @@ bot name), from a different seed than the SFT dialogs.
 
 With ``--tools`` (default --out tools.jsonl) the dialogs are arithmetic beyond memorisation, answered
 with the built-in calculator (``gpt.infer.tools``) in OpenAI's messages format: a user asks a product
-of two 3-digit numbers or a sum of four 3-digit numbers ("product", "sum"); the assistant calls
+of two 3-digit numbers or a sum of three 3-digit numbers ("product", "sum"); the assistant calls
 ``calculator`` (``tool_calls``), the ``tool`` message brings the result, and the assistant states it:
 "The answer is 56088.". ``--direct`` (default --out direct.jsonl) writes the same problems, same split,
 answered directly without the tool: the comparison a same-size model is tuned on.
@@ -134,12 +134,12 @@ def generate(n_dialogs: int, val_fraction: float, seed: int) -> tuple[list[list[
 
 
 def tool_problem(rng: random.Random) -> tuple[str, str, int]:
-    """(task, expression, value): a 3-digit by 3-digit product, or a sum of four 3-digit numbers
-    (some subtracted, never the first), as "123 * 456" / "234 + 567 - 890 + 432"."""
+    """(task, expression, value): a 3-digit by 3-digit product, or a sum of three 3-digit numbers
+    (some subtracted, never the first), as "123 * 456" / "234 + 567 - 890"."""
     if rng.random() < 0.5:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
         return "product", f"{a} * {b}", a * b
-    terms = [rng.randint(100, 999) for _ in range(4)]
+    terms = [rng.randint(100, 999) for _ in range(3)]
     signs = [rng.choice("+-") for _ in terms[1:]]
     value = terms[0] + sum(t if sign == "+" else -t for sign, t in zip(signs, terms[1:], strict=True))
     expression = str(terms[0]) + "".join(f" {sign} {t}" for sign, t in zip(signs, terms[1:], strict=True))

@@ -239,7 +239,10 @@ def test_make_dialogs_tools_and_direct_share_problems_and_hold_out(tmp_path) -> 
     for d in tools:
         expression = json.loads(d[-3]["tool_calls"][0]["function"]["arguments"])["expression"]
         assert d[-2]["content"] == calculate(expression)
-        assert d[-1]["content"] == f"{expression} = {d[-2]['content']}."
+        assert d[-1]["content"] == f"The answer is {d[-2]['content']}."
+        assert expression in d[-4]["content"]  # copied verbatim from the question
     assert all(len(d) <= 3 and "tool_calls" not in d[-1] for d in direct)
-    train, val = {d[-1]["content"] for d in tools[:360]}, {d[-1]["content"] for d in tools[360:]}
+    arguments = lambda d: json.loads(d[-3]["tool_calls"][0]["function"]["arguments"])
+    problem = lambda d: arguments(d)["expression"].replace(" ", "")  # as asked, with or without spaces
+    train, val = {problem(d) for d in tools[:360]}, {problem(d) for d in tools[360:]}
     assert len(val) == 40 and not train & val
