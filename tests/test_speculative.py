@@ -12,7 +12,7 @@ from gpt.commands.cli import compose_config
 from gpt.commands.sample import SAMPLE
 from gpt.errors import ConfigError
 from gpt.infer.chat_repl import ChatRepl
-from gpt.infer.config import GenerationConfig, ServeConfig
+from gpt.infer.config import GenerationConfig
 from gpt.infer.generate import generate
 from gpt.infer.sample import sample
 from gpt.infer.speculative import ModelDrafter, NgramDrafter, accept, drafter_from
@@ -93,8 +93,6 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(tmp_path):
     model = tiny(0, "rope")
     with pytest.raises(ConfigError, match="num_samples=1"):
         generate(model, tok, [1], GenerationConfig(num_samples=2), drafter=NgramDrafter(4, 3))
-    with pytest.raises(ConfigError, match="prompt lookup only"):
-        ServeConfig(draft="out/shakespeare_char")  # the server takes draft=ngram only
     from gpt.checkpoint import save_checkpoint
 
     other = char_tokenizer(["xyz"])

@@ -198,10 +198,11 @@ class ServeConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """debug (with access log) | info | warning | error."""
     draft: str | None = None
-    """ngram: speculative decoding by prompt lookup (gpt.infer.speculative) for a request alone in the
-    batch (batched rows decode plainly); null = off. A draft model is refused in the server."""
+    """Speculative decoding (gpt.infer.speculative) for a request alone in the batch (batched rows decode
+    plainly): ngram = prompt lookup, or a draft model with the model's tokenizer (a run directory,
+    checkpoint, LoRA run or hf:DIR), loaded at start; null = off."""
     draft_tokens: int = SampleConfig.draft_tokens
-    """draft=ngram: tokens drafted per step."""
+    """Tokens drafted per step (draft set)."""
     draft_ngram: int = SampleConfig.draft_ngram
     """draft=ngram: the longest n-gram looked up (then shorter ones, down to 1)."""
 
@@ -218,9 +219,6 @@ class ServeConfig:
             ("draft_ngram", 1 <= self.draft_ngram <= 64, "must be in [1, 64]"),
         ]
         check_ranges("", self, checks)
-        if self.draft not in (None, "ngram"):
-            raise ConfigError(f"draft={self.draft}: the server drafts by prompt lookup only (draft=ngram); "
-                              "a draft model works in sample.py and its REPLs")  # fmt: skip
         self.max_n = min(self.max_n, self.max_batch)  # n choices take n rows of the batch
 
     @classmethod

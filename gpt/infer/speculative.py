@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gpt.errors import ConfigError
+from gpt.errors import CheckpointError, ConfigError
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder
 from gpt.infer.sampling import Row, apply_penalties, choose, distribution, draw
@@ -91,7 +91,10 @@ def drafter_from(draft: str, draft_tokens: int, draft_ngram: int, model: GPT, to
     built on its device and dtype."""
     if draft == "ngram":
         return NgramDrafter(draft_tokens, draft_ngram)
-    loaded = load(draft)
+    try:
+        loaded = load(draft)
+    except CheckpointError as e:  # name the key: the model's own reference loaded fine
+        raise CheckpointError(f"{key}={draft}: {e}") from None
     if loaded.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise ConfigError(f"{key}={draft} has a different tokenizer from the model's; a draft model must "
                           "share the target's tokenizer (or use draft=ngram)")  # fmt: skip

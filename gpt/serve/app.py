@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from gpt.chat_template import check_messages, render_prompt
 from gpt.errors import DataError
 from gpt.infer.config import ServeConfig
-from gpt.infer.speculative import NgramDrafter
+from gpt.infer.speculative import drafter_from
 from gpt.model import GPT
 from gpt.serve.batcher import Batcher, Done, Finish, Piece, QueueFull, Request
 from gpt.serve.guard import HostGuard, check_json, error_response
@@ -65,7 +65,9 @@ class Service:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.model_name, self.chat_trained = model_name, chat_trained
         self.block_size = model.config.block_size
-        drafter = NgramDrafter(cfg.draft_tokens, cfg.draft_ngram) if cfg.draft == "ngram" else None
+        drafter = None if cfg.draft is None else drafter_from(
+            cfg.draft, cfg.draft_tokens, cfg.draft_ngram, model, tokenizer
+        )  # ngram, or a draft model loaded now (a bad reference stops the server before it listens)
         self.batcher = Batcher(model, tokenizer, cfg.max_batch, cfg.max_queue, drafter=drafter)
         self.counters = Counters()
         self.created = int(time.time())

@@ -10,8 +10,8 @@ lengths), and each row picks its next token with its own settings and its own se
 leaves the batch as soon as it is done or its client is gone, and a waiting request takes its place
 at the next step.
 
-With a drafter (``gpt serve draft=ngram``) a row alone in the batch (no logprobs, banned or forced
-tokens) decodes speculatively (gpt.infer.speculative.verify: greedy gives plain decoding's text);
+With a drafter (``gpt serve draft=ngram`` or ``draft=RUN``) a row alone in the batch (no logprobs, banned
+or forced tokens) decodes speculatively (gpt.infer.speculative.verify: greedy gives plain decoding's text);
 batched rows take plain steps, which already read the weights once for every row.
 
     batcher = Batcher(model, tokenizer, max_batch=16, max_queue=64)
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder
 from gpt.infer.sampling import Row, TextStream, choose, prompt_counts
-from gpt.infer.speculative import NgramDrafter, verify
+from gpt.infer.speculative import ModelDrafter, NgramDrafter, verify
 from gpt.model import GPT
 
 log = logging.getLogger("gpt.serve")
@@ -152,7 +152,7 @@ class Batcher:
     """The scheduler and the model thread (see the module docstring)."""
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 1024, drafter: NgramDrafter | None = None):  # fmt: skip
+                 prefill_tokens: int = 1024, drafter: NgramDrafter | ModelDrafter | None = None):  # fmt: skip
         self.model, self.tokenizer, self.drafter = model.eval(), tokenizer, drafter
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.device = model.lm_head.weight.device
