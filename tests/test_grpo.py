@@ -170,3 +170,12 @@ def test_a_failing_reward_function_stops_the_run_naming_the_prompt(sft_run, tmp_
     base, prompts = sft_run
     with pytest.raises(ConfigError, match=rf"reward 'tests.test_grpo:{fn}' .* at {prompts}:\d+"):
         train(grpo_config(tmp_path, "f", base, prompts, grpo=dict(rewards=[f"tests.test_grpo:{fn}"])))
+
+
+def test_a_reward_that_does_not_import_stops_before_the_run_starts(tmp_path):
+    """Checked before the model, the data or the run directory: nothing is loaded or written."""
+    cfg = grpo_config(tmp_path, "x", tmp_path / "no_base", tmp_path / "no_prompts.jsonl",
+                      grpo=dict(rewards=["no_such_module_xyz:f"]))  # fmt: skip
+    with pytest.raises(ConfigError, match="cannot import"):
+        train(cfg)
+    assert not (tmp_path / "x").exists()

@@ -101,8 +101,16 @@ def test_a_slow_tool_is_cut_off_and_a_long_result_cut() -> None:
 
 
 def test_unknown_builtin_is_one_line() -> None:
+    """Refused by the configs themselves: before any model is loaded."""
+    from gpt.eval.dialogs import EvalConfig
+    from gpt.infer.config import SampleConfig
+
     with pytest.raises(ConfigError, match="unknown tool 'web'; built-in: calculator"):
         toolbox(["calculator", "web"])
+    with pytest.raises(ConfigError, match="unknown tool 'web'"):
+        SampleConfig.from_dict({"tools": ["web"], "ckpt": "/nonexistent"})
+    with pytest.raises(ConfigError, match="unknown tool 'web'"):
+        EvalConfig(ckpt="/nonexistent", tools=["web"])
 
 
 # --- the engine runs the calls: a tiny model that learned one tool dialog --------------------------

@@ -66,6 +66,7 @@ class EvalConfig:
         for key in ("max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        toolbox(self.tools or [])  # an unknown tool: one line before the model loads
 
 
 def held_out_dialogs(state: dict[str, Any]) -> tuple[list, str]:

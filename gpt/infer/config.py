@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gpt.errors import ConfigError
+from gpt.infer.tools import toolbox
 from gpt.quant import Quantize
 from gpt.typed_config import Dtype, check_ranges, finite, from_dict
 
@@ -143,6 +144,7 @@ class SampleConfig(GenerationConfig):
             ("draft_ngram", 1 <= self.draft_ngram <= 64, "must be in [1, 64]"),
         ]
         check_ranges("", self, checks)
+        toolbox(self.tools or [])  # an unknown tool: one line before the model loads
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleConfig:

@@ -49,6 +49,7 @@ from gpt.train.memory import check_memory, planned
 from gpt.train.monitor import Throughput
 from gpt.train.objective import make_objective
 from gpt.train.optim import clip_gradients, configure_optimizer, lr_at
+from gpt.train.rewards import Rewards
 from gpt.train.rundir import claim_out_dir
 from gpt.train.setup import RunSetup, setup_run
 from gpt.train.signals import AGREED, Interrupted, Stop, StopFlag
@@ -379,6 +380,8 @@ def train(
     why the run stopped (``"stopped"``: a ``Stop``; the command maps it to an exit status).
     ``should_stop(step)`` lets Python callers interrupt the run as Ctrl-C would; ``after_backward``
     is a test hook (fault injection)."""
+    if cfg.data.format == "prompts":  # a reward that does not import: one line before anything loads
+        Rewards(cfg.grpo.rewards, cfg.grpo.reward_weights)
     info = D.init_distributed(cfg.device, cfg.train.timeout_s)
     if info.device.type == "cpu":
         keep_freed_memory()  # no page faults on the blocks each step frees and takes back
