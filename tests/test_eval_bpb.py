@@ -123,6 +123,14 @@ def test_bpb_val_split_is_the_val_split_training_prepares(tmp_path, monkeypatch,
     docs = val_documents(text_cfg, tok)
     assert [t for d in docs for t in d] == [t for t in val_ids if t != tok.eot_id]
     assert "".join(read_texts(text_cfg, tok)) == tok.decode([t for t in val_ids if t != tok.eot_id])
+    # a run that held out val_tokens after a max_tokens cut: the same keys give the same split
+    cut = dict(val_tokens=40, max_tokens=400)
+    data = prepare(DataConfig(name="v", path=str(path), cache_dir=str(tmp_path / "cache"), tokenizer="char",
+                              **cut), block_size=8, show_progress=False)  # fmt: skip
+    val_ids = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in data.val_shards]).tolist()
+    assert data.val_tokens == 40
+    docs = val_documents(TextConfig(path=str(path), split="val", cache_dir=str(tmp_path / "o2"), **cut), tok)
+    assert [t for d in docs for t in d] == [t for t in val_ids if t != tok.eot_id]
 
 
 def test_the_command_scores_trainings_val_split(tmp_path, capsys):

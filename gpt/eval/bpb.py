@@ -52,6 +52,10 @@ class TextConfig:
     """'all': the whole text; 'val': the last val_fraction of its tokens, training's val split."""
     val_fraction: float = 0.1
     """split=val: the fraction held out, as in the run's data.val_fraction."""
+    val_tokens: int = 0
+    """split=val: the tokens held out instead of val_fraction, as in the run's data.val_tokens; 0 = off."""
+    max_tokens: int = 0
+    """split=val: the run's data.max_tokens (the corpus cut before the split); 0 = all."""
     cache_dir: str | None = None
     """split=val: where the prepared shards are cached; None = training's default (data.cache_dir)."""
     max_bytes: int = 0
@@ -60,8 +64,9 @@ class TextConfig:
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.max_bytes < 0:
-            raise ConfigError(f"data.max_bytes={self.max_bytes} must be >= 0 (0 = all)")
+        for key in ("max_bytes", "val_tokens", "max_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -96,7 +101,8 @@ def val_documents(cfg: TextConfig, tokenizer) -> list[list[int]]:
     ``gpt.data.prepare`` makes (or finds cached), cut into documents at each <|endoftext|>."""
     keys = {"cache_dir": cfg.cache_dir} if cfg.cache_dir else {}
     data_cfg = DataConfig(name="eval", path=cfg.path, text_field=cfg.jsonl_field,
-                          val_fraction=cfg.val_fraction, **keys)  # fmt: skip
+                          val_fraction=cfg.val_fraction, val_tokens=cfg.val_tokens, max_tokens=cfg.max_tokens,
+                          **keys)  # fmt: skip
     data = prepare(data_cfg, block_size=0, tokenizer=tokenizer, show_progress=False)
     ids = np.concatenate([np.asarray(read_shard(p), dtype=np.int64) for p in data.val_shards]).tolist()
     docs, start = [], 0
