@@ -4,12 +4,12 @@ their errors, the reference log-prob cache (reused, invalidated), LoRA-DPO, and 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import re
 
 import pytest
 import torch
+from helpers_eval import tiny_sft_run, write_jsonl
 
 from gpt.config import TrainRunConfig
 from gpt.data.preference import read_pairs
@@ -79,10 +79,6 @@ def logged(capsys) -> str:
     return out.out + out.err
 
 
-def write_jsonl(path, records) -> None:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-
-
 def test_prompt_and_hh_pairs_read_to_the_same_pair(tmp_path):
     write_jsonl(
         tmp_path / "a.jsonl", [{"prompt": "Hi, who are you?", "chosen": "I am Quill.", "rejected": "No."}]
@@ -143,21 +139,11 @@ def dpo_config(tmp_path, out, init_from, pairs_path, **sections) -> TrainRunConf
 def sft_run(tmp_path_factory):
     """A tiny chat model (char tokenizer) that has seen every reply of PAIRS."""
     tmp = tmp_path_factory.mktemp("dpo")
-    dialogs = tmp / "dialogs.jsonl"
-    write_jsonl(dialogs, [{"messages": p["prompt"] + p[k]} for p in PAIRS for k in ("chosen", "rejected")])
-    cfg = TrainRunConfig.from_dict({
-        "out_dir": str(tmp / "sft"), "seed": 1, "device": "cpu",
-        "model": dict(block_size=48, n_layer=1, n_head=2, n_embd=32, bias=False, norm="rmsnorm",
-                      pos_emb="rope"),
-        "data": dict(name="d", format="dialogs", path=str(dialogs), tokenizer="char", val_fraction=0.0),
-        "train": dict(max_steps=3, batch_size=4, eval_interval=0, log_interval=3, ckpt_interval=0,
-                      progress=False, peak_flops=1e12, dtype="fp32"),
-        "wandb": dict(mode="disabled"),
-    })  # fmt: skip
-    train(cfg)
+    dialogs = [p["prompt"] + p[k] for p in PAIRS for k in ("chosen", "rejected")]
+    base = tiny_sft_run(tmp, dialogs, block_size=48)
     pairs = tmp / "pairs.jsonl"
     write_jsonl(pairs, PAIRS)
-    return tmp / "sft", pairs
+    return base, pairs
 
 
 def test_dpo_run_logs_preference_metrics_and_reuses_its_reference_cache(sft_run, tmp_path, capsys):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers_eval import tiny_sft_run, write_jsonl
 
 from gpt.checkpoint import CKPT_NAME
 from gpt.config import TrainRunConfig
@@ -32,10 +33,6 @@ def bad_reward(messages, reply, record):
 
 def nan_reward(messages, reply, record):
     return "high"
-
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_advantages_are_normalised_within_each_group():
@@ -100,21 +97,10 @@ def test_bad_prompt_lines_are_named_with_file_and_line(tmp_path):
 
 def sft(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo")
-    dialogs = tmp / "dialogs.jsonl"
-    write_jsonl(dialogs, [{"messages": [U(f"{a}+{b}?"), A(str(a + b))]} for a, b in PROBLEMS])
-    cfg = TrainRunConfig.from_dict({
-        "out_dir": str(tmp / "sft"), "seed": 1, "device": "cpu",
-        "model": dict(block_size=32, n_layer=1, n_head=2, n_embd=32, bias=False, norm="rmsnorm",
-                      pos_emb="rope"),
-        "data": dict(name="d", format="dialogs", path=str(dialogs), tokenizer="char", val_fraction=0.0),
-        "train": dict(max_steps=3, batch_size=4, eval_interval=0, log_interval=3, ckpt_interval=0,
-                      progress=False, peak_flops=1e12, dtype="fp32"),
-        "wandb": dict(mode="disabled"),
-    })  # fmt: skip
-    train(cfg)
+    base = tiny_sft_run(tmp, [[U(f"{a}+{b}?"), A(str(a + b))] for a, b in PROBLEMS], block_size=32)
     prompts = tmp / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": f"{a}+{b}?", "answer": a + b} for a, b in PROBLEMS])
-    return tmp / "sft", prompts
+    return base, prompts
 
 
 @pytest.fixture(scope="module")
