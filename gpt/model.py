@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt import ops
 from gpt.errors import ConfigError
 from gpt.ops import linear, one_token_attention, relu_squared, rms_norm, rope_frequencies, rope_tables, rotate
 
@@ -184,10 +185,10 @@ class KVStore(Protocol):
     attn_mask: torch.Tensor | None
     """(B or 1, 1, T, S) True where a query may see a key, S the keys ``update`` returns; None when a
     plain causal mask (an empty cache) or no mask (one new token after equally long rows) is right."""
+    start: int | None  # the rows' common cached length; None when they differ
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, hs) at the rows' positions; return the cached keys, values
-        (B, n_kv_head, S, hs)."""
+        """Store k, v (B, n_kv_head, T, hs) at the rows' positions; return all keys, values (B, nkv, S, hs)"""
         ...
 
 
@@ -249,15 +250,16 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hs): the cached keys and the new ones
         dropout_p = self.dropout if self.training else 0.0
-        # attn_mask: packed documents' block-diagonal causal mask (B, 1, T, T), or the cache's (ragged
-        # rows, or several tokens after cached ones); else causal over the T new tokens (training, an
-        # empty cache's prefill: flash on GPU), and a one-token decode sees every cached key
+        # attn_mask: packed documents' (B, 1, T, T), or the cache's (ragged rows, tokens after cached
+        # ones); else causal over the T new tokens (training, a prefill), or one token sees every key.
         causal = attn_mask is None and T > 1
-        # upcast: autocast would cast the inputs back to bf16, so it is off around the call. GQA:
-        # SDPA shares each k/v head among nh / nkv query heads itself (on the CPU as fast as
-        # repeat_interleave in training, faster in decoding: measured at B=8, nh=8, nkv=2, T=128)
-        if T == 1 and not (dropout_p or upcast) and q.device.type == "cpu":  # a decode step on the CPU
+        # upcast: autocast would cast the inputs back to bf16. GQA: SDPA shares each k/v head itself
+        # (as fast as repeat_interleave in training, faster in decoding: B=8, nh=8, nkv=2, T=128)
+        cpu_decode = not (dropout_p or upcast) and q.device.type == "cpu" and kv_cache is not None
+        if T == 1 and cpu_decode:  # a decode step on the CPU
             y = one_token_attention(q, k, v, attn_mask)
+        elif cpu_decode and kv_cache.start and T <= ops.FEW_TOKENS:  # drafts checked: each as its own step
+            y = ops.few_token_attention(q, k, v)
         else:
             with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(

@@ -13,6 +13,7 @@ from gpt.commands.sample import SAMPLE
 from gpt.errors import ConfigError
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.config import GenerationConfig
+from gpt.infer.engine import Decoder
 from gpt.infer.generate import generate
 from gpt.infer.sample import sample
 from gpt.infer.speculative import ModelDrafter, NgramDrafter, accept, drafter_from
@@ -143,3 +144,23 @@ def test_sample_py_and_the_chat_repl_take_draft(tmp_path):
                  history_file=None, drafter=drafter).run()  # fmt: skip
         replies.append(out.getvalue())
     assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_checking_drafts_gives_the_logits_of_one_token_steps_bit_for_bit(dtype):
+    """The target's forward over k drafted tokens (``Decoder.extend``) equals k one-token steps to the
+    bit in bf16 (the CPU's default), below and above the cache length where the one-token attention
+    leaves SDPA: greedy text cannot depend on near-ties rounding another way (SDPA over the k queries
+    flipped them). fp32's GEMM of k rows rounds its last bit differently from one row's (~1e-7)."""
+    model = tiny(3, "rope", n_embd=64, block_size=128).to(dtype)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for prompt in (8, 90):  # cached keys below and above ONE_TOKEN_MIN_KEYS (64)
+            ids = torch.randint(0, 64, (1, prompt + 6))
+            steps, fed = Decoder(model, 1), Decoder(model, 1)
+            steps.prefill(ids[:, :prompt])
+            want = torch.stack([steps.step(ids[0, i : i + 1])[0] for i in range(prompt, prompt + 6)])
+            fed.prefill(ids[:, :prompt])
+            got = fed.extend(ids[:, prompt:])[0]
+            exact = dtype == torch.bfloat16
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=0, atol=1e-6)
