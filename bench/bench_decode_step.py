@@ -4,6 +4,7 @@
     python bench/bench_decode_step.py attention # one query over S cached keys: SDPA vs one_token_attention
     python bench/bench_decode_step.py profile   # torch.profiler over decode steps: a table by kind of op
     python bench/bench_decode_step.py ab        # tok/s before / after gpt.ops' kernels, interleaved rounds
+    python bench/bench_decode_step.py ab --compiled --batch 16  # and the compiled step (compile_decode)
 
 A seeded random GPT-2 124M (``GPTConfig()``: 12 x 768, vocab 50304, block 1024) in bf16, --threads
 threads (2 by default). Every comparison alternates its variants inside one process, round after
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpt.model
-from gpt.infer.engine import Decoder
+from gpt.infer.engine import Decoder, compile_decode
 from gpt.infer.generate import greedy_batch
 from gpt.model import GPT, GPTConfig
 from gpt.ops import linear, one_token_attention
@@ -179,47 +180,63 @@ def gemm_kind(op: str, shapes: list) -> str:
 # ----------------------------------------------------------------------------------------------- ab
 def ab(args) -> None:
     """tok/s of greedy_batch (sample.py's and eval's decode) and of the bare Decoder.step loop, alternating:
-    before (the layers called as they are, SDPA), the packed weights alone, and both kernels of gpt.ops."""
-    model, tok = build_model(), gpt2_tokenizer()
+    before (the layers called as they are, SDPA), the packed weights alone, both kernels of gpt.ops, and
+    with --compiled the step compiled (engine.compile_decode; its compile time is round 0's)."""
+    model, tok, batch = build_model(), gpt2_tokenizer(), args.batch
     bound_bytes = weight_bytes(model)
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-    prompt = prompt.tolist()
+    prompts = prompt.tolist() * batch  # equal rows: one batch of ``batch``
     plain = (lambda layer, x: layer(x), sdpa)  # the layers themselves and SDPA: the code before
     variants = {"before": plain, "packed linear": (linear, sdpa), "after": (linear, one_token_attention)}
+    compiled = None
+    if args.compiled:
+        variants["compiled"] = (linear, one_token_attention)
+        compile_decode(model)
+        compiled = model.__dict__.pop("_compiled_step")  # put back for its variant alone
     results, greedy, big = defaultdict(list), {}, torch.ones(2**28)
     print(load())
     for round_ in range(args.rounds + 1):  # round 0 warms up
         bandwidth = read_bandwidth(big)
         results["roofline"].append(bandwidth * 1e9 / bound_bytes)
         for name, (gpt.model.linear, gpt.model.one_token_attention) in variants.items():  # what forward calls
+            if name == "compiled":
+                model.__dict__["_compiled_step"] = compiled
             t0 = time.perf_counter()
-            greedy[name] = greedy_batch(model, tok, prompt, args.new_tokens)[0]
+            greedy[name] = [c.ids for c in greedy_batch(model, tok, prompts, args.new_tokens)]
             wall = time.perf_counter() - t0
-            results[f"{name} greedy_batch"].append(args.new_tokens / wall)
-            steps = bare_loop(model, args.prompt_tokens, args.new_tokens)
-            results[f"{name} Decoder.step"].append(args.new_tokens / steps)
+            results[f"{name} greedy_batch"].append(batch * args.new_tokens / wall)
+            steps = bare_loop(model, args.prompt_tokens, args.new_tokens, batch)
+            results[f"{name} Decoder.step"].append(batch * args.new_tokens / steps)
+            model.__dict__.pop("_compiled_step", None)
+            if round_ == 0 and name == "compiled":
+                print(f"compiled variant, round 0 (compiles): {wall:.1f} s for greedy_batch", file=sys.stderr)
         last = ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items())
         print(f"round {round_}: {last}", file=sys.stderr)
     gpt.model.linear, gpt.model.one_token_attention = linear, one_token_attention
-    print(f"{load()}; {bound_bytes / 1e6:.0f} MB of bf16 weights; medians of {args.rounds} rounds\n")
+    print(f"{load()}; {bound_bytes / 1e6:.0f} MB of bf16 weights; batch {batch}; "
+          f"medians of {args.rounds} rounds\n")  # fmt: skip
     print("| variant | tok/s | fraction of the roofline |\n|---|---|---|")
     roof = statistics.median(results.pop("roofline")[1:])
     print(f"| roofline (read bandwidth / weight bytes) | {roof:.0f} | 100% |")
     for name, speeds in results.items():
         speed = statistics.median(speeds[1:])
         print(f"| {name} | {speed:.1f} | {speed / roof:.0%} |")
-    same = greedy["before"].ids == greedy["packed linear"].ids == greedy["after"].ids
-    print(f"\ngreedy tokens identical between the variants: {same} ({len(greedy['after'].ids)} tokens)")
+    same = greedy["before"] == greedy["packed linear"] == greedy["after"]
+    print(f"\ngreedy tokens identical between the eager variants: {same} ({len(greedy['after'][0])} tokens)")
+    if compiled is not None:
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                 for x, y in zip(greedy["after"], greedy["compiled"])]  # fmt: skip
+        print(f"compiled: tokens equal to eager's for the first {min(agree)} of {len(greedy['after'][0])}")
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def bare_loop(model: GPT, prompt_tokens: int, steps: int) -> float:
-    """Seconds for ``steps`` decode steps with the argmax alone (no text, no stop checks)."""
+def bare_loop(model: GPT, prompt_tokens: int, steps: int, batch: int = 1) -> float:
+    """Seconds for ``steps`` decode steps of ``batch`` rows, the argmax alone (no text, no stop checks)."""
     with torch.inference_mode():
-        decoder = Decoder(model, 1)
+        decoder = Decoder(model, batch)
         token = decoder.prefill(torch.zeros(1, prompt_tokens, dtype=torch.long)).argmax(-1)
         return timed(lambda: [decoder.step(token).argmax(-1) for _ in range(steps)])
 
@@ -232,6 +249,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--before", action="store_true", help="profile: without gpt.ops' decode kernels")
+    p.add_argument("--batch", type=int, default=1, help="ab: rows decoded together")
+    p.add_argument("--compiled", action="store_true", help="ab: also the compiled step (compile_decode)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"gemv": gemv, "attention": attention, "profile": profile, "ab": ab}[args.what](args)

@@ -19,6 +19,7 @@ Rows, in order:
   and MFU against the GPU's dense bf16 peak (datasheet; the measured matmul peak alongside).
 - KV-cached decode: the 124M model with bf16 weights, a 256-token prompt, tokens/s for 1 and 16 rows;
   the same with int8 weights (gpt.quant, ``quantize=int8``), and its greedy tokens against bf16's.
+  And with the decode step compiled (``compile=true``, gpt.infer.engine.compile_decode).
 - Speculative decoding (gpt.infer.speculative), greedy, batch 1, the 124M model in bf16: prompt lookup
   (``draft=ngram``) on a prompt that quotes a passage twice and starts it a third time, and the small
   6x384 model trained above as the draft model (``draft=RUN``), tokens/s against plain decoding; the
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from gpt.config import OptimConfig
 from gpt.device import autocast_for, measure_peak_flops, synchronize
 from gpt.infer.config import GenerationConfig
-from gpt.infer.engine import Decoder
+from gpt.infer.engine import Decoder, compile_decode
 from gpt.infer.generate import generate
 from gpt.infer.speculative import ModelDrafter, NgramDrafter
 from gpt.model import GPT, GPTConfig
@@ -173,6 +174,22 @@ def int8_rows(model: GPT, prompt_len: int, steps: int) -> list[tuple[str, str, s
         return rows
     except Exception as e:  # e.g. no int8 kernel on this device: say so, the other rows go on
         return [("int8 KV decode", "FAIL", failure(e))]
+
+
+def compiled_rows(model: GPT, prompt_len: int, steps: int, tiny: bool) -> list[tuple[str, str, str]]:
+    """KV decode with the step compiled (compile=true: engine.compile_decode) on a copy, 1 and 16 rows."""
+    if tiny:  # the CPU test of this flow: two compiles would double its time
+        return [("compiled KV decode", "not run", "--tiny")]
+    try:
+        compiled, rows = clone(model, torch.bfloat16), []
+        compile_decode(compiled)
+        for n in (1, 16):  # decode_tokens_per_s's warm-up step compiles
+            tps = decode_tokens_per_s(compiled, n, prompt_len, steps)
+            rows.append((f"compiled KV decode, {n} row{'s' if n > 1 else ''}", f"{tps:,.0f} tok/s",
+                         "compile=true (torch.compile of the decode step, no CUDA graphs)"))  # fmt: skip
+        return rows
+    except Exception as e:  # e.g. no compiler toolchain: say so, the other rows go on
+        return [("compiled KV decode", "FAIL", failure(e))]
 
 
 def clone(model: GPT, dtype: torch.dtype) -> GPT:
@@ -356,6 +373,7 @@ def run_checks(
     log("int8 and speculative decode ...")
     rows += int8_rows(model, prompt_len, min(dsteps, big["block_size"] - prompt_len - 2))
     rows += speculative_rows(model, small_model.to(half).eval(), 8 if tiny else 200)
+    rows += compiled_rows(model, prompt_len, min(dsteps, big["block_size"] - prompt_len - 2), tiny)
     return rows
 
 

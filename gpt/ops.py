@@ -171,6 +171,8 @@ def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight changes: another tensor (``.to``) or an in-place update (its version counter: an optimizer
     step, ``load_state_dict``); an inference tensor has no counter and is packed once.
     """
+    if torch.compiler.is_compiling():  # inductor's freezing packs the weights itself (engine.compile_decode)
+        return layer(x)
     weight = layer.weight if type(layer) is torch.nn.Linear else None
     bf16 = x.dtype == torch.bfloat16 and weight is not None and weight.dtype == torch.bfloat16
     if weight is None or not bf16 or torch.is_grad_enabled() or x.device.type != "cpu" or not _mkldnn_bf16():
@@ -224,7 +226,10 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """
     B, nh, _, hs = q.shape
     nkv = k.size(1)
-    if k.size(2) < min_keys or torch.is_autocast_enabled("cpu"):  # autocast would make the matmuls bf16
+    # compiled (engine.compile_decode): always the matmuls, which inductor fuses; a branch on the
+    # cache's length would recompile the step when it crosses min_keys
+    small = not torch.compiler.is_compiling() and k.size(2) < min_keys  # compiling first: no guard
+    if small or torch.is_autocast_enabled("cpu"):  # autocast would make the matmuls bf16
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
     q = q.float().reshape(B, nkv, nh // nkv, hs)  # the query heads sharing each k/v head
     scores = (q @ k.float().transpose(-1, -2)) * hs**-0.5  # (B, nkv, nh / nkv, S)

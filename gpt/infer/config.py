@@ -123,6 +123,13 @@ class SampleConfig(GenerationConfig):
     quantize: Quantize = "none"
     """none | int8: int8 weights, one scale per output channel, activations in dtype (gpt.quant): a
     batch-1 decode step reads half the bytes of bf16 (1.6-1.9x its tokens/s on a CPU: bench/bench_int8.py)."""
+    compile: bool = False
+    """torch.compile the one-token decode step (gpt.infer.engine.compile_decode): weights frozen into
+    the compiled code, about 30 s of compiling at the first step for GPT-2 124M on a CPU, then +10%
+    tokens/s at batch 1 and +25-30% at batch 16 there (bf16, 1 thread: docs/benchmarks.md, "The batch-1
+    decode step"); prefills stay eager. Not CUDA graphs: the cache's length changes every token. With
+    draft: the draft model's steps are compiled, not the model's (it checks the drafts eagerly, whose
+    rounding its one-token steps must share for greedy text to stay plain decoding's)."""
     echo_prompt: bool = True
     """mode=generate: print the prompt before each sample's continuation."""
     history_file: str | None = "~/.gpt_history"
@@ -184,6 +191,8 @@ class ServeConfig:
     """Weights: auto (bf16, else fp16, on CUDA; else fp32) | fp32 | bf16 | fp16."""
     quantize: Quantize = "none"
     """none | int8: int8 weights with activations in dtype, as sample.py's quantize (gpt.quant)."""
+    compile: bool = SampleConfig.compile
+    """torch.compile the decode step, as sample.py's compile (the first request pays the compile)."""
     max_batch: int = 16
     """Rows decoded together (a request with n choices takes n rows)."""
     max_queue: int = 64

@@ -116,6 +116,42 @@ def check_memory(model: GPT, rows: int, key: str) -> None:
         )
 
 
+def compile_decode(model: GPT) -> None:
+    """Make every ``Decoder`` over ``model`` run its one-token decode steps through ``torch.compile``
+    (prefills and multi-token forwards stay eager); inference only: the weights are frozen into the
+    compiled code (inductor's freezing, which also packs them for oneDNN on the CPU), so a model whose
+    weights change afterwards must not be compiled. Compiled once per model, at its first step
+    (GPT-2 124M on a shared 2-core CPU: ~30 s for one row, ~70 s for several); the cache's length
+    is a dynamic size, so the step is not recompiled as the context grows. CUDA graphs
+    (``mode="reduce-overhead"``) are not used: the cache is written in place and its length changes
+    every token. docs/benchmarks.md ("The batch-1 decode step") has the figures."""
+    if "_compiled_step" not in model.__dict__:
+        model.__dict__["_compiled_step"] = _CompiledStep(torch.compile(model, dynamic=True))  # no submodule
+
+
+class _CompiledStep:
+    """The compiled model, held outside the module tree; a deep copy of the model gets None (a copy
+    has other weights: it compiles again only if asked)."""
+
+    __slots__ = ("compiled",)
+
+    def __init__(self, compiled: torch.nn.Module):
+        self.compiled = compiled
+
+    def __call__(self, ids: torch.Tensor, kv_cache: KVCache, last_only: bool) -> torch.Tensor:
+        import torch._inductor.config as inductor
+        import torch.fx.experimental._config as shapes
+
+        # freezing for this model alone, around every call: a call may (re)compile. torch.compile's
+        # options={"freezing": True} is not enough (measured: the weights stayed unpacked, 1.5x slower).
+        # No duck sizing: a first step at length 16 with 16 rows would tie the two and recompile later
+        with inductor.patch(freezing=True), shapes.patch(use_duck_shape=False):
+            return self.compiled(ids, kv_cache=kv_cache, last_only=last_only)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+
 class Decoder:
     """Runs the model over rows of growing contexts, rows ``[0, rows)`` in use: ``prefill`` a prompt
     into every row (or ``add`` prompts as new rows), then ``step`` one token per row; both return the
@@ -215,7 +251,9 @@ class Decoder:
             self.lengths[first : first + b] = [end] * b
             return self.model(self.context[first : first + b, :end], last_only=True)
         self.cache.begin(first, b, T)
-        logits = self.model(ids, kv_cache=self.cache, last_only=last_only)
+        compiled = self.model.__dict__.get("_compiled_step") if T == 1 else None  # compile_decode
+        model = compiled or self.model
+        logits = model(ids, kv_cache=self.cache, last_only=last_only and T > 1)  # one guard fewer
         self.cache.advance(added)  # after the forward: context[row, :length] is what the cache holds
         return logits
 

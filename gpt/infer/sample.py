@@ -14,9 +14,10 @@ from gpt.device import pick_device, resolve_dtype
 from gpt.errors import DataError
 from gpt.infer.chat_repl import ChatRepl
 from gpt.infer.config import SampleConfig
+from gpt.infer.engine import compile_decode
 from gpt.infer.generate import Generation
 from gpt.infer.repl import Repl, print_samples, settings_line
-from gpt.infer.speculative import drafter_from
+from gpt.infer.speculative import ModelDrafter, drafter_from
 from gpt.infer.tools import toolbox
 from gpt.runs.load import load
 from gpt.typed_config import resolve_path
@@ -66,6 +67,10 @@ def sample(cfg_dict: dict[str, Any], out: TextIO | None = None, err: TextIO | No
     prompt_ids = tokenizer.encode(text)  # before any notice: a bad character is the only line
     drafter = None if cfg.draft is None else drafter_from(cfg.draft, cfg.draft_tokens, cfg.draft_ngram,
                                                           model, tokenizer)  # fmt: skip
+    if cfg.compile and drafter is None:
+        compile_decode(model)
+    elif cfg.compile and isinstance(drafter, ModelDrafter):  # the model checks drafts eagerly: exact text
+        compile_decode(drafter.model)
     # likewise a batch that cannot fit in memory (checked by Generation before it allocates)
     gen = None
     if cfg.mode == "generate":

@@ -33,7 +33,8 @@ from starlette.requests import ClientDisconnect
 from gpt.chat_template import check_messages, render_prompt
 from gpt.errors import DataError
 from gpt.infer.config import ServeConfig
-from gpt.infer.speculative import drafter_from
+from gpt.infer.engine import compile_decode
+from gpt.infer.speculative import ModelDrafter, drafter_from
 from gpt.model import GPT
 from gpt.serve.batcher import Batcher, Done, Finish, Piece, QueueFull, Request
 from gpt.serve.guard import HostGuard, check_json, error_response
@@ -68,6 +69,8 @@ class Service:
         drafter = None if cfg.draft is None else drafter_from(
             cfg.draft, cfg.draft_tokens, cfg.draft_ngram, model, tokenizer
         )  # ngram, or a draft model loaded now (a bad reference stops the server before it listens)
+        if cfg.compile and isinstance(drafter, ModelDrafter):  # drafts are checked eagerly: exact text
+            compile_decode(drafter.model)
         self.batcher = Batcher(model, tokenizer, cfg.max_batch, cfg.max_queue, drafter=drafter)
         self.counters = Counters()
         self.created = int(time.time())

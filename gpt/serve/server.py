@@ -22,6 +22,7 @@ from typing import Any
 from gpt.device import pick_device, resolve_dtype
 from gpt.errors import ConfigError
 from gpt.infer.config import ServeConfig
+from gpt.infer.engine import compile_decode
 from gpt.model import GPT
 from gpt.runs.load import load
 from gpt.serve.app import create_app
@@ -43,6 +44,8 @@ def load_for_serving(cfg: ServeConfig) -> Served:
     dtype = resolve_dtype(cfg.dtype, device)
     loaded = load(cfg.ckpt, merge=True)
     model = loaded.build(quantize=cfg.quantize).to(device=device, dtype=dtype).eval()
+    if cfg.compile and cfg.draft is None:  # with drafts: the draft model's steps (gpt.serve.app)
+        compile_decode(model)
     chat_trained = ((loaded.state.get("config") or {}).get("data") or {}).get("format") == "dialogs"
     return Served(model, loaded.tokenizer, cfg.model_name or loaded.name, chat_trained)
 
