@@ -24,6 +24,7 @@ import torch
 
 from gpt.device import resolve_dtype
 from gpt.infer.config import GenerationConfig
+from gpt.infer.engine import compile_decode
 from gpt.infer.generate import generate
 from gpt.infer.speculative import ModelDrafter, NgramDrafter, drafter_from
 from gpt.model import GPT, GPTConfig
@@ -77,6 +78,8 @@ def compare(name: str, model: GPT, tok, prompts: list[str], drafter, tokens: int
     ids = [tok.encode(p) for p in prompts]
     settings = GenerationConfig(max_new_tokens=tokens, temperature=0.0)
     plain, spec, counted = [], [], Counted(drafter)
+    warm = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    timed(model, tok, ids[:1], warm, drafter)  # warm-up (and the draft's compile)
     for _ in range(rounds):
         rate, want = timed(model, tok, ids, settings, None)
         plain.append(rate)
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256, help="the trained target's n_embd")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="both models'")
+    parser.add_argument("--compile", action="store_true", help="compile the draft's steps (compile=true)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
@@ -124,6 +128,8 @@ def main() -> None:
         drafter = ModelDrafter(draft, args.k, vocab)
     else:
         return
+    if args.compile:  # as sample.py's compile=true with a draft: the draft's one-token steps
+        compile_decode(drafter.model)
     val = text[int(len(text) * 0.9) :]
     openings = [m.end() for m in re.finditer(r"\n\n[A-Z]+:\n", val)][::25][:4]  # 4 speeches
     prompts = [val[: val.index("\n", i) + 1][val.rindex("\n\n", 0, i) + 2 :] for i in openings]  # name, line
