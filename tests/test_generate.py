@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gpt.errors import ConfigError
 from gpt.infer.config import GenerationConfig
 from gpt.infer.engine import Decoder
-from gpt.infer.generate import Generation, beam_search, generate, generate_text
+from gpt.infer.generate import Generation, beam_search, generate, generate_text, sample_batch
 from gpt.infer.sampling import TextStream, apply_penalties, choose_next
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import char_tokenizer
@@ -363,3 +363,23 @@ def test_out_of_range_settings_name_the_setting(key, value):
 def test_more_samples_than_beams_is_rejected():
     with pytest.raises(ConfigError, match="num_samples"):
         GenerationConfig(num_beams=2, num_samples=3)
+
+
+def test_a_sampled_batch_draws_each_prompts_rows_as_generation_does():
+    """sample_batch (GRPO's rollouts): prompts of two lengths x 3 rows each, each prompt's rows sharing
+    one seeded generator, give the samples that Generation draws for each prompt alone with
+    num_samples=3 and that seed; a stop token ends a row early in both."""
+    model = tiny("rope", block_size=32)
+    tok = char_tokenizer(["abcdefghijklmnopqrstuvwxyz "])
+    prompts = [tok.encode(p) for p in ("hello wor", "abc", "the cat s")]  # 9, 3, 9 tokens
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=0)
+    stop = [tok.encode("e")[0]]
+    want = []
+    for i, p in enumerate(prompts):
+        solo = Generation(model, tok, p, GenerationConfig(**{**cfg.__dict__, "num_samples": 3}),
+                          stop_token_ids=stop, generator=torch.Generator().manual_seed(i))  # fmt: skip
+        want += [(c.ids, c.finish_reason) for c in solo.run()]
+    generators = [g for i in range(3) for g in [torch.Generator().manual_seed(i)] * 3]  # one per prompt
+    rows = [p for p in prompts for _ in range(3)]
+    got = [(c.ids, c.finish_reason) for c in sample_batch(model, tok, rows, cfg, generators, 9, stop)]
+    assert got == want and {r for _, r in got} == {"stop", "length"}

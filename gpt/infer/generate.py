@@ -230,24 +230,37 @@ class Generation:
 def greedy_batch(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  batch_size: int = 16, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                  tools: ToolRunner | None = None) -> list[Completion]:  # fmt: skip
-    """The greedy completion of each prompt (evaluation's decode), ended by a stop string or stop
-    token or max_new_tokens; ``tools`` runs the calls a reply makes, as ``Generation``'s. Prompts of
-    equal length decode together (equal rows: no attention mask); a prompt longer than the context
-    keeps its last block_size tokens, as ``Generation``."""
-    block, device = model.config.block_size, model.lm_head.weight.device
+    """The greedy completion of each prompt (evaluation's decode): ``sample_batch`` at temperature 0."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=0, stop=list(stop))
+    return sample_batch(model, tokenizer, prompts, cfg, None, batch_size, stop_token_ids, tools)
+
+
+def sample_batch(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                 generators: Sequence[torch.Generator | None] | None = None, batch_size: int = 16,
+                 stop_token_ids: Sequence[int] = (), tools: ToolRunner | None = None
+                 ) -> list[Completion]:  # fmt: skip
+    """The completion of each prompt under ``config`` (one sample each: repeat a prompt for several;
+    no beams), ended by a stop string or stop token or max_new_tokens; ``tools`` runs the calls a
+    reply makes, as ``Generation``'s. Prompts of equal length decode together, ``batch_size`` rows at
+    most (equal rows: no attention mask). ``generators[i]`` draws prompt i's tokens; rows that share a
+    generator draw together, in row order, as ``Generation``'s ``num_samples`` rows do (GRPO's groups).
+    A prompt longer than the context keeps its last block_size tokens, as ``Generation``."""
+    block, device = model.config.block_size, model.lm_head.weight.device
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
     prompts = [list(p)[-block:] or [tokenizer.eot_id] for p in prompts]
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         by_length[len(p)].append(i)
     out: list[Completion] = [Completion([], "", "length")] * len(prompts)
     groups = [idx[s : s + batch_size] for idx in by_length.values() for s in range(0, len(idx), batch_size)]
+    stops = frozenset(stop_token_ids)
     for group in groups:
         decoder = Decoder(model, len(group))
         with torch.inference_mode():
             logits = decoder.prefill(torch.tensor([prompts[i] for i in group], device=device))  # (B, V)
-        stops = frozenset(stop_token_ids)
-        rows = [Row(cfg, TextStream(tokenizer, cfg.stop), None, None, stops, tools=tools) for _ in group]
+        rows = [Row(config, TextStream(tokenizer, config.stop), generators[i] if generators else None,
+                    prompt_counts(config, torch.tensor(prompts[i]), vocab), stops, tools=tools)
+                for i in group]  # fmt: skip
         for _ in decode(decoder, logits, rows):
             pass
         for i, row in zip(group, rows, strict=True):

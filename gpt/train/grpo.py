@@ -2,9 +2,10 @@
 the objective of the one training loop (``experiment=grpo``, ``data.format=prompts``).
 
 Per rollout batch (``step // grpo.epochs``) each prompt gets G = ``grpo.group_size`` replies sampled
-by the engine (``gpt.infer.generate.Generation``: G rows on one KV cache, stopped at the end-of-turn
-token), each reply a reward (``gpt.train.rewards``), and each reply's tokens the advantage of its
-reply against its group, A = (r - mean) / (std + 1e-4). The loss is TRL's token-level clipped one,
+by the engine (``gpt.infer.generate.sample_batch``: the batch's prompts x G rows decoded together,
+stopped at the end-of-turn token), each reply a reward (``gpt.train.rewards``), and each reply's
+tokens the advantage of its reply against its group, A = (r - mean) / (std + 1e-4). The loss is
+TRL's token-level clipped one,
 
     loss = mean over completion tokens of  -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
                                            + kl_coef * (exp(ref - logp) - (ref - logp) - 1)    (k3)
@@ -31,7 +32,7 @@ import torch
 from gpt.config import TrainRunConfig
 from gpt.data.prompts import PromptBatch
 from gpt.infer.config import GenerationConfig
-from gpt.infer.generate import Generation, greedy_batch
+from gpt.infer.generate import greedy_batch, sample_batch
 from gpt.runs.load import load
 from gpt.tokenizer import EOT_TURN
 from gpt.train.objective import adapters_off, token_logps
@@ -109,18 +110,19 @@ class GRPOObjective:
     def rollout(self, batch: PromptBatch, device: torch.device) -> Rollout:
         """G sampled replies per prompt, their rewards and advantages (and pi_old, ref log-probs)."""
         g, (rollout, start) = self.g, batch.key
-        settings = GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=0,
-                                    num_samples=g.group_size)  # fmt: skip
-        prompts, replies, rewards = [], [], []
-        for i, prompt in enumerate(batch.prompts):
+        settings = GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=0)
+        # every prompt's G rows in one batch (those of equal length decode together), each prompt's
+        # rows drawing from its own generator: the same samples as decoding the prompts one by one
+        records = [p for p in batch.prompts for _ in range(g.group_size)]
+        prompts = [p.ids for p in records]
+        generators = []
+        for i in range(len(batch.prompts)):
             seed = int(np.random.SeedSequence([self.cfg.seed, rollout, start + i]).generate_state(1)[0])
-            gen = torch.Generator(device=device).manual_seed(seed)
-            run = Generation(self.raw, self.tokenizer, prompt.ids, settings, stop_token_ids=[self.turn_end],
-                             generator=gen)  # fmt: skip
-            for c in run.run():
-                prompts.append(prompt.ids)
-                replies.append(c.ids + [self.turn_end] * (c.finish_reason == "stop"))
-                rewards.append(self.rewards(prompt, c.text))
+            generators += [torch.Generator(device=device).manual_seed(seed)] * g.group_size
+        done = sample_batch(self.raw, self.tokenizer, prompts, settings, generators, batch_size=len(prompts),
+                            stop_token_ids=[self.turn_end])  # fmt: skip
+        replies = [c.ids + [self.turn_end] * (c.finish_reason == "stop") for c in done]
+        rewards = [self.rewards(p, c.text) for p, c in zip(records, done, strict=True)]
         x, y = pack(prompts, replies, self.tokenizer.eot_id)
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float64).view(-1, g.group_size)).flatten()
         old = self.target_logps(self.raw, x, y, device) if g.epochs > 1 else None
