@@ -41,6 +41,7 @@ import itertools
 
 from gpt.device import resolve_dtype
 from gpt.infer.config import ServeConfig
+from gpt.infer.engine import compile_decode
 from gpt.model import GPT, GPTConfig
 from gpt.serve.server import load_for_serving
 from gpt.tokenizer import char_tokenizer
@@ -137,6 +138,7 @@ def main() -> None:
     p.add_argument("--corpus", default=str(CORPUS), help="--ckpt: prompts are windows of this text")
     p.add_argument("--draft", default=None, help="speculative decoding: ngram or a draft model's run")
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (gpt serve compile=true)")
     args = p.parse_args()
     from helpers_serve import live_server
 
@@ -145,7 +147,8 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cfg = ServeConfig(max_batch=max(args.clients), max_queue=max(args.clients), device=args.device,
-                      dtype=args.dtype, draft=args.draft, ckpt=args.ckpt or ServeConfig.ckpt)  # fmt: skip
+                      dtype=args.dtype, draft=args.draft, ckpt=args.ckpt or ServeConfig.ckpt,
+                      compile=args.compile)  # fmt: skip
     corpus = None
     if args.ckpt:
         served = load_for_serving(cfg)
@@ -157,6 +160,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**SHAPES[args.model])).to(device=device, dtype=dtype).eval()
         tok = gpt2_tokenizer() if args.model == "gpt2" else char_tokenizer(["abcdefghijklmnopqrstuvwxyz .,"])
+        if args.compile and args.draft is None:  # as load_for_serving does
+            compile_decode(model)
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     print(
         f"{args.model}: {model.num_params() / 1e6:.1f}M parameters, {device}, {str(dtype)[6:]}, "
@@ -166,7 +171,9 @@ def main() -> None:
     )
     rows = []
     with live_server(model, tok, cfg, name="bench") as server:
-        asyncio.run(measure(server.url, 1, args.prompt_tokens, 4, tok.vocab_size, seed=99))  # warm-up
+        for n in [1, max(args.clients)] if args.compile else [1]:  # warm-up (compiles: 1 row, several)
+            warm = measure(server.url, n, args.prompt_tokens, 8, tok.vocab_size, 99, args.temperature, corpus)
+            asyncio.run(warm)
         for n in args.clients:
             row = asyncio.run(measure(server.url, n, args.prompt_tokens, args.new_tokens, tok.vocab_size, n,
                                       args.temperature, corpus))  # fmt: skip
