@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "f32": 4.0, "bf16": 2.0, "f16": 2.0, "q8_0": 34 / 32, "int8": 1.0}
-CONFIGS = ("ours-fp32", "ours-bf16", "ours-int8", "hf-fp32", "hf-bf16", "llama-f32", "llama-bf16",
-           "llama-q8_0")
+CONFIGS = ("ours-fp32", "ours-bf16", "ours-int8", "ours-bf16+compile", "ours-int8+compile", "hf-fp32",
+           "hf-bf16", "llama-f32", "llama-bf16", "llama-q8_0")  # +compile: sample.py's compile=true
 
 
 def build_model(directory: Path, kind: str) -> int:
@@ -98,15 +98,20 @@ def prompts(batch: int, length: int, vocab: int = 50257) -> list[list[int]]:
 
 
 def ours_worker(directory: Path, precision: str, args) -> dict:
-    from gpt.infer.engine import Decoder
+    from gpt.infer.engine import Decoder, compile_decode
     from gpt.infer.generate import greedy_batch
     from gpt.runs.load import load
 
+    compiled, precision = precision.endswith("+compile"), precision.removesuffix("+compile")
     loaded = load(f"hf:{directory}")
     quantize = "int8" if precision == "int8" else "none"  # int8 weights, bf16 activations (sample.py's)
     model = loaded.build("cpu", quantize).to(torch.float32 if precision == "fp32" else torch.bfloat16)
     model.eval()
     tok, out = loaded.tokenizer, {}
+    if compiled:  # compiled at the first steps of one row and of several: not timed
+        compile_decode(model)
+        for batch in (1, 16):
+            greedy_batch(model, tok, prompts(batch, args.prompt_tokens), 4, batch_size=batch)
     for batch in (1, 16):
         t0 = time.perf_counter()
         rows = prompts(batch, args.prompt_tokens)
@@ -193,7 +198,8 @@ def table(results: list[dict], n_params: int, bandwidth: float) -> None:
           "greedy = ours fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in by.items():
-        bound = bandwidth * 1e9 / (n_params * BYTES_PER_WEIGHT[name.split("-", 1)[1]])
+        precision = name.split("-", 1)[1].removesuffix("+compile")
+        bound = bandwidth * 1e9 / (n_params * BYTES_PER_WEIGHT[precision])
         b1, b16 = med(rows, "tok_s_b1"), med(rows, "tok_s_b16")
         same = sum(a == b for a, b in zip(rows[0]["greedy"], reference or [], strict=False))
         print(f"| {name} | {b1:.1f} | {bound:.0f} | {b1 / bound:.0%} | {f'{b16:.0f}' if b16 else '-'} | "
