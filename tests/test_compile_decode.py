@@ -61,3 +61,20 @@ def test_sample_py_and_the_server_take_compile(tmp_path):
     assert cfg["compile"] is True
     with pytest.raises(Exception, match="compile"):  # a bad value names the key
         sample({**cfg, "compile": "maybe"}, out=io.StringIO(), err=io.StringIO())
+
+
+@pytest.mark.slow  # one compile of a tiny model: ~20 s
+def test_gpt_eval_dialogs_takes_compile(tmp_path):
+    """The same replies and scores compiled as eager (fp32), on the tiny chat run's dialogs."""
+    import json
+
+    from helpers_serve import DIALOGS
+
+    from gpt.eval.dialogs import EvalConfig, evaluate
+
+    run, data = tiny_run(tmp_path / "run"), tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": d}) + "\n" for d in DIALOGS))
+    eager, compiled = (evaluate(EvalConfig(ckpt=str(run), data=str(data), device="cpu", compile=c))
+                       for c in (False, True))  # fmt: skip
+    assert compiled["all"] == eager["all"] and compiled["tasks"] == eager["tasks"]
+    torch._dynamo.reset()

@@ -24,7 +24,8 @@ from gpt.chat_template import render_prompt, render_turns
 from gpt.data.dialogs import read_dialogs, split_dialogs
 from gpt.device import pick_device
 from gpt.errors import ConfigError
-from gpt.infer.config import DEFAULT_TOOLS
+from gpt.infer.config import DEFAULT_TOOLS, SampleConfig
+from gpt.infer.engine import compile_decode
 from gpt.infer.generate import greedy_batch
 from gpt.infer.tools import ToolRunner, reply_messages, toolbox
 from gpt.quant import Quantize
@@ -54,6 +55,8 @@ class EvalConfig:
     """auto (cuda > mps > cpu) | cpu | cuda | mps."""
     quantize: Quantize = "none"
     """none | int8: decode the replies with int8 weights (gpt.quant), as sample.py's quantize."""
+    compile: bool = SampleConfig.compile
+    """torch.compile the decode step, as sample.py's compile (pays for many replies)."""
     tools: list[str] | None = field(default_factory=lambda: list(DEFAULT_TOOLS))
     """Built-in tools run inside a reply (gpt.infer.tools), as in chat: a reply that calls tools is
     one test, from its user turn to the final text after the results; none = the reference results
@@ -106,6 +109,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model = loaded.build(pick_device(cfg.device), cfg.quantize)
     tokenizer, state = loaded.tokenizer, loaded.state
     model.eval()
+    if cfg.compile:
+        compile_decode(model)
     if cfg.data is None:
         dialogs, source = held_out_dialogs(state)
     else:
