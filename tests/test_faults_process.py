@@ -182,19 +182,20 @@ open(os.path.join(d["out_dir"], f"sums{rank}.json"), "w").write(json.dumps(sums)
 """
 
 
+def run_two_ranks(tmp_path, cfg, driver: str = DRIVER) -> subprocess.CompletedProcess:
+    """``driver`` run on 2 ranks by torchrun with ``cfg`` (written to tmp_path), output captured."""
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "driver.py").write_text(driver)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run([*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_nan_on_one_of_two_ranks_is_skipped_by_both(make_cfg, tmp_path):
     cfg = make_cfg(train=dict(max_steps=5, eval_interval=0, ckpt_interval=0))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(
-        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    p = run_two_ranks(tmp_path, cfg)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     events = [r for r in read_metrics(cfg.out_dir, events=True) if "event" in r]
     assert [(e["event"], e["step"]) for e in events] == [("skipped", 2)]  # rank 0 saw no NaN itself
@@ -250,20 +251,11 @@ def test_a_lone_surrogate_in_a_jsonl_document_saves_the_char_tokenizer(make_cfg,
 @pytest.mark.slow
 def test_ranks_with_different_settings_are_refused_at_start(make_cfg, tmp_path):
     cfg = make_cfg(train=dict(max_steps=2, eval_interval=0))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     driver = DRIVER.replace(
         "d = json.loads(open(sys.argv[1]).read())",
         "d = json.loads(open(sys.argv[1]).read())\nd['seed'] += int(os.environ['RANK'])",
     )
-    (tmp_path / "driver.py").write_text(driver)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(
-        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    p = run_two_ranks(tmp_path, cfg, driver)
     assert p.returncode != 0 and "ranks [1] have other data, tokenizer or settings" in p.stdout + p.stderr
 
 
@@ -379,17 +371,8 @@ def test_a_data_preparation_longer_than_the_collective_timeout_does_not_fail_the
     big.write_text(corpus.read_text() * 400)  # 24 MB: BPE training and tokenizing take seconds on rank 0
     data = dict(path=str(big), num_workers=1, tokenizer="bpe", vocab_size=1024)
     cfg = make_cfg(data=data, train=dict(max_steps=2, eval_interval=0, timeout_s=1))
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     t0 = time.monotonic()
-    p = subprocess.run(
-        [*cmd, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    p = run_two_ranks(tmp_path, cfg)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert time.monotonic() - t0 > 2  # the preparation did outlast the 2 s collective timeout
     assert load_checkpoint(cfg.out_dir)["step"] == 2
